@@ -1,0 +1,367 @@
+//! The `passwordrecovery.v1.PasswordRecovery` gRPC service: parses each request into its
+//! validated domain type, checks the app client, applies enumeration protection, calls
+//! Cognito within the call's budget, and writes one log line per call.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::cognito::{Budget, Cognito, UpstreamError};
+use crate::domain::{
+    ClientId, ClientMetadata, CodeDelivery, ConfirmForgotPassword, ConfirmationCode,
+    DeliveryMedium, FieldViolation, ForgotPassword, PassThrough, Password, UserContext, Username,
+    Violations, free_text, optional_client_id,
+};
+use crate::error::{Blame, Error};
+use crate::privacy::UsernameHasher;
+use crate::proto::v1 as pb;
+use crate::proto::v1::password_recovery_server::PasswordRecovery;
+
+/// The Cognito error codes that mean "no such user" for ForgotPassword under enumeration
+/// protection: an unknown user, or one with no verified contact to send a code to.
+const FORGOT_PASSWORD_MASKED: &[&str] = &["UserNotFoundException", "InvalidParameterException"];
+
+/// The service's state, shared by every call.
+#[derive(Debug, Clone)]
+pub struct PasswordRecoveryService {
+    cognito: Cognito,
+    timeout: Duration,
+    enumeration_protection: bool,
+    usernames: UsernameHasher,
+}
+
+impl PasswordRecoveryService {
+    /// A service calling `cognito`, each call bounded by `timeout`; `usernames` hashes
+    /// usernames for logs and simulated answers.
+    pub fn new(
+        cognito: Cognito,
+        timeout: Duration,
+        enumeration_protection: bool,
+        usernames: UsernameHasher,
+    ) -> Self {
+        Self {
+            cognito,
+            timeout,
+            enumeration_protection,
+            usernames,
+        }
+    }
+
+    fn check_client(&self, requested: Option<&ClientId>) -> Result<(), Error> {
+        match requested {
+            Some(id) if id != self.cognito.client_id() => Err(Error::ClientNotAllowed),
+            _ => Ok(()),
+        }
+    }
+
+    async fn forgot_password_inner(
+        &self,
+        request: ForgotPassword,
+        budget: Budget,
+    ) -> Result<CodeDelivery, Error> {
+        self.check_client(request.client_id.as_ref())?;
+        match self.cognito.forgot_password(&request, budget).await {
+            Ok(delivery) => Ok(delivery),
+            Err(UpstreamError::Service { code, .. })
+                if self.enumeration_protection
+                    && FORGOT_PASSWORD_MASKED.contains(&code.as_str()) =>
+            {
+                Ok(self.usernames.simulated_delivery(&request.username))
+            }
+            Err(err) => Err(Error::Upstream(err)),
+        }
+    }
+
+    async fn confirm_forgot_password_inner(
+        &self,
+        request: ConfirmForgotPassword,
+        budget: Budget,
+    ) -> Result<(), Error> {
+        self.check_client(request.client_id.as_ref())?;
+        match self.cognito.confirm_forgot_password(&request, budget).await {
+            Ok(()) => Ok(()),
+            // Answer exactly as a wrong code does, so the answer says nothing of the user.
+            Err(UpstreamError::Service {
+                code, request_id, ..
+            }) if self.enumeration_protection && code == "UserNotFoundException" => {
+                Err(Error::Upstream(UpstreamError::Service {
+                    code: "CodeMismatchException".into(),
+                    message: None,
+                    request_id,
+                }))
+            }
+            Err(err) => Err(Error::Upstream(err)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PasswordRecovery for PasswordRecoveryService {
+    async fn forgot_password(
+        &self,
+        request: Request<pb::ForgotPasswordRequest>,
+    ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
+        let call = Call::start("ForgotPassword", &request, self.timeout);
+        let parsed = parse_forgot_password(request.into_inner());
+        let user = parsed.as_ref().ok().map(|r| self.usernames.pseudonym(&r.username));
+        let result = match parsed {
+            Ok(request) => self.forgot_password_inner(request, call.budget).await,
+            Err(violations) => Err(Error::InvalidRequest(violations)),
+        };
+        call.finish(user, result.map(|delivery| pb::ForgotPasswordResponse {
+            code_delivery_details: Some(code_delivery_details(delivery)),
+        }))
+    }
+
+    async fn confirm_forgot_password(
+        &self,
+        request: Request<pb::ConfirmForgotPasswordRequest>,
+    ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
+        let call = Call::start("ConfirmForgotPassword", &request, self.timeout);
+        let parsed = parse_confirm_forgot_password(request.into_inner());
+        let user = parsed.as_ref().ok().map(|r| self.usernames.pseudonym(&r.username));
+        let result = match parsed {
+            Ok(request) => self.confirm_forgot_password_inner(request, call.budget).await,
+            Err(violations) => Err(Error::InvalidRequest(violations)),
+        };
+        call.finish(user, result.map(|()| pb::ConfirmForgotPasswordResponse {}))
+    }
+}
+
+/// One call in progress: its method, start and budget, and the log line that ends it.
+struct Call {
+    method: &'static str,
+    started: Instant,
+    budget: Budget,
+}
+
+impl Call {
+    fn start<T>(method: &'static str, request: &Request<T>, timeout: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            method,
+            started,
+            budget: Budget::new(started, timeout, caller_timeout(request)),
+        }
+    }
+
+    /// Logs the outcome at the level its blame calls for and turns it into the answer.
+    fn finish<T>(self, user: Option<String>, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let user = user.as_deref().unwrap_or("-");
+        let method = self.method;
+        match result {
+            Ok(response) => {
+                tracing::info!(grpc.method = method, grpc.code = "OK", user, latency_ms, "call finished");
+                Ok(Response::new(response))
+            }
+            Err(error) => {
+                let classified = error.classify();
+                let code = format!("{:?}", classified.code);
+                let reason = classified.reason;
+                let cognito_code = match &error {
+                    Error::Upstream(upstream) => upstream.cognito_code(),
+                    _ => None,
+                };
+                let detail = upstream_detail(&error);
+                match classified.blame {
+                    Blame::Caller => tracing::warn!(grpc.method = method, grpc.code = code, reason, cognito.code = cognito_code, user, latency_ms, "call failed"),
+                    Blame::Upstream => tracing::warn!(grpc.method = method, grpc.code = code, reason, cognito.code = cognito_code, detail, user, latency_ms, "call failed upstream"),
+                    Blame::Server => tracing::error!(grpc.method = method, grpc.code = code, reason, cognito.code = cognito_code, detail, user, latency_ms, "call failed: server-side fault"),
+                }
+                Err(classified.into_status())
+            }
+        }
+    }
+}
+
+/// What an operator needs to see of an upstream failure; Cognito's messages and transport
+/// errors hold no request data.
+fn upstream_detail(error: &Error) -> Option<&str> {
+    match error {
+        Error::Upstream(UpstreamError::Service { message, .. }) => message.as_deref(),
+        Error::Upstream(UpstreamError::Unreachable { detail, .. })
+        | Error::Upstream(UpstreamError::Construction { detail }) => Some(detail),
+        _ => None,
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header, if it sent one and it parses.
+fn caller_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(value)
+}
+
+/// Parses a gRPC `TimeoutValue TimeoutUnit` (at most 8 digits, unit one of `HMSmun`).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let unit_at = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(unit_at);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn pass_through(
+    violations: &mut Violations,
+    client_metadata: HashMap<String, String>,
+    user_context: Option<pb::UserContext>,
+    analytics_endpoint_id: String,
+) -> PassThrough {
+    let client_metadata = violations
+        .check(ClientMetadata::parse("client_metadata", client_metadata))
+        .unwrap_or_default();
+    let user_context = user_context.and_then(|c| {
+        UserContext::parse("user_context", c.ip_address, c.encoded_data, violations)
+    });
+    let analytics_endpoint_id = violations
+        .check(free_text("analytics_endpoint_id", analytics_endpoint_id))
+        .flatten();
+    PassThrough {
+        client_metadata,
+        user_context,
+        analytics_endpoint_id,
+    }
+}
+
+/// Validates a ForgotPassword request, naming every violated field.
+pub fn parse_forgot_password(
+    request: pb::ForgotPasswordRequest,
+) -> Result<ForgotPassword, Vec<FieldViolation>> {
+    let mut violations = Violations::default();
+    let username = violations.check(Username::parse("username", request.username));
+    let client_id = violations.check(optional_client_id("client_id", request.client_id));
+    let pass_through = pass_through(
+        &mut violations,
+        request.client_metadata,
+        request.user_context,
+        request.analytics_endpoint_id,
+    );
+    violations.finish(|| {
+        Some(ForgotPassword {
+            username: username?,
+            client_id: client_id?,
+            pass_through,
+        })
+    })
+}
+
+/// Validates a ConfirmForgotPassword request, naming every violated field.
+pub fn parse_confirm_forgot_password(
+    request: pb::ConfirmForgotPasswordRequest,
+) -> Result<ConfirmForgotPassword, Vec<FieldViolation>> {
+    let mut violations = Violations::default();
+    let username = violations.check(Username::parse("username", request.username));
+    let confirmation_code = violations.check(ConfirmationCode::parse(
+        "confirmation_code",
+        request.confirmation_code,
+    ));
+    let password = violations.check(Password::parse("password", request.password));
+    let client_id = violations.check(optional_client_id("client_id", request.client_id));
+    let pass_through = pass_through(
+        &mut violations,
+        request.client_metadata,
+        request.user_context,
+        request.analytics_endpoint_id,
+    );
+    violations.finish(|| {
+        Some(ConfirmForgotPassword {
+            username: username?,
+            confirmation_code: confirmation_code?,
+            password: password?,
+            client_id: client_id?,
+            pass_through,
+        })
+    })
+}
+
+fn code_delivery_details(delivery: CodeDelivery) -> pb::CodeDeliveryDetails {
+    let medium = match delivery.medium {
+        DeliveryMedium::Unspecified => pb::DeliveryMedium::Unspecified,
+        DeliveryMedium::Email => pb::DeliveryMedium::Email,
+        DeliveryMedium::Sms => pb::DeliveryMedium::Sms,
+    };
+    pb::CodeDeliveryDetails {
+        destination: delivery.destination,
+        delivery_medium: medium.into(),
+        attribute_name: delivery.attribute_name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        assert_eq!(parse_grpc_timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1M"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "m", "123456789m", "5x", "-5m", "5 m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_violated_field_is_named_at_once() {
+        let violations = parse_confirm_forgot_password(pb::ConfirmForgotPasswordRequest {
+            username: " bob".into(),
+            confirmation_code: String::new(),
+            password: "has space".into(),
+            client_id: "bad-id".into(),
+            user_context: Some(pb::UserContext {
+                ip_address: "x".repeat(131_073),
+                encoded_data: String::new(),
+            }),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "username",
+                "confirmation_code",
+                "password",
+                "client_id",
+                "user_context.ip_address"
+            ]
+        );
+        let text = format!("{violations:?}");
+        assert!(!text.contains("has space"), "values are never echoed");
+    }
+
+    #[test]
+    fn a_valid_request_passes_everything_through() {
+        let request = parse_forgot_password(pb::ForgotPasswordRequest {
+            username: "a@b.com".into(),
+            client_id: String::new(),
+            client_metadata: HashMap::from([("k".into(), "v".into())]),
+            user_context: Some(pb::UserContext {
+                ip_address: "192.0.2.1".into(),
+                encoded_data: String::new(),
+            }),
+            analytics_endpoint_id: "endpoint".into(),
+        })
+        .unwrap();
+        assert_eq!(request.client_id, None);
+        assert_eq!(request.pass_through.analytics_endpoint_id.as_deref(), Some("endpoint"));
+        let context = request.pass_through.user_context.unwrap();
+        assert_eq!(context.ip_address.as_deref(), Some("192.0.2.1"));
+        assert_eq!(context.encoded_data, None);
+    }
+}

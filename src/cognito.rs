@@ -1,0 +1,447 @@
+//! The upstream: Cognito's `ForgotPassword` and `ConfirmForgotPassword` through the AWS SDK.
+//! Owns the SDK client, the app client's `SECRET_HASH`, the retry policy and the time bound of
+//! one upstream call, and turns every SDK failure into an [`UpstreamError`] that carries no SDK
+//! type. Both operations are unauthenticated (the SDK sends them unsigned), so no AWS
+//! credentials are loaded and the instance-metadata service is never asked for anything.
+
+use std::future::Future;
+use std::time::Duration;
+
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_cognitoidentityprovider::Client;
+use aws_sdk_cognitoidentityprovider::config::http::HttpResponse;
+use aws_sdk_cognitoidentityprovider::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_cognitoidentityprovider::operation::RequestId;
+use aws_sdk_cognitoidentityprovider::types::{
+    AnalyticsMetadataType, CodeDeliveryDetailsType, DeliveryMediumType, UserContextDataType,
+};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+use tokio::time::Instant;
+
+use crate::config::{CognitoSettings, ConfigError};
+use crate::domain::{
+    ClientId, CodeDelivery, ConfirmForgotPassword, DeliveryMedium, ForgotPassword, PassThrough,
+    Username,
+};
+
+/// At most this many attempts per call, the first included.
+const MAX_ATTEMPTS: u32 = 3;
+/// The first retry waits up to this long; each later one twice as long.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// The error code of Cognito's account-wide throttling: the request was not processed.
+const TOO_MANY_REQUESTS: &str = "TooManyRequestsException";
+
+/// `Base64(HMAC_SHA256(key = client_secret, msg = username + client_id))`, the `SECRET_HASH`
+/// Cognito requires from app clients that have a secret.
+pub fn secret_hash(client_secret: &SecretString, username: &str, client_id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(client_secret.expose_secret().as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(username.as_bytes());
+    mac.update(client_id.as_bytes());
+    BASE64.encode(mac.finalize().into_bytes())
+}
+
+/// When the upstream call must have finished, retries included.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// The instant the call is abandoned.
+    pub deadline: Instant,
+    /// True when the caller's deadline, not `COGNITO_TIMEOUT`, set `deadline`.
+    pub set_by_caller: bool,
+}
+
+impl Budget {
+    /// The earlier of `now + timeout` and the caller's deadline less a margin of
+    /// min(50 ms, 10 %), so the service answers before the caller's own deadline fires.
+    pub fn new(now: Instant, timeout: Duration, caller_timeout: Option<Duration>) -> Self {
+        let caller = caller_timeout
+            .map(|t| t.saturating_sub(Duration::from_millis(50).min(t / 10)))
+            .filter(|t| *t < timeout);
+        match caller {
+            Some(t) => Self {
+                deadline: now + t,
+                set_by_caller: true,
+            },
+            None => Self {
+                deadline: now + timeout,
+                set_by_caller: false,
+            },
+        }
+    }
+}
+
+/// Why an upstream call failed, in terms independent of the SDK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// Cognito answered with an error code, e.g. `CodeMismatchException`.
+    Service {
+        /// The exception name.
+        code: String,
+        /// Cognito's message, if any.
+        message: Option<String>,
+        /// Cognito's request id, if any.
+        request_id: Option<String>,
+    },
+    /// Cognito answered with no usable error code.
+    Http {
+        /// The HTTP status of the answer.
+        status: u16,
+        /// Cognito's request id, if any.
+        request_id: Option<String>,
+    },
+    /// No answer: the connection failed or broke.
+    Unreachable {
+        /// True when the connection was never made, so Cognito cannot have processed the call.
+        before_connecting: bool,
+        /// The transport's own description (no request data in it).
+        detail: String,
+    },
+    /// The budget ran out before Cognito answered.
+    Timeout {
+        /// True when the caller's deadline set the budget.
+        set_by_caller: bool,
+    },
+    /// The SDK could not build the request: a fault of this service.
+    Construction {
+        /// The SDK's description.
+        detail: String,
+    },
+}
+
+impl UpstreamError {
+    /// True only when Cognito certainly did not process the call, so it is safe to send
+    /// again: throttling, or a connection that was never made.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Service { code, .. } => code == TOO_MANY_REQUESTS,
+            Self::Unreachable {
+                before_connecting, ..
+            } => *before_connecting,
+            _ => false,
+        }
+    }
+
+    /// The Cognito exception name, if Cognito gave one.
+    pub fn cognito_code(&self) -> Option<&str> {
+        match self {
+            Self::Service { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    fn from_sdk<E>(err: SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let request_id = err.request_id().map(str::to_owned);
+        match &err {
+            SdkError::ServiceError(service) => match service.err().code() {
+                Some(code) if !code.is_empty() => Self::Service {
+                    code: code.to_owned(),
+                    message: service.err().message().map(str::to_owned),
+                    request_id,
+                },
+                _ => Self::Http {
+                    status: service.raw().status().as_u16(),
+                    request_id,
+                },
+            },
+            SdkError::ResponseError(response) => Self::Http {
+                status: response.raw().status().as_u16(),
+                request_id,
+            },
+            SdkError::TimeoutError(_) => Self::Timeout {
+                set_by_caller: false,
+            },
+            SdkError::DispatchFailure(failure) if failure.is_timeout() => Self::Timeout {
+                set_by_caller: false,
+            },
+            SdkError::DispatchFailure(_) => Self::Unreachable {
+                before_connecting: failed_to_connect(&err),
+                detail: DisplayErrorContext(&err).to_string(),
+            },
+            _ => Self::Construction {
+                detail: DisplayErrorContext(&err).to_string(),
+            },
+        }
+    }
+}
+
+/// True when the error chain holds hyper's "could not connect" (refused, DNS, TLS handshake).
+fn failed_to_connect(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// The app client this server acts as.
+#[derive(Debug, Clone)]
+pub struct AppClient {
+    /// Its id.
+    pub id: ClientId,
+    /// Its secret, when it has one.
+    pub secret: Option<SecretString>,
+}
+
+impl AppClient {
+    fn secret_hash(&self, username: &Username) -> Option<String> {
+        self.secret
+            .as_ref()
+            .map(|secret| secret_hash(secret, username.as_str(), self.id.as_str()))
+    }
+}
+
+/// A Cognito client bound to one app client.
+#[derive(Debug, Clone)]
+pub struct Cognito {
+    sdk: Client,
+    app_client: AppClient,
+}
+
+impl Cognito {
+    /// Builds the SDK client: region from the settings, `AWS_REGION` or the AWS profile (never
+    /// the instance-metadata service), no credentials, no SDK retries (see [`Self::call`]).
+    pub async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
+        let region = RegionProviderChain::first_try(settings.region.clone().map(Region::new))
+            .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new())
+            .or_else(aws_config::profile::ProfileFileRegionProvider::new())
+            .region()
+            .await
+            .ok_or_else(|| {
+                ConfigError::setting(
+                    "AWS_REGION",
+                    "no region found in the environment or the AWS profile; set AWS_REGION",
+                )
+            })?;
+
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .no_credentials()
+            .retry_config(RetryConfig::disabled());
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk = Client::new(&loader.load().await);
+        Ok(Self {
+            sdk,
+            app_client: AppClient {
+                id: settings.client_id.clone(),
+                secret: settings.client_secret.clone(),
+            },
+        })
+    }
+
+    /// The app client this server serves.
+    pub fn client_id(&self) -> &ClientId {
+        &self.app_client.id
+    }
+
+    /// Starts a reset: Cognito sends the user a code.
+    pub async fn forgot_password(
+        &self,
+        request: &ForgotPassword,
+        budget: Budget,
+    ) -> Result<CodeDelivery, UpstreamError> {
+        let secret_hash = self.app_client.secret_hash(&request.username);
+        let output = self
+            .call(budget, || {
+                let PassThrough {
+                    client_metadata,
+                    user_context,
+                    analytics_endpoint_id,
+                } = &request.pass_through;
+                self.sdk
+                    .forgot_password()
+                    .client_id(self.app_client.id.as_str())
+                    .username(request.username.as_str())
+                    .set_secret_hash(secret_hash.clone())
+                    .set_client_metadata(client_metadata.clone().into_map())
+                    .set_user_context_data(user_context.as_ref().map(user_context_data))
+                    .set_analytics_metadata(analytics_endpoint_id.as_ref().map(analytics))
+                    .send()
+            })
+            .await?;
+        Ok(output
+            .code_delivery_details()
+            .map(code_delivery)
+            .unwrap_or(CodeDelivery {
+                destination: String::new(),
+                medium: DeliveryMedium::Unspecified,
+                attribute_name: String::new(),
+            }))
+    }
+
+    /// Finishes a reset: sets the new password if the code is right.
+    pub async fn confirm_forgot_password(
+        &self,
+        request: &ConfirmForgotPassword,
+        budget: Budget,
+    ) -> Result<(), UpstreamError> {
+        let secret_hash = self.app_client.secret_hash(&request.username);
+        self.call(budget, || {
+            let PassThrough {
+                client_metadata,
+                user_context,
+                analytics_endpoint_id,
+            } = &request.pass_through;
+            self.sdk
+                .confirm_forgot_password()
+                .client_id(self.app_client.id.as_str())
+                .username(request.username.as_str())
+                .confirmation_code(request.confirmation_code.expose())
+                .password(request.password.expose())
+                .set_secret_hash(secret_hash.clone())
+                .set_client_metadata(client_metadata.clone().into_map())
+                .set_user_context_data(user_context.as_ref().map(user_context_data))
+                .set_analytics_metadata(analytics_endpoint_id.as_ref().map(analytics))
+                .send()
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Runs `attempt` until it succeeds, fails in a way that is not safe to retry, has been
+    /// tried [`MAX_ATTEMPTS`] times, or the budget runs out. Backoff is jittered exponential
+    /// from [`INITIAL_BACKOFF`]; a retry that could not start before the deadline is not made.
+    async fn call<T, E, F, Fut>(&self, budget: Budget, mut attempt: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let attempts = async {
+            let mut backoff = INITIAL_BACKOFF;
+            let mut made = 1;
+            loop {
+                let error = match attempt().await {
+                    Ok(output) => return Ok(output),
+                    Err(err) => UpstreamError::from_sdk(err),
+                };
+                let pause = rand::rng().random_range(backoff / 2..=backoff);
+                if made >= MAX_ATTEMPTS
+                    || !error.is_retryable()
+                    || Instant::now() + pause >= budget.deadline
+                {
+                    return Err(error);
+                }
+                tracing::debug!(attempt = made, ?pause, cognito.code = error.cognito_code(), "retrying Cognito call");
+                tokio::time::sleep(pause).await;
+                backoff *= 2;
+                made += 1;
+            }
+        };
+        match tokio::time::timeout_at(budget.deadline, attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout {
+                set_by_caller: budget.set_by_caller,
+            }),
+        }
+    }
+}
+
+fn user_context_data(context: &crate::domain::UserContext) -> UserContextDataType {
+    UserContextDataType::builder()
+        .set_ip_address(context.ip_address.clone())
+        .set_encoded_data(context.encoded_data.clone())
+        .build()
+}
+
+fn analytics(endpoint_id: &String) -> AnalyticsMetadataType {
+    AnalyticsMetadataType::builder()
+        .analytics_endpoint_id(endpoint_id)
+        .build()
+}
+
+fn code_delivery(details: &CodeDeliveryDetailsType) -> CodeDelivery {
+    CodeDelivery {
+        destination: details.destination().unwrap_or_default().to_owned(),
+        medium: match details.delivery_medium() {
+            Some(DeliveryMediumType::Email) => DeliveryMedium::Email,
+            Some(DeliveryMediumType::Sms) => DeliveryMedium::Sms,
+            _ => DeliveryMedium::Unspecified,
+        },
+        attribute_name: details.attribute_name().unwrap_or_default().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_hash_matches_the_known_vector() {
+        let secret = SecretString::from("user-pool-client-secret");
+        assert_eq!(
+            secret_hash(&secret, "a@b.com", "user-pool-client-id"),
+            "hJAY3VKwKQyz2H1A6+Jgy7nUxmNepNrLTL8ltH+BzX8="
+        );
+    }
+
+    #[test]
+    fn budget_answers_before_the_callers_deadline() {
+        let now = Instant::now();
+        let five = Duration::from_secs(5);
+
+        let own = Budget::new(now, five, None);
+        assert_eq!(own.deadline - now, five);
+        assert!(!own.set_by_caller);
+
+        let half_second = Budget::new(now, five, Some(Duration::from_millis(500)));
+        assert_eq!(half_second.deadline - now, Duration::from_millis(450));
+        assert!(half_second.set_by_caller);
+
+        // 10 % is less than 50 ms for short deadlines.
+        let short = Budget::new(now, five, Some(Duration::from_millis(200)));
+        assert_eq!(short.deadline - now, Duration::from_millis(180));
+
+        // A caller more patient than COGNITO_TIMEOUT does not extend it.
+        let long = Budget::new(now, five, Some(Duration::from_secs(60)));
+        assert_eq!(long.deadline - now, five);
+        assert!(!long.set_by_caller);
+    }
+
+    #[test]
+    fn only_unprocessed_failures_are_retried() {
+        let service = |code: &str| UpstreamError::Service {
+            code: code.into(),
+            message: None,
+            request_id: None,
+        };
+        assert!(service("TooManyRequestsException").is_retryable());
+        assert!(!service("LimitExceededException").is_retryable());
+        assert!(!service("InternalErrorException").is_retryable());
+        assert!(
+            !UpstreamError::Http {
+                status: 503,
+                request_id: None
+            }
+            .is_retryable()
+        );
+        let unreachable = |before_connecting| UpstreamError::Unreachable {
+            before_connecting,
+            detail: String::new(),
+        };
+        assert!(unreachable(true).is_retryable());
+        assert!(!unreachable(false).is_retryable());
+        assert!(
+            !UpstreamError::Timeout {
+                set_by_caller: true
+            }
+            .is_retryable()
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! Configuration from the environment and command-line flags (DESIGN.md §6). Every setting is
+//! an environment variable and the `--kebab-case` flag of the same name, except secrets, which
+//! have no flag (it would show in `ps`). A bad setting is a [`ConfigError`] naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use secrecy::SecretString;
+
+use crate::domain::ClientId;
+
+/// The whole configuration of one process.
+#[derive(Debug)]
+pub struct Config {
+    /// Where the gRPC server listens.
+    pub grpc_listen_addr: SocketAddr,
+    /// How to reach Cognito and as which app client.
+    pub cognito: CognitoSettings,
+    /// Mask unknown users (DESIGN.md §4).
+    pub enumeration_protection: bool,
+    /// How long to keep serving, NOT_SERVING, after a stop signal.
+    pub shutdown_delay: Duration,
+    /// How long in-flight calls may take to finish once the listener closes.
+    pub shutdown_grace_period: Duration,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The upstream: region, endpoint, app client and time bound.
+#[derive(Debug)]
+pub struct CognitoSettings {
+    /// The only app client this server serves.
+    pub client_id: ClientId,
+    /// The app client's secret, when it has one.
+    pub client_secret: Option<SecretString>,
+    /// Bound on one upstream call, retries included.
+    pub timeout: Duration,
+    /// `AWS_REGION`; when absent the profile's region is used.
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL`: the SDK's standard endpoint override, e.g. an emulator.
+    pub endpoint_url: Option<String>,
+}
+
+/// Where and how log lines are written.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// An `EnvFilter` directive, e.g. `info` or `password_recovery=debug`.
+    pub filter: String,
+    /// JSON lines or human-readable text.
+    pub format: LogFormat,
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// A setting that is missing or malformed. Displays as one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The command line or an environment variable did not parse.
+    #[error("{0}")]
+    Invalid(String),
+    /// A setting is missing or has an unusable value.
+    #[error("{setting}: {problem}")]
+    Setting {
+        /// The environment variable's name.
+        setting: &'static str,
+        /// What is wrong, never quoting a secret.
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    /// A problem with the setting named `setting`.
+    pub fn setting(setting: &'static str, problem: impl Into<String>) -> Self {
+        Self::Setting {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The outcome of reading the command line: a configuration, or text to print and exit 0
+/// (`--help`, `--version`).
+#[derive(Debug)]
+pub enum Command {
+    /// Run the service.
+    Run(Box<Config>),
+    /// Print this and exit successfully.
+    Print(String),
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "password-recovery", version, about)]
+struct Cli {
+    /// gRPC listen address.
+    #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    grpc_listen_addr: SocketAddr,
+
+    /// The app client id this server serves (required).
+    #[arg(long, env = "COGNITO_CLIENT_ID")]
+    cognito_client_id: Option<String>,
+
+    /// File holding the app client's secret (one trailing newline is dropped). The secret
+    /// itself can only come from COGNITO_CLIENT_SECRET, never from a flag.
+    #[arg(long, env = "COGNITO_CLIENT_SECRET_FILE")]
+    cognito_client_secret_file: Option<PathBuf>,
+
+    /// Mask unknown users in answers (true or false).
+    #[arg(long, env = "ENUMERATION_PROTECTION", default_value = "true", value_parser = parse_bool)]
+    enumeration_protection: bool,
+
+    /// How long to keep serving NOT_SERVING after SIGTERM, e.g. 5s.
+    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    shutdown_delay: Duration,
+
+    /// How long in-flight calls may take to finish at shutdown.
+    #[arg(long, env = "SHUTDOWN_GRACE_PERIOD", default_value = "20s", value_parser = parse_duration)]
+    shutdown_grace_period: Duration,
+
+    /// Bound on one upstream call to Cognito, retries included.
+    #[arg(long, env = "COGNITO_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    cognito_timeout: Duration,
+
+    /// AWS region of the user pool (else the AWS profile's region).
+    #[arg(long, env = "AWS_REGION")]
+    aws_region: Option<String>,
+
+    /// Endpoint override for Cognito, e.g. a local emulator.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    aws_endpoint_url: Option<String>,
+
+    /// Log filter directives.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    rust_log: String,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_enum)]
+    log_format: LogFormat,
+}
+
+/// Parses a humantime duration (`500ms`, `20s`, `15m`); a bare number is refused.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("{e} (use a unit, e.g. 500ms, 20s, 15m)"))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        Duration::ZERO => Err("must be longer than zero".to_owned()),
+        duration => Ok(duration),
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".to_owned()),
+    }
+}
+
+impl Config {
+    /// Reads the process's command line and environment.
+    pub fn load() -> Result<Command, ConfigError> {
+        Self::load_from(std::env::args_os(), |name| std::env::var(name).ok())
+    }
+
+    /// Reads `args`, and the secrets through `secret_env` (clap reads the other variables from
+    /// the process environment itself).
+    pub fn load_from<I, T>(
+        args: I,
+        secret_env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Command, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = match Cli::try_parse_from(args) {
+            Ok(cli) => cli,
+            Err(err) if !err.use_stderr() => return Ok(Command::Print(err.to_string())),
+            Err(err) => return Err(ConfigError::Invalid(one_line(&err))),
+        };
+
+        let client_id = cli
+            .cognito_client_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                ConfigError::setting(
+                    "COGNITO_CLIENT_ID",
+                    "required: the app client id of the user pool (or --cognito-client-id)",
+                )
+            })?;
+        let client_id = ClientId::parse("COGNITO_CLIENT_ID", client_id)
+            .map_err(|v| ConfigError::setting("COGNITO_CLIENT_ID", v.description))?;
+
+        let client_secret = client_secret(
+            secret_env("COGNITO_CLIENT_SECRET"),
+            cli.cognito_client_secret_file.as_deref(),
+        )?;
+
+        if let Some(url) = &cli.aws_endpoint_url {
+            check_endpoint_url(url)?;
+        }
+
+        Ok(Command::Run(Box::new(Config {
+            grpc_listen_addr: cli.grpc_listen_addr,
+            cognito: CognitoSettings {
+                client_id,
+                client_secret,
+                timeout: cli.cognito_timeout,
+                region: cli.aws_region.filter(|r| !r.is_empty()),
+                endpoint_url: cli.aws_endpoint_url.filter(|u| !u.is_empty()),
+            },
+            enumeration_protection: cli.enumeration_protection,
+            shutdown_delay: cli.shutdown_delay,
+            shutdown_grace_period: cli.shutdown_grace_period,
+            log: LogSettings {
+                filter: cli.rust_log,
+                format: cli.log_format,
+            },
+        })))
+    }
+}
+
+/// Clap's message, which names the flag and its variable, folded onto one line.
+fn one_line(err: &clap::Error) -> String {
+    err.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
+        .map(|line| line.strip_prefix("error: ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn client_secret(
+    from_env: Option<String>,
+    file: Option<&Path>,
+) -> Result<Option<SecretString>, ConfigError> {
+    let secret = match (from_env.filter(|s| !s.is_empty()), file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::setting(
+                "COGNITO_CLIENT_SECRET",
+                "set either COGNITO_CLIENT_SECRET or COGNITO_CLIENT_SECRET_FILE, not both",
+            ));
+        }
+        (Some(secret), None) => secret,
+        (None, Some(path)) => read_secret_file(path)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(SecretString::from(secret)))
+}
+
+fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+    let setting = "COGNITO_CLIENT_SECRET_FILE";
+    let mut secret = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::setting(setting, format!("cannot read {}: {e}", path.display())))?;
+    if secret.ends_with('\n') {
+        secret.pop();
+        if secret.ends_with('\r') {
+            secret.pop();
+        }
+    }
+    if secret.is_empty() {
+        return Err(ConfigError::setting(
+            setting,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(secret)
+}
+
+fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
+    let problem = match url.parse::<tonic::codegen::http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
+            return Ok(());
+        }
+        Ok(_) => "must be an http:// or https:// URL with a host".to_owned(),
+        Err(e) => format!("not a URL: {e}"),
+    };
+    Err(ConfigError::setting("AWS_ENDPOINT_URL", problem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn run(args: &[&str], secret: Option<&str>) -> Result<Config, ConfigError> {
+        let args = std::iter::once("password-recovery").chain(args.iter().copied());
+        let secret = secret.map(str::to_owned);
+        match Config::load_from(args, |_| secret.clone())? {
+            Command::Run(config) => Ok(*config),
+            Command::Print(text) => panic!("unexpected print: {text}"),
+        }
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let config = run(&["--cognito-client-id", "abc", "--aws-region", "eu-west-1"], None)
+            .expect("valid");
+        assert_eq!(config.grpc_listen_addr, "0.0.0.0:50051".parse().unwrap());
+        assert!(config.enumeration_protection);
+        assert_eq!(config.shutdown_delay, Duration::ZERO);
+        assert_eq!(config.shutdown_grace_period, Duration::from_secs(20));
+        assert_eq!(config.cognito.timeout, Duration::from_secs(5));
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(config.cognito.client_secret.is_none());
+    }
+
+    #[test]
+    fn a_bad_flag_value_is_one_line_naming_the_flag() {
+        let err = run(&["--cognito-client-id", "abc", "--cognito-timeout", "5"], None).unwrap_err();
+        let line = err.to_string();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("--cognito-timeout"), "{line}");
+        assert!(line.contains("COGNITO_TIMEOUT"), "{line}");
+    }
+
+    #[test]
+    fn a_malformed_client_id_is_refused() {
+        let err = run(&["--cognito-client-id", "not valid"], None).unwrap_err();
+        assert!(err.to_string().starts_with("COGNITO_CLIENT_ID:"), "{err}");
+    }
+
+    #[test]
+    fn secret_from_env_and_file_together_is_refused() {
+        let dir = std::env::temp_dir().join(format!("pr-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let file = file.to_str().unwrap();
+
+        let err = run(
+            &["--cognito-client-id", "abc", "--cognito-client-secret-file", file],
+            Some("other"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        assert!(!err.to_string().contains("s3cret") && !err.to_string().contains("other"));
+
+        let config = run(
+            &["--cognito-client-id", "abc", "--cognito-client-secret-file", file],
+            None,
+        )
+        .unwrap();
+        let secret = config.cognito.client_secret.as_ref().expect("secret read");
+        assert_eq!(secret.expose_secret(), "s3cret", "one trailing newline dropped");
+        assert!(!format!("{:?}", config.cognito).contains("s3cret"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn endpoint_url_must_be_http() {
+        assert!(check_endpoint_url("http://127.0.0.1:5000").is_ok());
+        assert!(check_endpoint_url("https://cognito-idp.eu-west-1.amazonaws.com").is_ok());
+        assert!(check_endpoint_url("localhost:5000").is_err());
+        assert!(check_endpoint_url("ftp://x").is_err());
+    }
+}

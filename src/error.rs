@@ -1,0 +1,633 @@
+//! The one way a call fails: [`Error`], and its conversion to a `tonic::Status` carrying
+//! exactly one `google.rpc.ErrorInfo` (AIP-193). [`COGNITO_ERRORS`] is the table of
+//! DESIGN.md §4: every Cognito error code and the gRPC code, reason and details it becomes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation as ProtoFieldViolation, StatusExt};
+
+use crate::cognito::UpstreamError;
+use crate::domain::FieldViolation;
+
+/// The `domain` of every ErrorInfo this service sends.
+pub const ERROR_DOMAIN: &str = "password-recovery";
+
+/// How long a throttled caller should wait before trying again.
+pub const THROTTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// What a status carries beyond its ErrorInfo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extra {
+    /// Nothing more.
+    None,
+    /// A BadRequest on this proto field, described by a fixed text.
+    BadField(&'static str),
+    /// A BadRequest on this proto field, described by Cognito's own message (policy text).
+    BadFieldCognitoMessage(&'static str),
+    /// RetryInfo with [`THROTTLE_RETRY_DELAY`].
+    RetryAfterThrottle,
+    /// Cognito's message (a Lambda trigger's words) becomes the status message.
+    CognitoMessage,
+    /// A fault of this service's set-up: the caller learns no more, the log says it at error.
+    Misconfiguration,
+}
+
+/// One row of the table: a Cognito error code and what the caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// Cognito's exception name.
+    pub cognito_code: &'static str,
+    /// The gRPC status code.
+    pub code: Code,
+    /// The ErrorInfo reason.
+    pub reason: &'static str,
+    /// The status message (unless `extra` says Cognito's message replaces it).
+    pub message: &'static str,
+    /// Further details.
+    pub extra: Extra,
+}
+
+const fn row(
+    cognito_code: &'static str,
+    code: Code,
+    reason: &'static str,
+    message: &'static str,
+    extra: Extra,
+) -> Row {
+    Row {
+        cognito_code,
+        code,
+        reason,
+        message,
+        extra,
+    }
+}
+
+const MISCONFIGURED: &str = "the password-recovery service is misconfigured; its operators \
+                             have been told in its logs";
+
+/// Every Cognito error code this service knows, and what it becomes (DESIGN.md §4).
+pub const COGNITO_ERRORS: &[Row] = &[
+    row(
+        "CodeMismatchException",
+        Code::InvalidArgument,
+        "CODE_MISMATCH",
+        "the confirmation code is not correct",
+        Extra::BadField("confirmation_code"),
+    ),
+    row(
+        "ExpiredCodeException",
+        Code::FailedPrecondition,
+        "EXPIRED_CODE",
+        "the confirmation code has expired; request a new one with ForgotPassword",
+        Extra::None,
+    ),
+    row(
+        "InvalidPasswordException",
+        Code::InvalidArgument,
+        "INVALID_PASSWORD",
+        "the password does not satisfy the user pool's password policy",
+        Extra::BadFieldCognitoMessage("password"),
+    ),
+    row(
+        "PasswordHistoryPolicyViolationException",
+        Code::InvalidArgument,
+        "PASSWORD_HISTORY_POLICY_VIOLATION",
+        "the password was used recently by this user; choose another",
+        Extra::BadField("password"),
+    ),
+    row(
+        "UserNotFoundException",
+        Code::NotFound,
+        "USER_NOT_FOUND",
+        "no such user",
+        Extra::None,
+    ),
+    row(
+        "UserNotConfirmedException",
+        Code::FailedPrecondition,
+        "USER_NOT_CONFIRMED",
+        "the user has not confirmed their account",
+        Extra::None,
+    ),
+    row(
+        "InvalidParameterException",
+        Code::FailedPrecondition,
+        "INVALID_PARAMETER",
+        "the account cannot be recovered in its current state (for example, it has no \
+         verified email or phone number)",
+        Extra::None,
+    ),
+    row(
+        "NotAuthorizedException",
+        Code::PermissionDenied,
+        "NOT_AUTHORIZED",
+        "Cognito refused the reset (admin-only recovery, a disabled user, or a bad secret hash)",
+        Extra::None,
+    ),
+    row(
+        "ForbiddenException",
+        Code::PermissionDenied,
+        "FORBIDDEN",
+        "the user pool's web ACL blocked the request",
+        Extra::None,
+    ),
+    row(
+        "LimitExceededException",
+        Code::ResourceExhausted,
+        "LIMIT_EXCEEDED",
+        "the attempt limit for this user was exceeded; try again later",
+        Extra::None,
+    ),
+    row(
+        "TooManyFailedAttemptsException",
+        Code::ResourceExhausted,
+        "TOO_MANY_FAILED_ATTEMPTS",
+        "too many failed attempts for this user; try again later",
+        Extra::None,
+    ),
+    row(
+        "TooManyRequestsException",
+        Code::ResourceExhausted,
+        "TOO_MANY_REQUESTS",
+        "Cognito is throttling requests; retry shortly",
+        Extra::RetryAfterThrottle,
+    ),
+    row(
+        "CodeDeliveryFailureException",
+        Code::Unavailable,
+        "CODE_DELIVERY_FAILURE",
+        "Cognito could not deliver the confirmation code",
+        Extra::None,
+    ),
+    row(
+        "UserLambdaValidationException",
+        Code::FailedPrecondition,
+        "USER_LAMBDA_VALIDATION",
+        "a user pool Lambda trigger refused the request",
+        Extra::CognitoMessage,
+    ),
+    row(
+        "OperationNotEnabledException",
+        Code::FailedPrecondition,
+        "OPERATION_NOT_ENABLED",
+        "this operation is not enabled for the user pool",
+        Extra::None,
+    ),
+    row(
+        "ResourceNotFoundException",
+        Code::Internal,
+        "RESOURCE_NOT_FOUND",
+        MISCONFIGURED,
+        Extra::Misconfiguration,
+    ),
+    row(
+        "InvalidEmailRoleAccessPolicyException",
+        Code::Internal,
+        "INVALID_EMAIL_ROLE_ACCESS_POLICY",
+        MISCONFIGURED,
+        Extra::Misconfiguration,
+    ),
+    row(
+        "InvalidSmsRoleAccessPolicyException",
+        Code::Internal,
+        "INVALID_SMS_ROLE_ACCESS_POLICY",
+        MISCONFIGURED,
+        Extra::Misconfiguration,
+    ),
+    row(
+        "InvalidSmsRoleTrustRelationshipException",
+        Code::Internal,
+        "INVALID_SMS_ROLE_TRUST_RELATIONSHIP",
+        MISCONFIGURED,
+        Extra::Misconfiguration,
+    ),
+    row(
+        "InvalidLambdaResponseException",
+        Code::Internal,
+        "INVALID_LAMBDA_RESPONSE",
+        MISCONFIGURED,
+        Extra::Misconfiguration,
+    ),
+    row(
+        "UnexpectedLambdaException",
+        Code::Internal,
+        "UNEXPECTED_LAMBDA",
+        MISCONFIGURED,
+        Extra::Misconfiguration,
+    ),
+    row(
+        "InternalErrorException",
+        Code::Unavailable,
+        "INTERNAL_ERROR",
+        "Cognito had an internal error; retry later",
+        Extra::None,
+    ),
+];
+
+/// Looks up a Cognito error code in [`COGNITO_ERRORS`].
+pub fn cognito_row(cognito_code: &str) -> Option<&'static Row> {
+    COGNITO_ERRORS.iter().find(|r| r.cognito_code == cognito_code)
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The request broke Cognito's documented limits; Cognito was not called.
+    InvalidRequest(Vec<FieldViolation>),
+    /// The request named an app client this server does not serve.
+    ClientNotAllowed,
+    /// Cognito, or the way to it, failed.
+    Upstream(UpstreamError),
+}
+
+/// Who is to blame for a failure, which sets the level of its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The caller or the end user (bad input, wrong code, limits).
+    Caller,
+    /// Cognito or the network, usually passing.
+    Upstream,
+    /// This service's own set-up.
+    Server,
+}
+
+/// An [`Error`] decided: everything its status and log line need.
+#[derive(Debug, Clone)]
+pub struct Classified {
+    /// The gRPC code.
+    pub code: Code,
+    /// The ErrorInfo reason.
+    pub reason: &'static str,
+    /// The status message.
+    pub message: String,
+    /// Who is to blame.
+    pub blame: Blame,
+    details: ErrorDetails,
+}
+
+impl Error {
+    /// Decides the status, reason and details of this error.
+    pub fn classify(&self) -> Classified {
+        let mut metadata = HashMap::new();
+        let mut details = ErrorDetails::new();
+        let (code, reason, message, blame) = match self {
+            Self::InvalidRequest(violations) => {
+                details.set_bad_request(
+                    violations
+                        .iter()
+                        .map(|v| ProtoFieldViolation::new(&v.field, &v.description))
+                        .collect::<Vec<_>>(),
+                );
+                let summary = violations
+                    .iter()
+                    .map(|v| format!("{} {}", v.field, v.description))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (
+                    Code::InvalidArgument,
+                    "INVALID_REQUEST",
+                    format!("invalid request: {summary}"),
+                    Blame::Caller,
+                )
+            }
+            Self::ClientNotAllowed => (
+                Code::PermissionDenied,
+                "CLIENT_NOT_ALLOWED",
+                "client_id is not an app client this server serves; leave it empty for the \
+                 configured one"
+                    .to_owned(),
+                Blame::Caller,
+            ),
+            Self::Upstream(upstream) => classify_upstream(upstream, &mut metadata, &mut details),
+        };
+        details.set_error_info(reason, ERROR_DOMAIN, metadata);
+        Classified {
+            code,
+            reason,
+            message,
+            blame,
+            details,
+        }
+    }
+}
+
+fn classify_upstream(
+    error: &UpstreamError,
+    metadata: &mut HashMap<String, String>,
+    details: &mut ErrorDetails,
+) -> (Code, &'static str, String, Blame) {
+    match error {
+        UpstreamError::Service {
+            code: cognito_code,
+            message: cognito_message,
+            request_id,
+        } => {
+            metadata.insert("cognitoCode".into(), cognito_code.clone());
+            if let Some(id) = request_id {
+                metadata.insert("awsRequestId".into(), id.clone());
+            }
+            let Some(row) = cognito_row(cognito_code) else {
+                return (
+                    Code::Unknown,
+                    "UNKNOWN_UPSTREAM_ERROR",
+                    "Cognito answered with an error this service does not know".into(),
+                    Blame::Server,
+                );
+            };
+            let cognito_message = cognito_message.as_deref().filter(|m| !m.is_empty());
+            let mut message = row.message.to_owned();
+            let mut blame = match row.code {
+                Code::Unavailable => Blame::Upstream,
+                _ => Blame::Caller,
+            };
+            match row.extra {
+                Extra::None => {}
+                Extra::BadField(field) => {
+                    details.add_bad_request_violation(field, row.message);
+                }
+                Extra::BadFieldCognitoMessage(field) => {
+                    details
+                        .add_bad_request_violation(field, cognito_message.unwrap_or(row.message));
+                }
+                Extra::RetryAfterThrottle => {
+                    details.set_retry_info(Some(THROTTLE_RETRY_DELAY));
+                    blame = Blame::Upstream;
+                }
+                Extra::CognitoMessage => {
+                    if let Some(text) = cognito_message {
+                        message = text.to_owned();
+                    }
+                }
+                Extra::Misconfiguration => blame = Blame::Server,
+            }
+            (row.code, row.reason, message, blame)
+        }
+        UpstreamError::Http { status, request_id } => {
+            metadata.insert("httpStatus".into(), status.to_string());
+            if let Some(id) = request_id {
+                metadata.insert("awsRequestId".into(), id.clone());
+            }
+            match status {
+                500..=599 => (
+                    Code::Unavailable,
+                    "INTERNAL_ERROR",
+                    "Cognito had an internal error; retry later".into(),
+                    Blame::Upstream,
+                ),
+                429 => {
+                    details.set_retry_info(Some(THROTTLE_RETRY_DELAY));
+                    (
+                        Code::ResourceExhausted,
+                        "TOO_MANY_REQUESTS",
+                        "Cognito is throttling requests; retry shortly".into(),
+                        Blame::Upstream,
+                    )
+                }
+                _ => (
+                    Code::Unknown,
+                    "UNKNOWN_UPSTREAM_ERROR",
+                    format!("Cognito answered HTTP {status} with no error code"),
+                    Blame::Server,
+                ),
+            }
+        }
+        UpstreamError::Unreachable { .. } => (
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "Cognito could not be reached".into(),
+            Blame::Upstream,
+        ),
+        UpstreamError::Timeout { set_by_caller } => (
+            Code::DeadlineExceeded,
+            "UPSTREAM_TIMEOUT",
+            if *set_by_caller {
+                "the call's deadline ran out while waiting for Cognito".into()
+            } else {
+                "Cognito did not answer within COGNITO_TIMEOUT".into()
+            },
+            Blame::Upstream,
+        ),
+        UpstreamError::Construction { .. } => (
+            Code::Internal,
+            "REQUEST_CONSTRUCTION_FAILED",
+            MISCONFIGURED.into(),
+            Blame::Server,
+        ),
+    }
+}
+
+impl Classified {
+    /// The status sent to the caller.
+    pub fn into_status(self) -> Status {
+        Status::with_error_details(self.code, self.message, self.details)
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        error.classify().into_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_error(code: &str, message: Option<&str>) -> Error {
+        Error::Upstream(UpstreamError::Service {
+            code: code.into(),
+            message: message.map(Into::into),
+            request_id: Some("req-1".into()),
+        })
+    }
+
+    /// DESIGN.md §4, row by row: Cognito code → (gRPC code, reason).
+    const EXPECTED: &[(&str, Code, &str)] = &[
+        ("CodeMismatchException", Code::InvalidArgument, "CODE_MISMATCH"),
+        ("ExpiredCodeException", Code::FailedPrecondition, "EXPIRED_CODE"),
+        ("InvalidPasswordException", Code::InvalidArgument, "INVALID_PASSWORD"),
+        (
+            "PasswordHistoryPolicyViolationException",
+            Code::InvalidArgument,
+            "PASSWORD_HISTORY_POLICY_VIOLATION",
+        ),
+        ("UserNotFoundException", Code::NotFound, "USER_NOT_FOUND"),
+        ("UserNotConfirmedException", Code::FailedPrecondition, "USER_NOT_CONFIRMED"),
+        ("InvalidParameterException", Code::FailedPrecondition, "INVALID_PARAMETER"),
+        ("NotAuthorizedException", Code::PermissionDenied, "NOT_AUTHORIZED"),
+        ("ForbiddenException", Code::PermissionDenied, "FORBIDDEN"),
+        ("LimitExceededException", Code::ResourceExhausted, "LIMIT_EXCEEDED"),
+        (
+            "TooManyFailedAttemptsException",
+            Code::ResourceExhausted,
+            "TOO_MANY_FAILED_ATTEMPTS",
+        ),
+        ("TooManyRequestsException", Code::ResourceExhausted, "TOO_MANY_REQUESTS"),
+        ("CodeDeliveryFailureException", Code::Unavailable, "CODE_DELIVERY_FAILURE"),
+        (
+            "UserLambdaValidationException",
+            Code::FailedPrecondition,
+            "USER_LAMBDA_VALIDATION",
+        ),
+        ("OperationNotEnabledException", Code::FailedPrecondition, "OPERATION_NOT_ENABLED"),
+        ("ResourceNotFoundException", Code::Internal, "RESOURCE_NOT_FOUND"),
+        (
+            "InvalidEmailRoleAccessPolicyException",
+            Code::Internal,
+            "INVALID_EMAIL_ROLE_ACCESS_POLICY",
+        ),
+        (
+            "InvalidSmsRoleAccessPolicyException",
+            Code::Internal,
+            "INVALID_SMS_ROLE_ACCESS_POLICY",
+        ),
+        (
+            "InvalidSmsRoleTrustRelationshipException",
+            Code::Internal,
+            "INVALID_SMS_ROLE_TRUST_RELATIONSHIP",
+        ),
+        ("InvalidLambdaResponseException", Code::Internal, "INVALID_LAMBDA_RESPONSE"),
+        ("UnexpectedLambdaException", Code::Internal, "UNEXPECTED_LAMBDA"),
+        ("InternalErrorException", Code::Unavailable, "INTERNAL_ERROR"),
+    ];
+
+    #[test]
+    fn every_row_of_the_design_table_maps_with_error_info() {
+        assert_eq!(EXPECTED.len(), COGNITO_ERRORS.len(), "the table has extra rows");
+        for &(cognito_code, code, reason) in EXPECTED {
+            let status: Status = service_error(cognito_code, Some("m")).into();
+            assert_eq!(status.code(), code, "{cognito_code}");
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, reason, "{cognito_code}");
+            assert_eq!(info.domain, ERROR_DOMAIN);
+            assert_eq!(info.metadata["cognitoCode"], cognito_code);
+            assert_eq!(info.metadata["awsRequestId"], "req-1");
+        }
+    }
+
+    #[test]
+    fn internal_rows_are_reason_of_the_name_without_exception() {
+        for row in COGNITO_ERRORS.iter().filter(|r| r.code == Code::Internal) {
+            let name = row.cognito_code.trim_end_matches("Exception");
+            let mut snake = String::new();
+            for (i, c) in name.chars().enumerate() {
+                if c.is_uppercase() && i > 0 {
+                    snake.push('_');
+                }
+                snake.push(c.to_ascii_uppercase());
+            }
+            assert_eq!(row.reason, snake);
+            let classified = service_error(row.cognito_code, Some("pool xyz is gone")).classify();
+            assert_eq!(classified.blame, Blame::Server);
+            assert!(!classified.message.contains("xyz"), "caller learns no more");
+        }
+    }
+
+    #[test]
+    fn code_mismatch_points_at_the_confirmation_code() {
+        let status: Status = service_error("CodeMismatchException", None).into();
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "confirmation_code");
+    }
+
+    #[test]
+    fn invalid_password_carries_cognitos_policy_text() {
+        let policy = "Password does not conform to policy: Password not long enough";
+        let status: Status = service_error("InvalidPasswordException", Some(policy)).into();
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "password");
+        assert_eq!(bad.field_violations[0].description, policy);
+    }
+
+    #[test]
+    fn password_history_points_at_the_password() {
+        let status: Status = service_error("PasswordHistoryPolicyViolationException", None).into();
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "password");
+    }
+
+    #[test]
+    fn throttling_says_when_to_retry() {
+        let status: Status = service_error("TooManyRequestsException", None).into();
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(THROTTLE_RETRY_DELAY));
+    }
+
+    #[test]
+    fn lambda_validation_passes_the_triggers_message() {
+        let status: Status =
+            service_error("UserLambdaValidationException", Some("CustomMessage failed: no")).into();
+        assert_eq!(status.message(), "CustomMessage failed: no");
+    }
+
+    #[test]
+    fn an_unknown_code_is_unknown_and_keeps_the_code() {
+        let status: Status = service_error("BrandNewException", Some("x")).into();
+        assert_eq!(status.code(), Code::Unknown);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "UNKNOWN_UPSTREAM_ERROR");
+        assert_eq!(info.metadata["cognitoCode"], "BrandNewException");
+    }
+
+    #[test]
+    fn answers_without_a_code_fall_back_on_http_status() {
+        let http = |status| {
+            Status::from(Error::Upstream(UpstreamError::Http {
+                status,
+                request_id: None,
+            }))
+        };
+        let s = http(503);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "INTERNAL_ERROR");
+        let s = http(429);
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.get_details_retry_info().is_some());
+        assert_eq!(http(418).code(), Code::Unknown);
+    }
+
+    #[test]
+    fn transport_failures_and_timeouts() {
+        let s = Status::from(Error::Upstream(UpstreamError::Unreachable {
+            before_connecting: true,
+            detail: "refused".into(),
+        }));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "UPSTREAM_UNAVAILABLE");
+        let s = Status::from(Error::Upstream(UpstreamError::Timeout {
+            set_by_caller: true,
+        }));
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "UPSTREAM_TIMEOUT");
+    }
+
+    #[test]
+    fn local_failures_name_their_fields() {
+        let s = Status::from(Error::InvalidRequest(vec![
+            FieldViolation {
+                field: "username".into(),
+                description: "is required".into(),
+            },
+            FieldViolation {
+                field: "password".into(),
+                description: "is required".into(),
+            },
+        ]));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "INVALID_REQUEST");
+        let fields: Vec<_> = s
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["username", "password"]);
+        let s = Status::from(Error::ClientNotAllowed);
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "CLIENT_NOT_ALLOWED");
+    }
+}
