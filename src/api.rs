@@ -105,14 +105,20 @@ impl PasswordRecovery for PasswordRecoveryService {
     ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
         let call = Call::start("ForgotPassword", &request, self.timeout);
         let parsed = parse_forgot_password(request.into_inner());
-        let user = parsed.as_ref().ok().map(|r| self.usernames.pseudonym(&r.username));
+        let user = parsed
+            .as_ref()
+            .ok()
+            .map(|r| self.usernames.pseudonym(&r.username));
         let result = match parsed {
             Ok(request) => self.forgot_password_inner(request, call.budget).await,
             Err(violations) => Err(Error::InvalidRequest(violations)),
         };
-        call.finish(user, result.map(|delivery| pb::ForgotPasswordResponse {
-            code_delivery_details: Some(code_delivery_details(delivery)),
-        }))
+        call.finish(
+            user,
+            result.map(|delivery| pb::ForgotPasswordResponse {
+                code_delivery_details: Some(code_delivery_details(delivery)),
+            }),
+        )
     }
 
     async fn confirm_forgot_password(
@@ -121,9 +127,15 @@ impl PasswordRecovery for PasswordRecoveryService {
     ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
         let call = Call::start("ConfirmForgotPassword", &request, self.timeout);
         let parsed = parse_confirm_forgot_password(request.into_inner());
-        let user = parsed.as_ref().ok().map(|r| self.usernames.pseudonym(&r.username));
+        let user = parsed
+            .as_ref()
+            .ok()
+            .map(|r| self.usernames.pseudonym(&r.username));
         let result = match parsed {
-            Ok(request) => self.confirm_forgot_password_inner(request, call.budget).await,
+            Ok(request) => {
+                self.confirm_forgot_password_inner(request, call.budget)
+                    .await
+            }
             Err(violations) => Err(Error::InvalidRequest(violations)),
         };
         call.finish(user, result.map(|()| pb::ConfirmForgotPasswordResponse {}))
@@ -148,13 +160,23 @@ impl Call {
     }
 
     /// Logs the outcome at the level its blame calls for and turns it into the answer.
-    fn finish<T>(self, user: Option<String>, result: Result<T, Error>) -> Result<Response<T>, Status> {
+    fn finish<T>(
+        self,
+        user: Option<String>,
+        result: Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let user = user.as_deref().unwrap_or("-");
         let method = self.method;
         match result {
             Ok(response) => {
-                tracing::info!(grpc.method = method, grpc.code = "OK", user, latency_ms, "call finished");
+                tracing::info!(
+                    grpc.method = method,
+                    grpc.code = "OK",
+                    user,
+                    latency_ms,
+                    "call finished"
+                );
                 Ok(Response::new(response))
             }
             Err(error) => {
@@ -167,9 +189,35 @@ impl Call {
                 };
                 let detail = upstream_detail(&error);
                 match classified.blame {
-                    Blame::Caller => tracing::warn!(grpc.method = method, grpc.code = code, reason, cognito.code = cognito_code, user, latency_ms, "call failed"),
-                    Blame::Upstream => tracing::warn!(grpc.method = method, grpc.code = code, reason, cognito.code = cognito_code, detail, user, latency_ms, "call failed upstream"),
-                    Blame::Server => tracing::error!(grpc.method = method, grpc.code = code, reason, cognito.code = cognito_code, detail, user, latency_ms, "call failed: server-side fault"),
+                    Blame::Caller => tracing::warn!(
+                        grpc.method = method,
+                        grpc.code = code,
+                        reason,
+                        cognito.code = cognito_code,
+                        user,
+                        latency_ms,
+                        "call failed"
+                    ),
+                    Blame::Upstream => tracing::warn!(
+                        grpc.method = method,
+                        grpc.code = code,
+                        reason,
+                        cognito.code = cognito_code,
+                        detail,
+                        user,
+                        latency_ms,
+                        "call failed upstream"
+                    ),
+                    Blame::Server => tracing::error!(
+                        grpc.method = method,
+                        grpc.code = code,
+                        reason,
+                        cognito.code = cognito_code,
+                        detail,
+                        user,
+                        latency_ms,
+                        "call failed: server-side fault"
+                    ),
                 }
                 Err(classified.into_status())
             }
@@ -222,9 +270,8 @@ fn pass_through(
     let client_metadata = violations
         .check(ClientMetadata::parse("client_metadata", client_metadata))
         .unwrap_or_default();
-    let user_context = user_context.and_then(|c| {
-        UserContext::parse("user_context", c.ip_address, c.encoded_data, violations)
-    });
+    let user_context = user_context
+        .and_then(|c| UserContext::parse("user_context", c.ip_address, c.encoded_data, violations));
     let analytics_endpoint_id = violations
         .check(free_text("analytics_endpoint_id", analytics_endpoint_id))
         .flatten();
@@ -359,7 +406,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(request.client_id, None);
-        assert_eq!(request.pass_through.analytics_endpoint_id.as_deref(), Some("endpoint"));
+        assert_eq!(
+            request.pass_through.analytics_endpoint_id.as_deref(),
+            Some("endpoint")
+        );
         let context = request.pass_through.user_context.unwrap();
         assert_eq!(context.ip_address.as_deref(), Some("192.0.2.1"));
         assert_eq!(context.encoded_data, None);

@@ -61,6 +61,15 @@ impl Application {
     /// is built.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let cognito = Cognito::connect(&config.cognito).await?;
+        tracing::info!(
+            client_id = %config.cognito.client_id,
+            client_secret = if config.cognito.client_secret.is_some() { "set" } else { "none" },
+            region = cognito.region(),
+            endpoint = config.cognito.endpoint_url.as_deref().unwrap_or("default"),
+            cognito_timeout = %humantime::format_duration(config.cognito.timeout),
+            enumeration_protection = config.enumeration_protection,
+            "Cognito client ready"
+        );
 
         // With a client secret, replicas share the key, so an unknown user gets the same
         // simulated answer from each of them.
@@ -93,8 +102,14 @@ impl Application {
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         );
 
+        // Both reflection versions list every service, each other included.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
+                .include_reflection_service(false)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
@@ -151,8 +166,8 @@ impl Application {
             () = stop => {}
         }
         tracing::info!(
-            delay = ?self.shutdown_delay,
-            grace = ?self.shutdown_grace_period,
+            delay = %humantime::format_duration(self.shutdown_delay),
+            grace = %humantime::format_duration(self.shutdown_grace_period),
             "stop requested: NOT_SERVING"
         );
         self.health
@@ -171,7 +186,7 @@ impl Application {
         match tokio::time::timeout(self.shutdown_grace_period, server).await {
             Ok(result) => result?,
             Err(_) => tracing::warn!(
-                grace = ?self.shutdown_grace_period,
+                grace = %humantime::format_duration(self.shutdown_grace_period),
                 "grace period over with calls still in flight; stopping anyway"
             ),
         }

@@ -235,7 +235,8 @@ impl Cognito {
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
-        let sdk = Client::new(&loader.load().await);
+        let sdk_config = loader.load().await;
+        let sdk = Client::new(&sdk_config);
         Ok(Self {
             sdk,
             app_client: AppClient {
@@ -243,6 +244,11 @@ impl Cognito {
                 secret: settings.client_secret.clone(),
             },
         })
+    }
+
+    /// The region the client calls.
+    pub fn region(&self) -> &str {
+        self.sdk.config().region().map_or("", |r| r.as_ref())
     }
 
     /// The app client this server serves.
@@ -338,7 +344,12 @@ impl Cognito {
                 {
                     return Err(error);
                 }
-                tracing::debug!(attempt = made, ?pause, cognito.code = error.cognito_code(), "retrying Cognito call");
+                tracing::debug!(
+                    attempt = made,
+                    ?pause,
+                    cognito.code = error.cognito_code(),
+                    "retrying Cognito call"
+                );
                 tokio::time::sleep(pause).await;
                 backoff *= 2;
                 made += 1;
@@ -442,6 +453,40 @@ mod tests {
                 set_by_caller: true
             }
             .is_retryable()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_known_to_be_unprocessed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let settings = CognitoSettings {
+            client_id: ClientId::parse("COGNITO_CLIENT_ID", "client".into()).unwrap(),
+            client_secret: None,
+            timeout: Duration::from_secs(5),
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(format!("http://{addr}")),
+        };
+        let cognito = Cognito::connect(&settings).await.unwrap();
+        let request = ForgotPassword {
+            username: Username::parse("username", "a".into()).unwrap(),
+            client_id: None,
+            pass_through: PassThrough::default(),
+        };
+        let budget = Budget::new(Instant::now(), settings.timeout, None);
+
+        let err = cognito.forgot_password(&request, budget).await.unwrap_err();
+
+        assert!(
+            matches!(
+                err,
+                UpstreamError::Unreachable {
+                    before_connecting: true,
+                    ..
+                }
+            ),
+            "{err:?}"
         );
     }
 }

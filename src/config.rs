@@ -114,7 +114,7 @@ struct Cli {
     cognito_client_secret_file: Option<PathBuf>,
 
     /// Mask unknown users in answers (true or false).
-    #[arg(long, env = "ENUMERATION_PROTECTION", default_value = "true", value_parser = parse_bool)]
+    #[arg(long, env = "ENUMERATION_PROTECTION", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     enumeration_protection: bool,
 
     /// How long to keep serving NOT_SERVING after SIGTERM, e.g. 5s.
@@ -260,8 +260,9 @@ fn client_secret(
 
 fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
     let setting = "COGNITO_CLIENT_SECRET_FILE";
-    let mut secret = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::setting(setting, format!("cannot read {}: {e}", path.display())))?;
+    let mut secret = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::setting(setting, format!("cannot read {}: {e}", path.display()))
+    })?;
     if secret.ends_with('\n') {
         secret.pop();
         if secret.ends_with('\r') {
@@ -312,8 +313,11 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_contract() {
-        let config = run(&["--cognito-client-id", "abc", "--aws-region", "eu-west-1"], None)
-            .expect("valid");
+        let config = run(
+            &["--cognito-client-id", "abc", "--aws-region", "eu-west-1"],
+            None,
+        )
+        .expect("valid");
         assert_eq!(config.grpc_listen_addr, "0.0.0.0:50051".parse().unwrap());
         assert!(config.enumeration_protection);
         assert_eq!(config.shutdown_delay, Duration::ZERO);
@@ -325,7 +329,11 @@ mod tests {
 
     #[test]
     fn a_bad_flag_value_is_one_line_naming_the_flag() {
-        let err = run(&["--cognito-client-id", "abc", "--cognito-timeout", "5"], None).unwrap_err();
+        let err = run(
+            &["--cognito-client-id", "abc", "--cognito-timeout", "5"],
+            None,
+        )
+        .unwrap_err();
         let line = err.to_string();
         assert!(!line.contains('\n'), "{line}");
         assert!(line.contains("--cognito-timeout"), "{line}");
@@ -347,7 +355,12 @@ mod tests {
         let file = file.to_str().unwrap();
 
         let err = run(
-            &["--cognito-client-id", "abc", "--cognito-client-secret-file", file],
+            &[
+                "--cognito-client-id",
+                "abc",
+                "--cognito-client-secret-file",
+                file,
+            ],
             Some("other"),
         )
         .unwrap_err();
@@ -355,12 +368,21 @@ mod tests {
         assert!(!err.to_string().contains("s3cret") && !err.to_string().contains("other"));
 
         let config = run(
-            &["--cognito-client-id", "abc", "--cognito-client-secret-file", file],
+            &[
+                "--cognito-client-id",
+                "abc",
+                "--cognito-client-secret-file",
+                file,
+            ],
             None,
         )
         .unwrap();
         let secret = config.cognito.client_secret.as_ref().expect("secret read");
-        assert_eq!(secret.expose_secret(), "s3cret", "one trailing newline dropped");
+        assert_eq!(
+            secret.expose_secret(),
+            "s3cret",
+            "one trailing newline dropped"
+        );
         assert!(!format!("{:?}", config.cognito).contains("s3cret"));
         std::fs::remove_dir_all(dir).unwrap();
     }

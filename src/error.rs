@@ -229,7 +229,9 @@ pub const COGNITO_ERRORS: &[Row] = &[
 
 /// Looks up a Cognito error code in [`COGNITO_ERRORS`].
 pub fn cognito_row(cognito_code: &str) -> Option<&'static Row> {
-    COGNITO_ERRORS.iter().find(|r| r.cognito_code == cognito_code)
+    COGNITO_ERRORS
+        .iter()
+        .find(|r| r.cognito_code == cognito_code)
 }
 
 /// Why a call failed.
@@ -446,34 +448,78 @@ mod tests {
 
     /// DESIGN.md §4, row by row: Cognito code → (gRPC code, reason).
     const EXPECTED: &[(&str, Code, &str)] = &[
-        ("CodeMismatchException", Code::InvalidArgument, "CODE_MISMATCH"),
-        ("ExpiredCodeException", Code::FailedPrecondition, "EXPIRED_CODE"),
-        ("InvalidPasswordException", Code::InvalidArgument, "INVALID_PASSWORD"),
+        (
+            "CodeMismatchException",
+            Code::InvalidArgument,
+            "CODE_MISMATCH",
+        ),
+        (
+            "ExpiredCodeException",
+            Code::FailedPrecondition,
+            "EXPIRED_CODE",
+        ),
+        (
+            "InvalidPasswordException",
+            Code::InvalidArgument,
+            "INVALID_PASSWORD",
+        ),
         (
             "PasswordHistoryPolicyViolationException",
             Code::InvalidArgument,
             "PASSWORD_HISTORY_POLICY_VIOLATION",
         ),
         ("UserNotFoundException", Code::NotFound, "USER_NOT_FOUND"),
-        ("UserNotConfirmedException", Code::FailedPrecondition, "USER_NOT_CONFIRMED"),
-        ("InvalidParameterException", Code::FailedPrecondition, "INVALID_PARAMETER"),
-        ("NotAuthorizedException", Code::PermissionDenied, "NOT_AUTHORIZED"),
+        (
+            "UserNotConfirmedException",
+            Code::FailedPrecondition,
+            "USER_NOT_CONFIRMED",
+        ),
+        (
+            "InvalidParameterException",
+            Code::FailedPrecondition,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "NotAuthorizedException",
+            Code::PermissionDenied,
+            "NOT_AUTHORIZED",
+        ),
         ("ForbiddenException", Code::PermissionDenied, "FORBIDDEN"),
-        ("LimitExceededException", Code::ResourceExhausted, "LIMIT_EXCEEDED"),
+        (
+            "LimitExceededException",
+            Code::ResourceExhausted,
+            "LIMIT_EXCEEDED",
+        ),
         (
             "TooManyFailedAttemptsException",
             Code::ResourceExhausted,
             "TOO_MANY_FAILED_ATTEMPTS",
         ),
-        ("TooManyRequestsException", Code::ResourceExhausted, "TOO_MANY_REQUESTS"),
-        ("CodeDeliveryFailureException", Code::Unavailable, "CODE_DELIVERY_FAILURE"),
+        (
+            "TooManyRequestsException",
+            Code::ResourceExhausted,
+            "TOO_MANY_REQUESTS",
+        ),
+        (
+            "CodeDeliveryFailureException",
+            Code::Unavailable,
+            "CODE_DELIVERY_FAILURE",
+        ),
         (
             "UserLambdaValidationException",
             Code::FailedPrecondition,
             "USER_LAMBDA_VALIDATION",
         ),
-        ("OperationNotEnabledException", Code::FailedPrecondition, "OPERATION_NOT_ENABLED"),
-        ("ResourceNotFoundException", Code::Internal, "RESOURCE_NOT_FOUND"),
+        (
+            "OperationNotEnabledException",
+            Code::FailedPrecondition,
+            "OPERATION_NOT_ENABLED",
+        ),
+        (
+            "ResourceNotFoundException",
+            Code::Internal,
+            "RESOURCE_NOT_FOUND",
+        ),
         (
             "InvalidEmailRoleAccessPolicyException",
             Code::Internal,
@@ -489,14 +535,30 @@ mod tests {
             Code::Internal,
             "INVALID_SMS_ROLE_TRUST_RELATIONSHIP",
         ),
-        ("InvalidLambdaResponseException", Code::Internal, "INVALID_LAMBDA_RESPONSE"),
-        ("UnexpectedLambdaException", Code::Internal, "UNEXPECTED_LAMBDA"),
-        ("InternalErrorException", Code::Unavailable, "INTERNAL_ERROR"),
+        (
+            "InvalidLambdaResponseException",
+            Code::Internal,
+            "INVALID_LAMBDA_RESPONSE",
+        ),
+        (
+            "UnexpectedLambdaException",
+            Code::Internal,
+            "UNEXPECTED_LAMBDA",
+        ),
+        (
+            "InternalErrorException",
+            Code::Unavailable,
+            "INTERNAL_ERROR",
+        ),
     ];
 
     #[test]
     fn every_row_of_the_design_table_maps_with_error_info() {
-        assert_eq!(EXPECTED.len(), COGNITO_ERRORS.len(), "the table has extra rows");
+        assert_eq!(
+            EXPECTED.len(),
+            COGNITO_ERRORS.len(),
+            "the table has extra rows"
+        );
         for &(cognito_code, code, reason) in EXPECTED {
             let status: Status = service_error(cognito_code, Some("m")).into();
             assert_eq!(status.code(), code, "{cognito_code}");
@@ -558,8 +620,11 @@ mod tests {
 
     #[test]
     fn lambda_validation_passes_the_triggers_message() {
-        let status: Status =
-            service_error("UserLambdaValidationException", Some("CustomMessage failed: no")).into();
+        let status: Status = service_error(
+            "UserLambdaValidationException",
+            Some("CustomMessage failed: no"),
+        )
+        .into();
         assert_eq!(status.message(), "CustomMessage failed: no");
     }
 
@@ -596,12 +661,18 @@ mod tests {
             detail: "refused".into(),
         }));
         assert_eq!(s.code(), Code::Unavailable);
-        assert_eq!(s.get_details_error_info().unwrap().reason, "UPSTREAM_UNAVAILABLE");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "UPSTREAM_UNAVAILABLE"
+        );
         let s = Status::from(Error::Upstream(UpstreamError::Timeout {
             set_by_caller: true,
         }));
         assert_eq!(s.code(), Code::DeadlineExceeded);
-        assert_eq!(s.get_details_error_info().unwrap().reason, "UPSTREAM_TIMEOUT");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "UPSTREAM_TIMEOUT"
+        );
     }
 
     #[test]
@@ -617,7 +688,10 @@ mod tests {
             },
         ]));
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.get_details_error_info().unwrap().reason, "INVALID_REQUEST");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "INVALID_REQUEST"
+        );
         let fields: Vec<_> = s
             .get_details_bad_request()
             .unwrap()
@@ -628,6 +702,9 @@ mod tests {
         assert_eq!(fields, ["username", "password"]);
         let s = Status::from(Error::ClientNotAllowed);
         assert_eq!(s.code(), Code::PermissionDenied);
-        assert_eq!(s.get_details_error_info().unwrap().reason, "CLIENT_NOT_ALLOWED");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "CLIENT_NOT_ALLOWED"
+        );
     }
 }

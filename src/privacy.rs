@@ -110,7 +110,11 @@ mod tests {
     fn simulated_answers_vary_between_usernames_and_keys() {
         let hasher = UsernameHasher::derived(b"secret", "test");
         let destinations: std::collections::HashSet<_> = (0..50)
-            .map(|i| hasher.simulated_delivery(&user(&format!("user{i}"))).destination)
+            .map(|i| {
+                hasher
+                    .simulated_delivery(&user(&format!("user{i}")))
+                    .destination
+            })
             .collect();
         assert!(destinations.len() > 10, "{destinations:?}");
         assert_ne!(

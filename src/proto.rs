@@ -7,5 +7,7 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of `proto/`, with source comments, for reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/password_recovery_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
+    env!("OUT_DIR"),
+    "/password_recovery_descriptor.bin"
+));

@@ -1,6 +1,8 @@
 //! Logging: `tracing` to standard output, as JSON lines (the default) or text, filtered by
 //! `RUST_LOG`. Log lines never hold passwords, codes, secrets or usernames (see `privacy`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{ConfigError, LogFormat, LogSettings};
@@ -12,7 +14,8 @@ pub fn init(settings: &LogSettings) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::setting("RUST_LOG", format!("not a log filter: {e}")))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal());
     // Ignoring the error keeps a subscriber a test installed first.
     let _ = match settings.format {
         LogFormat::Json => builder

@@ -1,0 +1,244 @@
+//! Tests of the real `password-recovery` binary as operators run it: configuration from the
+//! environment, one-line start-up errors with exit code 2, JSON log lines free of secrets and
+//! usernames, no AWS credentials anywhere, and exit code 0 after SIGTERM.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{CLIENT_ID, FakeCognito, Reply};
+use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
+use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_password-recovery");
+const SECRET: &str = "binary-test-client-secret-value";
+
+/// The binary with a clean environment: no AWS credentials, no profile, no metadata service.
+fn command(vars: &[(&str, &str)]) -> Command {
+    let home = std::env::temp_dir().join("password-recovery-test-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+async fn exit_with_stderr(vars: &[(&str, &str)]) -> (i32, String) {
+    let output = tokio::time::timeout(Duration::from_secs(20), command(vars).output())
+        .await
+        .expect("exits")
+        .expect("runs");
+    (
+        output.status.code().expect("an exit code"),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_missing_client_id_stops_start_up_with_one_line_naming_it() {
+    let (code, stderr) = exit_with_stderr(&[("AWS_REGION", "us-east-1")]).await;
+    assert_eq!(code, 2);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("COGNITO_CLIENT_ID"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_missing_region_stops_start_up_naming_aws_region() {
+    let (code, stderr) = exit_with_stderr(&[("COGNITO_CLIENT_ID", CLIENT_ID)]).await;
+    assert_eq!(code, 2);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("AWS_REGION"), "{stderr}");
+}
+
+#[tokio::test]
+async fn malformed_settings_stop_start_up_naming_the_setting() {
+    let base = [
+        ("COGNITO_CLIENT_ID", CLIENT_ID),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    for (name, value) in [
+        ("SHUTDOWN_GRACE_PERIOD", "20"),
+        ("GRPC_LISTEN_ADDR", "not-an-address"),
+        ("ENUMERATION_PROTECTION", "maybe"),
+        ("LOG_FORMAT", "xml"),
+        ("RUST_LOG", "info,[bad"),
+        ("AWS_ENDPOINT_URL", "localhost:5000"),
+        ("COGNITO_CLIENT_SECRET_FILE", "/nonexistent/secret"),
+    ] {
+        let mut vars = base.to_vec();
+        vars.push((name, value));
+        let (code, stderr) = exit_with_stderr(&vars).await;
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+        assert!(stderr.contains(name), "{name}: {stderr}");
+    }
+
+    let mut vars = base.to_vec();
+    vars.extend([
+        ("COGNITO_CLIENT_SECRET", SECRET),
+        ("COGNITO_CLIENT_SECRET_FILE", "/etc/hostname"),
+    ]);
+    let (code, stderr) = exit_with_stderr(&vars).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(!stderr.contains(SECRET));
+}
+
+/// The child's stdout, line by line, read in the background.
+struct LogLines {
+    lines: Vec<String>,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl LogLines {
+    fn follow(child: &mut Child) -> Self {
+        let mut reader = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (send, incoming) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = send.send(line);
+            }
+        });
+        Self {
+            lines: Vec::new(),
+            incoming,
+        }
+    }
+
+    /// Waits for the "serving gRPC" line and returns the address it names.
+    async fn serving_addr(&mut self) -> String {
+        let wait = async {
+            while let Some(line) = self.incoming.recv().await {
+                let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
+                self.lines.push(line);
+                if entry["message"] == "serving gRPC" {
+                    return entry["addr"].as_str().unwrap().to_owned();
+                }
+            }
+            panic!("exited before serving: {:?}", self.lines);
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .expect("serves within 20 s")
+    }
+
+    /// Every line, once the child has exited and closed stdout.
+    async fn all(mut self) -> Vec<String> {
+        while let Some(line) = self.incoming.recv().await {
+            self.lines.push(line);
+        }
+        self.lines
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm() {
+    // Arrange
+    let cognito = FakeCognito::start().await;
+    let mut child = command(&[
+        ("COGNITO_CLIENT_ID", CLIENT_ID),
+        ("COGNITO_CLIENT_SECRET", SECRET),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", &cognito.url),
+        ("GRPC_LISTEN_ADDR", "127.0.0.1:0"),
+    ])
+    .spawn()
+    .expect("starts");
+    let mut logs = LogLines::follow(&mut child);
+    let addr = logs.serving_addr().await;
+    let mut client = PasswordRecoveryClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connects");
+    let username = "zelda.secretive@example.com";
+    let code = "918273";
+    let password = "Sup3r-Secret-Passw0rd!";
+
+    // Act: one success of each, and one failure.
+    client
+        .forgot_password(ForgotPasswordRequest {
+            username: username.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("OK");
+    let confirm = ConfirmForgotPasswordRequest {
+        username: username.into(),
+        confirmation_code: code.into(),
+        password: password.into(),
+        ..Default::default()
+    };
+    client
+        .confirm_forgot_password(confirm.clone())
+        .await
+        .expect("OK");
+    cognito.script([Reply::error("CodeMismatchException")]);
+    client.confirm_forgot_password(confirm).await.unwrap_err();
+    drop(client);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    let lines = logs.all().await;
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let entries: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let calls: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e.get("grpc.method").is_some())
+        .collect();
+    assert_eq!(calls.len(), 3, "one line per call: {lines:#?}");
+    for call in &calls {
+        assert!(call["latency_ms"].as_f64().is_some(), "{call}");
+        assert_eq!(call["user"].as_str().map(str::len), Some(16), "{call}");
+    }
+    assert_eq!(calls[0]["grpc.method"], "ForgotPassword");
+    assert_eq!(calls[0]["grpc.code"], "OK");
+    assert_eq!(calls[0]["level"], "INFO");
+    assert_eq!(calls[2]["grpc.method"], "ConfirmForgotPassword");
+    assert_eq!(calls[2]["reason"], "CODE_MISMATCH");
+    assert_eq!(calls[2]["level"], "WARN");
+    assert_eq!(calls[0]["user"], calls[2]["user"], "one pseudonym per user");
+    assert!(entries.iter().any(|e| e["message"] == "stopped"));
+
+    let everything = format!("{}\n{stderr}", lines.join("\n"));
+    for secret in [SECRET, code, password, username, "zelda"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret:?} leaked into the logs"
+        );
+    }
+    let recorded = cognito.recorded();
+    assert!(
+        recorded.iter().all(|r| !r.signed),
+        "no credentials were used"
+    );
+}
