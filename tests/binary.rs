@@ -4,35 +4,14 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::process::{ServiceProcess, command};
 use common::{CLIENT_ID, FakeCognito, Reply};
-use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_password-recovery");
 const SECRET: &str = "binary-test-client-secret-value";
-
-/// The binary with a clean environment: no AWS credentials, no profile, no metadata service.
-fn command(vars: &[(&str, &str)]) -> Command {
-    let home = std::env::temp_dir().join("password-recovery-test-home");
-    std::fs::create_dir_all(&home).unwrap();
-    let mut command = Command::new(BINARY);
-    command
-        .env_clear()
-        .env("HOME", home)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
 
 async fn exit_with_stderr(vars: &[(&str, &str)]) -> (i32, String) {
     let output = tokio::time::timeout(Duration::from_secs(20), command(vars).output())
@@ -94,71 +73,18 @@ async fn malformed_settings_stop_start_up_naming_the_setting() {
     assert!(!stderr.contains(SECRET));
 }
 
-/// The child's stdout, line by line, read in the background.
-struct LogLines {
-    lines: Vec<String>,
-    incoming: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl LogLines {
-    fn follow(child: &mut Child) -> Self {
-        let mut reader = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (send, incoming) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = reader.next_line().await {
-                let _ = send.send(line);
-            }
-        });
-        Self {
-            lines: Vec::new(),
-            incoming,
-        }
-    }
-
-    /// Waits for the "serving gRPC" line and returns the address it names.
-    async fn serving_addr(&mut self) -> String {
-        let wait = async {
-            while let Some(line) = self.incoming.recv().await {
-                let entry: Value = serde_json::from_str(&line).expect("log lines are JSON");
-                self.lines.push(line);
-                if entry["message"] == "serving gRPC" {
-                    return entry["addr"].as_str().unwrap().to_owned();
-                }
-            }
-            panic!("exited before serving: {:?}", self.lines);
-        };
-        tokio::time::timeout(Duration::from_secs(20), wait)
-            .await
-            .expect("serves within 20 s")
-    }
-
-    /// Every line, once the child has exited and closed stdout.
-    async fn all(mut self) -> Vec<String> {
-        while let Some(line) = self.incoming.recv().await {
-            self.lines.push(line);
-        }
-        self.lines
-    }
-}
-
 #[tokio::test]
 async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm() {
     // Arrange
     let cognito = FakeCognito::start().await;
-    let mut child = command(&[
+    let service = ServiceProcess::start(&[
         ("COGNITO_CLIENT_ID", CLIENT_ID),
         ("COGNITO_CLIENT_SECRET", SECRET),
         ("AWS_REGION", "us-east-1"),
         ("AWS_ENDPOINT_URL", &cognito.url),
-        ("GRPC_LISTEN_ADDR", "127.0.0.1:0"),
     ])
-    .spawn()
-    .expect("starts");
-    let mut logs = LogLines::follow(&mut child);
-    let addr = logs.serving_addr().await;
-    let mut client = PasswordRecoveryClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connects");
+    .await;
+    let mut client = service.client().await;
     let username = "zelda.secretive@example.com";
     let code = "918273";
     let password = "Sup3r-Secret-Passw0rd!";
@@ -185,25 +111,7 @@ async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm()
     client.confirm_forgot_password(confirm).await.unwrap_err();
     drop(client);
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    let lines = logs.all().await;
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let (status, lines, stderr) = service.terminate().await;
 
     // Assert
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");

@@ -1,0 +1,123 @@
+//! The real `password-recovery` binary as a child process, with a clean environment (no AWS
+//! credentials, no profile, no instance-metadata lookups), its JSON log lines followed.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// The binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_password-recovery");
+
+/// The binary with only `vars` (and a throw-away HOME) in its environment.
+pub fn command(vars: &[(&str, &str)]) -> Command {
+    let home = std::env::temp_dir().join("password-recovery-test-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// A running service process.
+pub struct ServiceProcess {
+    child: Child,
+    lines: Vec<String>,
+    incoming: mpsc::UnboundedReceiver<String>,
+    /// `127.0.0.1:PORT`, where it serves gRPC.
+    pub target: String,
+}
+
+impl ServiceProcess {
+    /// Starts the binary on a free loopback port with `vars` and waits until it serves.
+    pub async fn start(vars: &[(&str, &str)]) -> Self {
+        let mut vars = vars.to_vec();
+        vars.push(("GRPC_LISTEN_ADDR", "127.0.0.1:0"));
+        let mut child = command(&vars).spawn().expect("the binary starts");
+        let mut reader = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (send, incoming) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = send.send(line);
+            }
+        });
+        let mut process = Self {
+            child,
+            lines: Vec::new(),
+            incoming,
+            target: String::new(),
+        };
+        process.target = process.serving_addr().await;
+        process
+    }
+
+    async fn serving_addr(&mut self) -> String {
+        let wait = async {
+            while let Some(line) = self.incoming.recv().await {
+                let entry: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
+                self.lines.push(line);
+                if entry["message"] == "serving gRPC" {
+                    return entry["addr"].as_str().unwrap().to_owned();
+                }
+            }
+            let mut stderr = String::new();
+            let _ = self
+                .child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await;
+            panic!("exited before serving: {:?} {stderr}", self.lines);
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("serves within 30 s")
+    }
+
+    /// A PasswordRecovery client connected to it.
+    pub async fn client(&self) -> PasswordRecoveryClient<Channel> {
+        PasswordRecoveryClient::connect(format!("http://{}", self.target))
+            .await
+            .expect("connects")
+    }
+
+    /// Sends SIGTERM and returns the exit status, every stdout line and stderr.
+    pub async fn terminate(mut self) -> (ExitStatus, Vec<String>, String) {
+        let pid = self.child.id().expect("still running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM not delivered");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        while let Some(line) = self.incoming.recv().await {
+            self.lines.push(line);
+        }
+        let mut stderr = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .await
+            .unwrap();
+        (status, self.lines, stderr)
+    }
+}

