@@ -124,7 +124,9 @@ def create_demo_pool(endpoint: str) -> dict[str, str]:
     }
 
 
-def service_env(pool: dict[str, str], moto_url: str, grpc_port: int) -> dict[str, str]:
+def service_env(
+    pool: dict[str, str], moto_url: str, grpc_port: int, metrics_port: int
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
     env.update(
         {
@@ -134,6 +136,7 @@ def service_env(pool: dict[str, str], moto_url: str, grpc_port: int) -> dict[str
             "AWS_ENDPOINT_URL": moto_url,
             "AWS_EC2_METADATA_DISABLED": "true",
             "GRPC_LISTEN_ADDR": f"127.0.0.1:{grpc_port}",
+            "METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}",
             "LOG_FORMAT": env.get("LOG_FORMAT", "text"),
         }
     )
@@ -176,6 +179,9 @@ def main() -> int:
     parser.add_argument("--binary", required=True, help="the password-recovery binary")
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", "50051")))
     parser.add_argument("--moto-port", type=int, default=int(os.environ.get("MOTO_PORT", "5055")))
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", "9090"))
+    )
     args = parser.parse_args()
 
     die_with_parent()
@@ -200,6 +206,7 @@ def main() -> int:
             raise StackError(f"{args.binary} not found: run `cargo build` first")
         check_port_free(args.moto_port, "MOTO_PORT")
         check_port_free(args.grpc_port, "GRPC_PORT")
+        check_port_free(args.metrics_port, "METRICS_PORT")
 
         moto_url = f"http://127.0.0.1:{args.moto_port}"
         print(f"starting moto on {moto_url} (log: {logs / 'moto.log'})", flush=True)
@@ -219,12 +226,13 @@ def main() -> int:
               f"(log: {logs / 'password-recovery.log'})", flush=True)
         service = start(
             [args.binary],
-            service_env(pool, moto_url, args.grpc_port),
+            service_env(pool, moto_url, args.grpc_port, args.metrics_port),
             logs / "password-recovery.log",
         )
         wait_for_port(args.grpc_port, service, "password-recovery",
                       logs / "password-recovery.log", 60)
         print(instructions(grpcurl, args.grpc_port, moto_url, pool), flush=True)
+        print(f"Metrics: curl http://localhost:{args.metrics_port}/metrics\n", flush=True)
 
         while not stopping:
             for name, process in (("moto_server", moto), ("password-recovery", service)):

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::cognito::{Budget, Cognito, UpstreamError};
 use crate::domain::{
@@ -14,10 +16,15 @@ use crate::domain::{
     DeliveryMedium, FieldViolation, ForgotPassword, PassThrough, Password, UserContext, Username,
     Violations, free_text, optional_client_id,
 };
-use crate::error::{Blame, Error};
+use crate::error::{Blame, Error, code_name};
+use crate::metrics as m;
 use crate::privacy::UsernameHasher;
 use crate::proto::v1 as pb;
 use crate::proto::v1::password_recovery_server::PasswordRecovery;
+use crate::telemetry::{self, TraceParent};
+
+/// The service's full name, as health, metrics and reflection show it.
+pub const SERVICE_NAME: &str = "passwordrecovery.v1.PasswordRecovery";
 
 /// The Cognito error codes that mean "no such user" for ForgotPassword under enumeration
 /// protection: an unknown user, or one with no verified contact to send a code to.
@@ -104,21 +111,26 @@ impl PasswordRecovery for PasswordRecoveryService {
         request: Request<pb::ForgotPasswordRequest>,
     ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
         let call = Call::start("ForgotPassword", &request, self.timeout);
-        let parsed = parse_forgot_password(request.into_inner());
-        let user = parsed
-            .as_ref()
-            .ok()
-            .map(|r| self.usernames.pseudonym(&r.username));
-        let result = match parsed {
-            Ok(request) => self.forgot_password_inner(request, call.budget).await,
-            Err(violations) => Err(Error::InvalidRequest(violations)),
-        };
-        call.finish(
-            user,
-            result.map(|delivery| pb::ForgotPasswordResponse {
-                code_delivery_details: Some(code_delivery_details(delivery)),
-            }),
-        )
+        let span = call.span.clone();
+        async move {
+            let parsed = parse_forgot_password(request.into_inner());
+            let user = parsed
+                .as_ref()
+                .ok()
+                .map(|r| self.usernames.pseudonym(&r.username));
+            let result = match parsed {
+                Ok(request) => self.forgot_password_inner(request, call.budget).await,
+                Err(violations) => Err(Error::InvalidRequest(violations)),
+            };
+            call.finish(
+                user,
+                result.map(|delivery| pb::ForgotPasswordResponse {
+                    code_delivery_details: Some(code_delivery_details(delivery)),
+                }),
+            )
+        }
+        .instrument(span)
+        .await
     }
 
     async fn confirm_forgot_password(
@@ -126,49 +138,100 @@ impl PasswordRecovery for PasswordRecoveryService {
         request: Request<pb::ConfirmForgotPasswordRequest>,
     ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
         let call = Call::start("ConfirmForgotPassword", &request, self.timeout);
-        let parsed = parse_confirm_forgot_password(request.into_inner());
-        let user = parsed
-            .as_ref()
-            .ok()
-            .map(|r| self.usernames.pseudonym(&r.username));
-        let result = match parsed {
-            Ok(request) => {
-                self.confirm_forgot_password_inner(request, call.budget)
-                    .await
-            }
-            Err(violations) => Err(Error::InvalidRequest(violations)),
-        };
-        call.finish(user, result.map(|()| pb::ConfirmForgotPasswordResponse {}))
+        let span = call.span.clone();
+        async move {
+            let parsed = parse_confirm_forgot_password(request.into_inner());
+            let user = parsed
+                .as_ref()
+                .ok()
+                .map(|r| self.usernames.pseudonym(&r.username));
+            let result = match parsed {
+                Ok(request) => {
+                    self.confirm_forgot_password_inner(request, call.budget)
+                        .await
+                }
+                Err(violations) => Err(Error::InvalidRequest(violations)),
+            };
+            call.finish(user, result.map(|()| pb::ConfirmForgotPasswordResponse {}))
+        }
+        .instrument(span)
+        .await
     }
 }
 
-/// One call in progress: its method, start and budget, and the log line that ends it.
+/// One call in progress: its method, start, budget, request id and span, counted in flight
+/// until dropped (a call the client cancels is dropped without finishing).
 struct Call {
     method: &'static str,
     started: Instant,
     budget: Budget,
+    request_id: MetadataValue<Ascii>,
+    span: tracing::Span,
+    _in_flight: InFlight,
+}
+
+/// Counts one call in `grpc_server_in_flight` for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!(m::GRPC_IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::GRPC_IN_FLIGHT).decrement(1.0);
+    }
 }
 
 impl Call {
     fn start<T>(method: &'static str, request: &Request<T>, timeout: Duration) -> Self {
         let started = Instant::now();
+        let metadata = request.metadata();
+        let request_id = telemetry::request_id(
+            metadata
+                .get(telemetry::REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let trace = metadata
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let span = tracing::info_span!(
+            "call",
+            grpc.method = method,
+            request_id = %request_id,
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+            parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
+        );
+        telemetry::link_remote_parent(&span, trace.as_ref());
+        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+            .increment(1);
         Self {
             method,
             started,
             budget: Budget::new(started, timeout, caller_timeout(request)),
+            // A request id is printable ASCII by construction.
+            request_id: request_id.parse().expect("printable ASCII"),
+            span,
+            _in_flight: InFlight::enter(),
         }
     }
 
-    /// Logs the outcome at the level its blame calls for and turns it into the answer.
+    /// Logs and counts the outcome, at the level its blame calls for, and turns it into the
+    /// answer, carrying the request id (in headers on success, trailers on error).
     fn finish<T>(
         self,
         user: Option<String>,
         result: Result<T, Error>,
     ) -> Result<Response<T>, Status> {
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let elapsed = self.started.elapsed();
+        let latency_ms = elapsed.as_secs_f64() * 1e3;
         let user = user.as_deref().unwrap_or("-");
         let method = self.method;
-        match result {
+        let outcome = match result {
             Ok(response) => {
                 tracing::info!(
                     grpc.method = method,
@@ -177,11 +240,15 @@ impl Call {
                     latency_ms,
                     "call finished"
                 );
-                Ok(Response::new(response))
+                let mut response = Response::new(response);
+                response
+                    .metadata_mut()
+                    .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
+                Ok(response)
             }
             Err(error) => {
                 let classified = error.classify();
-                let code = format!("{:?}", classified.code);
+                let code = code_name(classified.code);
                 let reason = classified.reason;
                 let cognito_code = match &error {
                     Error::Upstream(upstream) => upstream.cognito_code(),
@@ -219,9 +286,22 @@ impl Call {
                         "call failed: server-side fault"
                     ),
                 }
-                Err(classified.into_status())
+                let mut status = classified.into_status();
+                status
+                    .metadata_mut()
+                    .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
+                Err(status)
             }
-        }
+        };
+        let code = match &outcome {
+            Ok(_) => "OK",
+            Err(status) => code_name(status.code()),
+        };
+        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code)
+            .increment(1);
+        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+            .record(elapsed.as_secs_f64());
+        outcome
     }
 }
 

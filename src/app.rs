@@ -1,28 +1,33 @@
 //! The application: builds the Cognito client, the gRPC services (PasswordRecovery, health,
-//! reflection v1 and v1alpha) and the listener, then serves until told to stop, draining
-//! in-flight calls (DESIGN.md §5).
+//! reflection v1 and v1alpha), the listeners (gRPC, plaintext health when TLS is on, metrics),
+//! then serves until told to stop, draining in-flight calls (DESIGN.md §5).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::api::PasswordRecoveryService;
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
+use crate::metrics;
 use crate::privacy::UsernameHasher;
 use crate::proto;
 use crate::proto::v1::password_recovery_server::PasswordRecoveryServer;
+use crate::tls::{self, ReloadingTls};
 
-/// The name health reports the API under.
-pub const SERVICE_NAME: &str = "passwordrecovery.v1.PasswordRecovery";
+pub use crate::api::SERVICE_NAME;
 
 /// Why the application could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +35,11 @@ pub enum StartupError {
     /// A setting is missing or malformed (exit code 2).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr} (GRPC_LISTEN_ADDR): {source}")]
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({setting}): {source}")]
     Bind {
+        /// The setting naming the address.
+        setting: &'static str,
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -41,15 +48,45 @@ pub enum StartupError {
     /// The reflection service could not load a descriptor set.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The gRPC server failed.
+    /// A gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The metrics server failed.
+    #[error("metrics server failed: {0}")]
+    Metrics(std::io::Error),
+    /// A server stopped before it was asked to.
+    #[error("stopped unexpectedly: {0}")]
+    Stopped(String),
 }
 
-/// A built application, bound to its port and ready to serve.
+async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind {
+            setting,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(setting: &'static str, listener: &TcpListener) -> Result<SocketAddr, StartupError> {
+    listener.local_addr().map_err(|source| StartupError::Bind {
+        setting,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// A built application, bound to its ports and ready to serve.
 pub struct Application {
-    listener: TcpListener,
-    local_addr: SocketAddr,
+    grpc: TcpListener,
+    grpc_addr: SocketAddr,
+    /// The plaintext health listener, with TLS only.
+    health_listener: Option<(TcpListener, SocketAddr)>,
+    metrics: TcpListener,
+    metrics_addr: SocketAddr,
+    metrics_handle: PrometheusHandle,
+    tls: Option<ReloadingTls>,
     routes: Routes,
     health: HealthReporter,
     shutdown_delay: Duration,
@@ -57,9 +94,11 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds every part and binds the listener. Health turns SERVING once the Cognito client
+    /// Builds every part and binds the listeners. Health turns SERVING once the Cognito client
     /// is built.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let metrics_handle = metrics::install();
+        let tls = config.tls.clone().map(ReloadingTls::load).transpose()?;
         let cognito = Cognito::connect(&config.cognito).await?;
         tracing::info!(
             client_id = %config.cognito.client_id,
@@ -68,6 +107,8 @@ impl Application {
             endpoint = config.cognito.endpoint_url.as_deref().unwrap_or("default"),
             cognito_timeout = %humantime::format_duration(config.cognito.timeout),
             enumeration_protection = config.enumeration_protection,
+            tls = tls.is_some(),
+            mtls = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
             "Cognito client ready"
         );
 
@@ -98,9 +139,6 @@ impl Application {
             .set_serving::<PasswordRecoveryServer<PasswordRecoveryService>>()
             .await;
         health.set_service_status("", ServingStatus::Serving).await;
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(health.clone()),
-        );
 
         // Both reflection versions list every service, each other included.
         let reflection = || {
@@ -115,21 +153,31 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let routes = Routes::new(PasswordRecoveryServer::new(service))
-            .add_service(health_service)
+            .add_service(health_service(&health))
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);
 
-        let addr = config.grpc_listen_addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let grpc = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
+        let grpc_addr = local_addr("GRPC_LISTEN_ADDR", &grpc)?;
+        let health_listener = match &tls {
+            Some(_) => {
+                let listener = bind("HEALTH_LISTEN_ADDR", config.health_listen_addr).await?;
+                let addr = local_addr("HEALTH_LISTEN_ADDR", &listener)?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        let metrics = bind("METRICS_LISTEN_ADDR", config.metrics_listen_addr).await?;
+        let metrics_addr = local_addr("METRICS_LISTEN_ADDR", &metrics)?;
 
         Ok(Self {
-            listener,
-            local_addr,
+            grpc,
+            grpc_addr,
+            health_listener,
+            metrics,
+            metrics_addr,
+            metrics_handle,
+            tls,
             routes,
             health,
             shutdown_delay: config.shutdown_delay,
@@ -137,9 +185,19 @@ impl Application {
         })
     }
 
-    /// The address the listener is bound to (with the real port when configured as 0).
+    /// The gRPC listener's address (with the real port when configured as 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.grpc_addr
+    }
+
+    /// The plaintext health listener's address, when TLS is on.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The metrics listener's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
@@ -151,18 +209,50 @@ impl Application {
     /// `SHUTDOWN_DELAY`; stop accepting; let in-flight calls finish within
     /// `SHUTDOWN_GRACE_PERIOD`.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let (close, closed) = tokio::sync::oneshot::channel::<()>();
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let server = Server::builder()
-            .add_routes(self.routes)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = closed.await;
-            });
-        tokio::pin!(server);
-        tracing::info!(addr = %self.local_addr, "serving gRPC");
+        let (close, closed) = watch::channel(false);
+        let closing = move || {
+            let mut closed = closed.clone();
+            async move {
+                let _ = closed.wait_for(|closed| *closed).await;
+            }
+        };
+
+        let mut servers = JoinSet::new();
+        let router = Server::builder().add_routes(self.routes);
+        let reloader = match self.tls {
+            Some(tls) => {
+                let reloader = tls.spawn_reloader();
+                let serve =
+                    router.serve_with_incoming_shutdown(tls::incoming(self.grpc, tls), closing());
+                servers.spawn(async move { serve.await.map_err(StartupError::from) });
+                Some(reloader)
+            }
+            None => {
+                let incoming = TcpIncoming::from(self.grpc).with_nodelay(Some(true));
+                let serve = router.serve_with_incoming_shutdown(incoming, closing());
+                servers.spawn(async move { serve.await.map_err(StartupError::from) });
+                None
+            }
+        };
+        let health_addr = self.health_listener.as_ref().map(|(_, addr)| *addr);
+        if let Some((listener, _)) = self.health_listener {
+            let serve = Server::builder()
+                .add_service(health_service(&self.health))
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), closing());
+            servers.spawn(async move { serve.await.map_err(StartupError::from) });
+        }
+        let serve = metrics::serve(self.metrics, self.metrics_handle, closing());
+        servers.spawn(async move { serve.await.map_err(StartupError::Metrics) });
+        tracing::info!(
+            addr = %self.grpc_addr,
+            tls = reloader.is_some(),
+            health_addr = health_addr.map(|a| a.to_string()),
+            metrics_addr = %self.metrics_addr,
+            "serving gRPC"
+        );
 
         tokio::select! {
-            result = &mut server => return result.map_err(Into::into),
+            ended = servers.join_next() => return Err(unexpected_end(ended)),
             () = stop => {}
         }
         tracing::info!(
@@ -176,14 +266,24 @@ impl Application {
         self.health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-
         tokio::select! {
-            result = &mut server => return result.map_err(Into::into),
+            ended = servers.join_next() => return Err(unexpected_end(ended)),
             () = tokio::time::sleep(self.shutdown_delay) => {}
         }
+
         tracing::info!("no longer accepting connections; draining in-flight calls");
-        let _ = close.send(());
-        match tokio::time::timeout(self.shutdown_grace_period, server).await {
+        let _ = close.send(true);
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
+        let drained = tokio::time::timeout(self.shutdown_grace_period, async {
+            while let Some(ended) = servers.join_next().await {
+                ended.map_err(|e| StartupError::Stopped(e.to_string()))??;
+            }
+            Ok::<_, StartupError>(())
+        })
+        .await;
+        match drained {
             Ok(result) => result?,
             Err(_) => tracing::warn!(
                 grace = %humantime::format_duration(self.shutdown_grace_period),
@@ -192,6 +292,21 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+fn health_service(reporter: &HealthReporter) -> HealthServer<HealthService> {
+    HealthServer::new(HealthService::from_health_reporter(reporter.clone()))
+}
+
+/// A server that ended before shutdown was asked for: always a failure.
+fn unexpected_end(
+    ended: Option<Result<Result<(), StartupError>, tokio::task::JoinError>>,
+) -> StartupError {
+    match ended {
+        Some(Ok(Err(err))) => err,
+        Some(Err(join)) => StartupError::Stopped(join.to_string()),
+        Some(Ok(Ok(()))) | None => StartupError::Stopped("a server stopped on its own".into()),
     }
 }
 

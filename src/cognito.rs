@@ -4,6 +4,7 @@
 //! type. Both operations are unauthenticated (the SDK sends them unsigned), so no AWS
 //! credentials are loaded and the instance-metadata service is never asked for anything.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use crate::domain::{
     ClientId, CodeDelivery, ConfirmForgotPassword, DeliveryMedium, ForgotPassword, PassThrough,
     Username,
 };
+use crate::metrics as m;
 
 /// At most this many attempts per call, the first included.
 const MAX_ATTEMPTS: u32 = 3;
@@ -125,6 +127,23 @@ impl UpstreamError {
                 before_connecting, ..
             } => *before_connecting,
             _ => false,
+        }
+    }
+
+    /// The metrics label of this failure: Cognito's error code, or what went wrong without one.
+    /// A code that is not a plain exception name is not used as a label.
+    pub fn outcome(&self) -> Cow<'static, str> {
+        match self {
+            Self::Service { code, .. }
+                if code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                Cow::Owned(code.clone())
+            }
+            Self::Service { .. } => Cow::Borrowed("malformed_code"),
+            Self::Http { status, .. } => Cow::Owned(format!("http_{status}")),
+            Self::Unreachable { .. } => Cow::Borrowed("unreachable"),
+            Self::Timeout { .. } => Cow::Borrowed("timeout"),
+            Self::Construction { .. } => Cow::Borrowed("construction_failure"),
         }
     }
 
@@ -264,7 +283,7 @@ impl Cognito {
     ) -> Result<CodeDelivery, UpstreamError> {
         let secret_hash = self.app_client.secret_hash(&request.username);
         let output = self
-            .call(budget, || {
+            .call("ForgotPassword", budget, || {
                 let PassThrough {
                     client_metadata,
                     user_context,
@@ -298,7 +317,7 @@ impl Cognito {
         budget: Budget,
     ) -> Result<(), UpstreamError> {
         let secret_hash = self.app_client.secret_hash(&request.username);
-        self.call(budget, || {
+        self.call("ConfirmForgotPassword", budget, || {
             let PassThrough {
                 client_metadata,
                 user_context,
@@ -323,7 +342,12 @@ impl Cognito {
     /// Runs `attempt` until it succeeds, fails in a way that is not safe to retry, has been
     /// tried [`MAX_ATTEMPTS`] times, or the budget runs out. Backoff is jittered exponential
     /// from [`INITIAL_BACKOFF`]; a retry that could not start before the deadline is not made.
-    async fn call<T, E, F, Fut>(&self, budget: Budget, mut attempt: F) -> Result<T, UpstreamError>
+    async fn call<T, E, F, Fut>(
+        &self,
+        operation: &'static str,
+        budget: Budget,
+        mut attempt: F,
+    ) -> Result<T, UpstreamError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
@@ -333,9 +357,12 @@ impl Cognito {
             let mut backoff = INITIAL_BACKOFF;
             let mut made = 1;
             loop {
-                let error = match attempt().await {
+                let sent = Instant::now();
+                let result = attempt().await.map_err(UpstreamError::from_sdk);
+                record(operation, sent, result.as_ref().err());
+                let error = match result {
                     Ok(output) => return Ok(output),
-                    Err(err) => UpstreamError::from_sdk(err),
+                    Err(error) => error,
                 };
                 let pause = rand::rng().random_range(backoff / 2..=backoff);
                 if made >= MAX_ATTEMPTS
@@ -357,11 +384,25 @@ impl Cognito {
         };
         match tokio::time::timeout_at(budget.deadline, attempts).await {
             Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout {
-                set_by_caller: budget.set_by_caller,
-            }),
+            Err(_) => {
+                let timeout = UpstreamError::Timeout {
+                    set_by_caller: budget.set_by_caller,
+                };
+                metrics::counter!(m::COGNITO_REQUESTS, "operation" => operation, "outcome" => timeout.outcome())
+                    .increment(1);
+                Err(timeout)
+            }
         }
     }
+}
+
+/// Counts one request to Cognito and its latency.
+fn record(operation: &'static str, sent: Instant, error: Option<&UpstreamError>) {
+    let outcome = error.map_or(Cow::Borrowed("ok"), UpstreamError::outcome);
+    metrics::counter!(m::COGNITO_REQUESTS, "operation" => operation, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(m::COGNITO_SECONDS, "operation" => operation)
+        .record(sent.elapsed().as_secs_f64());
 }
 
 fn user_context_data(context: &crate::domain::UserContext) -> UserContextDataType {

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use secrecy::SecretString;
 
 use crate::domain::ClientId;
+use crate::tls::TlsSettings;
 
 /// The whole configuration of one process.
 #[derive(Debug)]
@@ -26,6 +27,14 @@ pub struct Config {
     pub shutdown_grace_period: Duration,
     /// Logging.
     pub log: LogSettings,
+    /// TLS on the gRPC listener, when configured.
+    pub tls: Option<TlsSettings>,
+    /// Where health is also served in plaintext when TLS is on (for kubelet probes).
+    pub health_listen_addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_listen_addr: SocketAddr,
+    /// OTLP endpoint for trace export (with the `otel` feature).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The upstream: region, endpoint, app client and time bound.
@@ -144,6 +153,34 @@ struct Cli {
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", default_value = "json", value_enum)]
     log_format: LogFormat,
+
+    /// PEM certificate chain for TLS on the gRPC port (with TLS_KEY_FILE).
+    #[arg(long, env = "TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for TLS (with TLS_CERT_FILE).
+    #[arg(long, env = "TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE")]
+    tls_client_ca_file: Option<PathBuf>,
+
+    /// How often the TLS files are checked for rotation.
+    #[arg(long, env = "TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
+    tls_reload_interval: Duration,
+
+    /// Plaintext health listener, used when TLS is on (kubelet probes speak plaintext).
+    #[arg(long, env = "HEALTH_LISTEN_ADDR", default_value = "0.0.0.0:8081")]
+    health_listen_addr: SocketAddr,
+
+    /// Prometheus `/metrics` listener.
+    #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_listen_addr: SocketAddr,
+
+    /// OTLP/gRPC endpoint for traces (builds with the `otel` feature only).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otel_exporter_otlp_endpoint: Option<String>,
 }
 
 /// Parses a humantime duration (`500ms`, `20s`, `15m`); a bare number is refused.
@@ -209,6 +246,13 @@ impl Config {
             check_endpoint_url(url)?;
         }
 
+        let tls = tls_settings(
+            cli.tls_cert_file,
+            cli.tls_key_file,
+            cli.tls_client_ca_file,
+            cli.tls_reload_interval,
+        )?;
+
         Ok(Command::Run(Box::new(Config {
             grpc_listen_addr: cli.grpc_listen_addr,
             cognito: CognitoSettings {
@@ -225,6 +269,10 @@ impl Config {
                 filter: cli.rust_log,
                 format: cli.log_format,
             },
+            tls,
+            health_listen_addr: cli.health_listen_addr,
+            metrics_listen_addr: cli.metrics_listen_addr,
+            otlp_endpoint: cli.otel_exporter_otlp_endpoint.filter(|e| !e.is_empty()),
         })))
     }
 }
@@ -278,6 +326,35 @@ fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
     Ok(secret)
 }
 
+fn tls_settings(
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_ca_file: Option<PathBuf>,
+    reload_interval: Duration,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    match (cert_file, key_file) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(TlsSettings {
+            cert_file,
+            key_file,
+            client_ca_file,
+            reload_interval,
+        })),
+        (Some(_), None) => Err(ConfigError::setting(
+            "TLS_KEY_FILE",
+            "required when TLS_CERT_FILE is set",
+        )),
+        (None, Some(_)) => Err(ConfigError::setting(
+            "TLS_CERT_FILE",
+            "required when TLS_KEY_FILE is set",
+        )),
+        (None, None) if client_ca_file.is_some() => Err(ConfigError::setting(
+            "TLS_CLIENT_CA_FILE",
+            "mTLS needs TLS_CERT_FILE and TLS_KEY_FILE too",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
     let problem = match url.parse::<tonic::codegen::http::Uri>() {
         Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
@@ -325,6 +402,30 @@ mod tests {
         assert_eq!(config.cognito.timeout, Duration::from_secs(5));
         assert_eq!(config.log.format, LogFormat::Json);
         assert!(config.cognito.client_secret.is_none());
+        assert!(config.tls.is_none());
+        assert_eq!(config.health_listen_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(config.metrics_listen_addr, "0.0.0.0:9090".parse().unwrap());
+    }
+
+    #[test]
+    fn tls_needs_both_certificate_and_key() {
+        let base = ["--cognito-client-id", "abc"];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            run(&args, None)
+        };
+        let err = with(&["--tls-cert-file", "c.pem"]).unwrap_err();
+        assert!(err.to_string().starts_with("TLS_KEY_FILE"), "{err}");
+        let err = with(&["--tls-key-file", "k.pem"]).unwrap_err();
+        assert!(err.to_string().starts_with("TLS_CERT_FILE"), "{err}");
+        let err = with(&["--tls-client-ca-file", "ca.pem"]).unwrap_err();
+        assert!(err.to_string().starts_with("TLS_CLIENT_CA_FILE"), "{err}");
+        let tls = with(&["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"])
+            .unwrap()
+            .tls
+            .expect("TLS on");
+        assert_eq!(tls.reload_interval, Duration::from_secs(10));
+        assert_eq!(tls.client_ca_file, None);
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod cognito;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod privacy;
 pub mod proto;
 pub mod telemetry;
+pub mod tls;

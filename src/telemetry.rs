@@ -1,5 +1,6 @@
-//! Logging: `tracing` to standard output, as JSON lines (the default) or text, filtered by
-//! `RUST_LOG`. Log lines never hold passwords, codes, secrets or usernames (see `privacy`).
+//! Logging and call context: `tracing` to standard output, as JSON lines (the default) or text,
+//! filtered by `RUST_LOG`; request ids and W3C trace context that tie a call's lines together.
+//! Log lines never hold passwords, codes, secrets or usernames (see `privacy`).
 
 use std::io::IsTerminal;
 
@@ -21,10 +22,119 @@ pub fn init(settings: &LogSettings) -> Result<(), ConfigError> {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
             .with_span_list(false)
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
     Ok(())
+}
+
+/// The request id header: taken from the call, or generated.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The longest caller-supplied request id kept; a longer or non-printable one is replaced.
+const REQUEST_ID_MAX_LEN: usize = 128;
+
+/// The caller's `x-request-id` if it is 1–128 printable ASCII characters, else a new UUID.
+pub fn request_id(supplied: Option<&str>) -> String {
+    supplied
+        .filter(|id| {
+            (1..=REQUEST_ID_MAX_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// A W3C `traceparent` (version 00): the trace this call belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: String,
+    /// The caller's span id: 16 lowercase hex digits, not all zero.
+    pub parent_id: String,
+    /// The caller's sampling decision.
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` header; `None` when it is malformed, as the spec asks.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let (version, trace_id, parent_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+        // Version 00 has exactly four fields; later versions may append more.
+        if !hex(version, 2) || version == "ff" || (version == "00" && parts.next().is_some()) {
+            return None;
+        }
+        if !hex(trace_id, 32) || !nonzero(trace_id) || !hex(parent_id, 16) || !nonzero(parent_id) {
+            return None;
+        }
+        if !hex(flags, 2) {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Self {
+            trace_id: trace_id.to_owned(),
+            parent_id: parent_id.to_owned(),
+            sampled: flags & 1 == 1,
+        })
+    }
+}
+
+/// Makes `span` a child of the caller's span in exported traces (with the `otel` feature).
+#[cfg(not(feature = "otel"))]
+pub fn link_remote_parent(_span: &tracing::Span, _trace: Option<&TraceParent>) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_request_id_is_kept_and_anything_else_replaced() {
+        assert_eq!(request_id(Some("abc-123")), "abc-123");
+        for bad in [
+            None,
+            Some(""),
+            Some("has space"),
+            Some("ünï"),
+            Some(&*"x".repeat(129)),
+        ] {
+            let generated = request_id(bad);
+            assert_eq!(generated.len(), 36, "{bad:?} → {generated}");
+            assert!(uuid::Uuid::parse_str(&generated).is_ok());
+        }
+        assert_ne!(request_id(None), request_id(None));
+    }
+
+    #[test]
+    fn traceparent_follows_the_w3c_format() {
+        let parsed =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(parsed.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parsed.parent_id, "00f067aa0ba902b7");
+        assert!(parsed.sampled);
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+        // A future version may carry more fields.
+        assert!(
+            TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x")
+                .is_some()
+        );
+    }
 }

@@ -126,10 +126,13 @@ async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm()
     assert_eq!(calls.len(), 3, "one line per call: {lines:#?}");
     for call in &calls {
         assert!(call["latency_ms"].as_f64().is_some(), "{call}");
+        let request_id = call["span"]["request_id"].as_str().expect("request id");
+        assert_eq!(request_id.len(), 36, "a generated UUID: {call}");
         assert_eq!(call["user"].as_str().map(str::len), Some(16), "{call}");
     }
     assert_eq!(calls[0]["grpc.method"], "ForgotPassword");
     assert_eq!(calls[0]["grpc.code"], "OK");
+    assert_eq!(calls[2]["grpc.code"], "INVALID_ARGUMENT");
     assert_eq!(calls[0]["level"], "INFO");
     assert_eq!(calls[2]["grpc.method"], "ConfirmForgotPassword");
     assert_eq!(calls[2]["reason"], "CODE_MISMATCH");

@@ -21,11 +21,13 @@ fn free_port() -> u16 {
 }
 
 fn dev_stack(grpc_port: u16, moto_port: u16) -> Child {
+    let metrics_port = free_port();
     Command::new(venv_python())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev_stack.py"))
         .args(["--binary", BINARY])
         .args(["--grpc-port", &grpc_port.to_string()])
         .args(["--moto-port", &moto_port.to_string()])
+        .args(["--metrics-port", &metrics_port.to_string()])
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod fake_cognito;
 pub mod moto;
 pub mod process;
@@ -16,6 +17,7 @@ use password_recovery::app::{Application, StartupError};
 use password_recovery::config::{CognitoSettings, Config, LogFormat, LogSettings};
 use password_recovery::domain::ClientId;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
+use password_recovery::tls::TlsSettings;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -36,6 +38,8 @@ pub struct Options {
     pub shutdown_grace_period: Duration,
     /// Point at this URL instead of the fake Cognito.
     pub endpoint_url: Option<String>,
+    /// TLS on the gRPC port.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for Options {
@@ -47,6 +51,7 @@ impl Default for Options {
             shutdown_delay: Duration::ZERO,
             shutdown_grace_period: Duration::from_secs(10),
             endpoint_url: None,
+            tls: None,
         }
     }
 }
@@ -54,6 +59,9 @@ impl Default for Options {
 /// The application, serving on a free loopback port in this process.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The plaintext health port, with TLS on.
+    pub health_addr: Option<SocketAddr>,
+    pub metrics_addr: SocketAddr,
     pub cognito: FakeCognito,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), StartupError>>,
@@ -84,17 +92,25 @@ impl TestApp {
                 filter: "info".into(),
                 format: LogFormat::Text,
             },
+            tls: options.tls,
+            health_listen_addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen_addr: "127.0.0.1:0".parse().unwrap(),
+            otlp_endpoint: None,
         };
         let app = Application::build(config)
             .await
             .expect("application builds");
         let addr = app.local_addr();
+        let health_addr = app.health_addr();
+        let metrics_addr = app.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            health_addr,
+            metrics_addr,
             cognito,
             stop: Some(stop),
             task,
@@ -152,4 +168,25 @@ pub async fn closed_port_url() -> String {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     format!("http://{addr}")
+}
+
+/// `GET /metrics` over plain HTTP/1.1; returns the body.
+pub async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_lowercase().contains("content-type: text/plain"),
+        "{head}"
+    );
+    body.to_owned()
 }

@@ -38,6 +38,8 @@ pub struct ServiceProcess {
     incoming: mpsc::UnboundedReceiver<String>,
     /// `127.0.0.1:PORT`, where it serves gRPC.
     pub target: String,
+    /// `127.0.0.1:PORT`, where it serves `/metrics`.
+    pub metrics_addr: String,
 }
 
 impl ServiceProcess {
@@ -45,6 +47,10 @@ impl ServiceProcess {
     pub async fn start(vars: &[(&str, &str)]) -> Self {
         let mut vars = vars.to_vec();
         vars.push(("GRPC_LISTEN_ADDR", "127.0.0.1:0"));
+        vars.push(("HEALTH_LISTEN_ADDR", "127.0.0.1:0"));
+        if !vars.iter().any(|(name, _)| *name == "METRICS_LISTEN_ADDR") {
+            vars.push(("METRICS_LISTEN_ADDR", "127.0.0.1:0"));
+        }
         let mut child = command(&vars).spawn().expect("the binary starts");
         let mut reader = BufReader::new(child.stdout.take().unwrap()).lines();
         let (send, incoming) = mpsc::unbounded_channel();
@@ -58,6 +64,7 @@ impl ServiceProcess {
             lines: Vec::new(),
             incoming,
             target: String::new(),
+            metrics_addr: String::new(),
         };
         process.target = process.serving_addr().await;
         process
@@ -70,6 +77,7 @@ impl ServiceProcess {
                     .unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
                 self.lines.push(line);
                 if entry["message"] == "serving gRPC" {
+                    self.metrics_addr = entry["metrics_addr"].as_str().unwrap().to_owned();
                     return entry["addr"].as_str().unwrap().to_owned();
                 }
             }
@@ -93,6 +101,11 @@ impl ServiceProcess {
         PasswordRecoveryClient::connect(format!("http://{}", self.target))
             .await
             .expect("connects")
+    }
+
+    /// Scrapes `/metrics` and returns the Prometheus text.
+    pub async fn scrape(&self) -> String {
+        super::scrape(&self.metrics_addr).await
     }
 
     /// Sends SIGTERM and returns the exit status, every stdout line and stderr.

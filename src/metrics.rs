@@ -1,0 +1,92 @@
+//! Prometheus metrics: the process-wide recorder, the names of every series, and the
+//! `/metrics` HTTP endpoint. Labels hold only method, service, code and outcome names: never a
+//! username, request id or secret.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::http::header::CONTENT_TYPE;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+/// Calls started, by `grpc_service` and `grpc_method`.
+pub const GRPC_STARTED: &str = "grpc_server_started_total";
+/// Calls finished, by `grpc_service`, `grpc_method` and `grpc_code`.
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+/// Call latency, by `grpc_service` and `grpc_method`.
+pub const GRPC_SECONDS: &str = "grpc_server_handling_seconds";
+/// Calls in progress.
+pub const GRPC_IN_FLIGHT: &str = "grpc_server_in_flight";
+/// Requests sent to Cognito, by `operation` and `outcome` (`ok` or the error code).
+pub const COGNITO_REQUESTS: &str = "cognito_requests_total";
+/// Cognito request latency, by `operation`.
+pub const COGNITO_SECONDS: &str = "cognito_request_seconds";
+
+/// Latency buckets (seconds), from a fast local answer to `COGNITO_TIMEOUT`'s default and past.
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(GRPC_STARTED, "gRPC calls started");
+    describe_counter!(GRPC_HANDLED, "gRPC calls finished, by status code");
+    describe_histogram!(GRPC_SECONDS, Unit::Seconds, "gRPC call latency");
+    describe_gauge!(GRPC_IN_FLIGHT, "gRPC calls in progress");
+    describe_counter!(COGNITO_REQUESTS, "Requests sent to Cognito, by outcome");
+    describe_histogram!(COGNITO_SECONDS, Unit::Seconds, "Cognito request latency");
+}
+
+/// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,209 @@
+//! TLS and mTLS on the gRPC listener, with certificates that rotate without a restart.
+//!
+//! Kubernetes rotates a mounted Secret by swapping a `..data` symlink, which file watches miss,
+//! so the files' contents are polled and, when they change, a new rustls `ServerConfig`
+//! (certificate and client verifier) replaces the old one. Each new handshake uses the newest
+//! config; connections already open keep theirs. The crypto provider is aws-lc-rs, the one the
+//! AWS SDK already uses, passed explicitly so no process-wide default is needed.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::ConfigError;
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the certificate, key and (for mTLS) client CA come from.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first (`TLS_CERT_FILE`).
+    pub cert_file: PathBuf,
+    /// PEM private key (`TLS_KEY_FILE`).
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed
+    /// (`TLS_CLIENT_CA_FILE`).
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are read for changes (`TLS_RELOAD_INTERVAL`).
+    pub reload_interval: Duration,
+}
+
+/// The raw contents of the files, compared to notice a rotation.
+#[derive(PartialEq, Eq)]
+struct Material {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+fn read(path: &Path, setting: &'static str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError::setting(setting, format!("cannot read {}: {e}", path.display())))
+}
+
+impl Material {
+    fn read(settings: &TlsSettings) -> Result<Self, ConfigError> {
+        Ok(Self {
+            cert: read(&settings.cert_file, "TLS_CERT_FILE")?,
+            key: read(&settings.key_file, "TLS_KEY_FILE")?,
+            client_ca: settings
+                .client_ca_file
+                .as_deref()
+                .map(|path| read(path, "TLS_CLIENT_CA_FILE"))
+                .transpose()?,
+        })
+    }
+
+    fn server_config(&self) -> Result<Arc<ServerConfig>, ConfigError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::setting("TLS_CERT_FILE", format!("not PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(ConfigError::setting(
+                "TLS_CERT_FILE",
+                "holds no certificate",
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|e| ConfigError::setting("TLS_KEY_FILE", format!("no private key: {e}")))?;
+
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::setting("TLS_CERT_FILE", e.to_string()))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let invalid = |e: String| ConfigError::setting("TLS_CLIENT_CA_FILE", e);
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| invalid(format!("not PEM: {e}")))?;
+                    roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(invalid("holds no certificate".into()));
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            ConfigError::setting(
+                "TLS_KEY_FILE",
+                format!("does not match the certificate: {e}"),
+            )
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// The current server config, replaced when the files change.
+#[derive(Clone)]
+pub struct ReloadingTls {
+    settings: TlsSettings,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl ReloadingTls {
+    /// Loads the files once; a missing or malformed file is a [`ConfigError`] naming it.
+    pub fn load(settings: TlsSettings) -> Result<Self, ConfigError> {
+        let config = Material::read(&settings)?.server_config()?;
+        Ok(Self {
+            settings,
+            current: Arc::new(RwLock::new(config)),
+        })
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().expect("TLS config lock").clone())
+    }
+
+    /// Polls the files every `reload_interval` (until the task is aborted), swapping in a new
+    /// config when they change. A rotation that fails to load keeps the old config
+    /// and is logged at error, once per distinct content.
+    pub fn spawn_reloader(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last = Material::read(&this.settings).ok();
+            let mut ticks = tokio::time::interval(this.settings.reload_interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let material = match Material::read(&this.settings) {
+                    Ok(material) => material,
+                    // Mid-rotation files can be briefly absent; the next poll sees them.
+                    Err(err) => {
+                        tracing::debug!(error = %err, "TLS files not readable yet");
+                        continue;
+                    }
+                };
+                if last.as_ref() == Some(&material) {
+                    continue;
+                }
+                match material.server_config() {
+                    Ok(config) => {
+                        *this.current.write().expect("TLS config lock") = config;
+                        tracing::info!("TLS certificate reloaded");
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "TLS files changed but do not load; keeping the previous certificate")
+                    }
+                }
+                last = Some(material);
+            }
+        })
+    }
+}
+
+/// Accepts TCP connections on `listener` and yields those that complete a TLS handshake with
+/// the current config. Failed handshakes (e.g. a client without an accepted certificate) are
+/// logged and dropped. Stops accepting when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: ReloadingTls,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (send, receive) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = send.closed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = tls.acceptor();
+            let send = send.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = send.send(Ok(stream)).await;
+                    }
+                    Ok(Err(err)) => tracing::info!(%peer, error = %err, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(receive)
+}
