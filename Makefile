@@ -34,9 +34,11 @@ run: $(VENV)/.installed
 	cargo build --locked
 	$(VENV)/bin/python scripts/dev_stack.py --binary $(BINARY)
 
+# --all-features keeps the optional OTLP exporter (`otel`) built.
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
+	cargo clippy --all-targets --all-features --locked -- -D warnings
 
 test: tools lint
 	AWS_REGION=us-east-1 cargo test --locked

@@ -31,6 +31,8 @@ async fn run() -> Result<(), StartupError> {
             return Ok(());
         }
     };
-    telemetry::init(&config.log)?;
-    Application::build(*config).await?.run_until_stopped().await
+    let telemetry = telemetry::init(&config.log, config.otlp_endpoint.as_deref())?;
+    let result = async { Application::build(*config).await?.run_until_stopped().await }.await;
+    telemetry.shutdown();
+    result
 }

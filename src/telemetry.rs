@@ -4,30 +4,118 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 use crate::config::{ConfigError, LogFormat, LogSettings};
 
-/// Installs the global subscriber. A malformed `RUST_LOG` is a [`ConfigError`]; a subscriber
-/// already installed (as in tests) is left in place.
-pub fn init(settings: &LogSettings) -> Result<(), ConfigError> {
+/// What must outlive logging: the trace exporter, flushed by [`Telemetry::shutdown`].
+#[must_use = "keep it until the process stops, then call shutdown"]
+pub struct Telemetry {
+    #[cfg(feature = "otel")]
+    tracer_provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes spans not yet exported.
+    pub fn shutdown(self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.tracer_provider
+            && let Err(err) = provider.shutdown()
+        {
+            tracing::warn!(error = %err, "flushing traces failed");
+        }
+    }
+}
+
+/// Installs the global subscriber: log lines to stdout and, with the `otel` feature and an
+/// `otlp_endpoint`, spans exported over OTLP/gRPC. A malformed `RUST_LOG` is a
+/// [`ConfigError`]; a subscriber already installed (as in tests) is left in place.
+pub fn init(settings: &LogSettings, otlp_endpoint: Option<&str>) -> Result<Telemetry, ConfigError> {
     let filter = EnvFilter::try_new(&settings.filter)
         .map_err(|e| ConfigError::setting("RUST_LOG", format!("not a log filter: {e}")))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(std::io::stdout().is_terminal());
-    // Ignoring the error keeps a subscriber a test installed first.
-    let _ = match settings.format {
-        LogFormat::Json => builder
+    let ansi = std::io::stdout().is_terminal();
+    let lines = match settings.format {
+        LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+            .with_writer(std::io::stdout)
+            .boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stdout)
+            .boxed(),
     };
-    Ok(())
+    let subscriber = tracing_subscriber::registry().with(filter).with(lines);
+
+    #[cfg(feature = "otel")]
+    {
+        let (layer, tracer_provider) = match otlp_endpoint {
+            Some(endpoint) => {
+                let (layer, provider) = otel::layer(endpoint)?;
+                (Some(layer), Some(provider))
+            }
+            None => (None, None),
+        };
+        // Ignoring the error keeps a subscriber a test installed first.
+        let _ = subscriber.with(layer).try_init();
+        Ok(Telemetry { tracer_provider })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = subscriber.try_init();
+        if otlp_endpoint.is_some() {
+            tracing::warn!(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set, but this build has no `otel` feature: \
+                 traces are not exported"
+            );
+        }
+        Ok(Telemetry {})
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::Resource;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::registry::LookupSpan;
+
+    use crate::config::ConfigError;
+
+    /// A layer exporting spans to the OTLP/gRPC collector at `endpoint`.
+    pub fn layer<S>(
+        endpoint: &str,
+    ) -> Result<
+        (
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
+            SdkTracerProvider,
+        ),
+        ConfigError,
+    >
+    where
+        S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| ConfigError::setting("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(env!("CARGO_PKG_NAME"))
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer), provider))
+    }
 }
 
 /// The request id header: taken from the call, or generated.
@@ -91,6 +179,31 @@ impl TraceParent {
 /// Makes `span` a child of the caller's span in exported traces (with the `otel` feature).
 #[cfg(not(feature = "otel"))]
 pub fn link_remote_parent(_span: &tracing::Span, _trace: Option<&TraceParent>) {}
+
+/// Makes `span` a child of the caller's span in exported traces.
+#[cfg(feature = "otel")]
+pub fn link_remote_parent(span: &tracing::Span, trace: Option<&TraceParent>) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let Some(trace) = trace else { return };
+    let (Ok(trace_id), Ok(span_id)) = (
+        TraceId::from_hex(&trace.trace_id),
+        SpanId::from_hex(&trace.parent_id),
+    ) else {
+        return;
+    };
+    let flags = if trace.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let remote = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
+    // Fails only when no OpenTelemetry layer is installed: then there is nothing to link.
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
 
 #[cfg(test)]
 mod tests {
