@@ -10,13 +10,20 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tonic_types::StatusExt;
+
 use crate::cognito::{Budget, Cognito, UpstreamError};
+use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::{
     ClientId, ClientMetadata, CodeDelivery, ConfirmForgotPassword, ConfirmationCode,
     DeliveryMedium, FieldViolation, ForgotPassword, PassThrough, Password, UserContext, Username,
     Violations, free_text, optional_client_id,
 };
 use crate::error::{Blame, Error, code_name};
+use crate::limits::{Limits, Rpc};
 use crate::metrics as m;
 use crate::privacy::UsernameHasher;
 use crate::proto::v1 as pb;
@@ -36,23 +43,53 @@ pub struct PasswordRecoveryService {
     cognito: Cognito,
     timeout: Duration,
     enumeration_protection: bool,
+    limits: Arc<Limits>,
+    /// Pseudonyms of usernames in logs and audit events.
     usernames: UsernameHasher,
+    /// Simulated answers for unknown users.
+    masking: UsernameHasher,
 }
 
 impl PasswordRecoveryService {
-    /// A service calling `cognito`, each call bounded by `timeout`; `usernames` hashes
-    /// usernames for logs and simulated answers.
+    /// A service calling `cognito`, each call bounded by `timeout` and passing `limits` first.
+    /// `usernames` hashes usernames for logs, `masking` for simulated answers.
     pub fn new(
         cognito: Cognito,
         timeout: Duration,
         enumeration_protection: bool,
+        limits: Arc<Limits>,
         usernames: UsernameHasher,
+        masking: UsernameHasher,
     ) -> Self {
         Self {
             cognito,
             timeout,
             enumeration_protection,
+            limits,
             usernames,
+            masking,
+        }
+    }
+
+    /// The order of DESIGN: client allowlist, global limit, per-username limit, then a place
+    /// among the calls waiting on Cognito.
+    fn admit(
+        &self,
+        rpc: Rpc,
+        username: &Username,
+        client_id: Option<&ClientId>,
+    ) -> Result<OwnedSemaphorePermit, Error> {
+        self.check_client(client_id)?;
+        self.limits
+            .check(rpc, username)
+            .map_err(Error::RateLimited)?;
+        self.limits.upstream_permit().ok_or(Error::Overloaded)
+    }
+
+    fn subject(&self, username: &Username, client_id: Option<&ClientId>) -> Subject {
+        Subject {
+            user: self.usernames.pseudonym(username),
+            client_id: client_id.unwrap_or(self.cognito.client_id()).to_string(),
         }
     }
 
@@ -68,14 +105,22 @@ impl PasswordRecoveryService {
         request: ForgotPassword,
         budget: Budget,
     ) -> Result<CodeDelivery, Error> {
-        self.check_client(request.client_id.as_ref())?;
+        let _permit = self.admit(
+            Rpc::ForgotPassword,
+            &request.username,
+            request.client_id.as_ref(),
+        )?;
         match self.cognito.forgot_password(&request, budget).await {
             Ok(delivery) => Ok(delivery),
             Err(UpstreamError::Service { code, .. })
                 if self.enumeration_protection
                     && FORGOT_PASSWORD_MASKED.contains(&code.as_str()) =>
             {
-                Ok(self.usernames.simulated_delivery(&request.username))
+                tracing::info!(
+                    cognito.code = code,
+                    "enumeration protection: answered with simulated delivery details"
+                );
+                Ok(self.masking.simulated_delivery(&request.username))
             }
             Err(err) => Err(Error::Upstream(err)),
         }
@@ -86,7 +131,11 @@ impl PasswordRecoveryService {
         request: ConfirmForgotPassword,
         budget: Budget,
     ) -> Result<(), Error> {
-        self.check_client(request.client_id.as_ref())?;
+        let _permit = self.admit(
+            Rpc::ConfirmForgotPassword,
+            &request.username,
+            request.client_id.as_ref(),
+        )?;
         match self.cognito.confirm_forgot_password(&request, budget).await {
             Ok(()) => Ok(()),
             // Answer exactly as a wrong code does, so the answer says nothing of the user.
@@ -114,16 +163,16 @@ impl PasswordRecovery for PasswordRecoveryService {
         let span = call.span.clone();
         async move {
             let parsed = parse_forgot_password(request.into_inner());
-            let user = parsed
+            let subject = parsed
                 .as_ref()
                 .ok()
-                .map(|r| self.usernames.pseudonym(&r.username));
+                .map(|r| self.subject(&r.username, r.client_id.as_ref()));
             let result = match parsed {
                 Ok(request) => self.forgot_password_inner(request, call.budget).await,
                 Err(violations) => Err(Error::InvalidRequest(violations)),
             };
             call.finish(
-                user,
+                subject,
                 result.map(|delivery| pb::ForgotPasswordResponse {
                     code_delivery_details: Some(code_delivery_details(delivery)),
                 }),
@@ -141,10 +190,10 @@ impl PasswordRecovery for PasswordRecoveryService {
         let span = call.span.clone();
         async move {
             let parsed = parse_confirm_forgot_password(request.into_inner());
-            let user = parsed
+            let subject = parsed
                 .as_ref()
                 .ok()
-                .map(|r| self.usernames.pseudonym(&r.username));
+                .map(|r| self.subject(&r.username, r.client_id.as_ref()));
             let result = match parsed {
                 Ok(request) => {
                     self.confirm_forgot_password_inner(request, call.budget)
@@ -152,7 +201,10 @@ impl PasswordRecovery for PasswordRecoveryService {
                 }
                 Err(violations) => Err(Error::InvalidRequest(violations)),
             };
-            call.finish(user, result.map(|()| pb::ConfirmForgotPasswordResponse {}))
+            call.finish(
+                subject,
+                result.map(|()| pb::ConfirmForgotPasswordResponse {}),
+            )
         }
         .instrument(span)
         .await
@@ -166,8 +218,19 @@ struct Call {
     started: Instant,
     budget: Budget,
     request_id: MetadataValue<Ascii>,
+    /// Who called: the mTLS client's identity, or `anonymous`.
+    caller: String,
     span: tracing::Span,
     _in_flight: InFlight,
+    _on_connection: Option<CallInProgress>,
+}
+
+/// Whom a valid request is about, as logs and audit events name them.
+struct Subject {
+    /// The keyed hash of the normalised username.
+    user: String,
+    /// The app client the call is for.
+    client_id: String,
 }
 
 /// Counts one call in `grpc_server_in_flight` for as long as it lives.
@@ -189,6 +252,10 @@ impl Drop for InFlight {
 impl Call {
     fn start<T>(method: &'static str, request: &Request<T>, timeout: Duration) -> Self {
         let started = Instant::now();
+        let connection = request.extensions().get::<ConnectionInfo>();
+        let caller = connection
+            .and_then(|c| c.peer_identity.clone())
+            .unwrap_or_else(|| "anonymous".to_owned());
         let metadata = request.metadata();
         let request_id = telemetry::request_id(
             metadata
@@ -215,8 +282,10 @@ impl Call {
             budget: Budget::new(started, timeout, caller_timeout(request)),
             // A request id is printable ASCII by construction.
             request_id: request_id.parse().expect("printable ASCII"),
+            caller,
             span,
             _in_flight: InFlight::enter(),
+            _on_connection: connection.map(ConnectionInfo::call_started),
         }
     }
 
@@ -224,12 +293,12 @@ impl Call {
     /// answer, carrying the request id (in headers on success, trailers on error).
     fn finish<T>(
         self,
-        user: Option<String>,
+        subject: Option<Subject>,
         result: Result<T, Error>,
     ) -> Result<Response<T>, Status> {
         let elapsed = self.started.elapsed();
         let latency_ms = elapsed.as_secs_f64() * 1e3;
-        let user = user.as_deref().unwrap_or("-");
+        let user = subject.as_ref().map_or("-", |s| s.user.as_str());
         let method = self.method;
         let outcome = match result {
             Ok(response) => {
@@ -293,10 +362,30 @@ impl Call {
                 Err(status)
             }
         };
-        let code = match &outcome {
-            Ok(_) => "OK",
-            Err(status) => code_name(status.code()),
+        let (code, reason) = match &outcome {
+            Ok(_) => ("OK", None),
+            Err(status) => (
+                code_name(status.code()),
+                status.get_details_error_info().map(|info| info.reason),
+            ),
         };
+        let event = match (&outcome, method) {
+            (Err(_), _) => "password_reset.refused",
+            (Ok(_), "ForgotPassword") => "password_reset.requested",
+            (Ok(_), _) => "password_reset.confirmed",
+        };
+        tracing::info!(
+            target: "audit",
+            event,
+            user,
+            caller = self.caller,
+            client_id = subject.as_ref().map_or("-", |s| s.client_id.as_str()),
+            grpc.method = method,
+            grpc.code = code,
+            reason,
+            request_id = self.request_id.to_str().unwrap_or_default(),
+            "audit"
+        );
         metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code)
             .increment(1);
         metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method)

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -21,11 +22,16 @@ use tonic_health::server::{HealthReporter, HealthService};
 use crate::api::PasswordRecoveryService;
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
+use crate::connections;
+use crate::limits::Limits;
 use crate::metrics;
 use crate::privacy::UsernameHasher;
 use crate::proto;
 use crate::proto::v1::password_recovery_server::PasswordRecoveryServer;
-use crate::tls::{self, ReloadingTls};
+use crate::tls::ReloadingTls;
+
+/// How long a keepalive ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub use crate::api::SERVICE_NAME;
 
@@ -91,6 +97,8 @@ pub struct Application {
     health: HealthReporter,
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,
+    keepalive_interval: Duration,
+    idle_timeout: Duration,
 }
 
 impl Application {
@@ -112,26 +120,22 @@ impl Application {
             "Cognito client ready"
         );
 
-        // With a client secret, replicas share the key, so an unknown user gets the same
-        // simulated answer from each of them.
-        let usernames = match &config.cognito.client_secret {
-            Some(secret) => UsernameHasher::derived(
-                secret.expose_secret().as_bytes(),
-                "password-recovery/usernames",
-            ),
-            None => {
-                tracing::warn!(
-                    "no client secret: usernames are hashed under a random per-process key, so \
-                     simulated answers for unknown users differ between replicas"
-                );
-                UsernameHasher::random()
-            }
-        };
+        let (usernames, masking) = username_hashers(&config);
+        let limits = Arc::new(Limits::new(&config.limits));
+        tracing::info!(
+            username_rate_limit = %config.limits.username,
+            username_rate_limit_max_keys = config.limits.username_max_keys,
+            global_rate_limit_rps = config.limits.global_rps.map_or(0, |rps| rps.get()),
+            max_concurrent_upstream = config.limits.max_concurrent_upstream,
+            "abuse limits"
+        );
         let service = PasswordRecoveryService::new(
             cognito,
             config.cognito.timeout,
             config.enumeration_protection,
+            limits,
             usernames,
+            masking,
         );
 
         let health = HealthReporter::new();
@@ -152,7 +156,9 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let routes = Routes::new(PasswordRecoveryServer::new(service))
+        let api = PasswordRecoveryServer::new(service)
+            .max_decoding_message_size(config.max_request_bytes);
+        let routes = Routes::new(api)
             .add_service(health_service(&health))
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);
@@ -182,6 +188,8 @@ impl Application {
             health,
             shutdown_delay: config.shutdown_delay,
             shutdown_grace_period: config.shutdown_grace_period,
+            keepalive_interval: config.keepalive_interval,
+            idle_timeout: config.idle_timeout,
         })
     }
 
@@ -218,22 +226,16 @@ impl Application {
         };
 
         let mut servers = JoinSet::new();
-        let router = Server::builder().add_routes(self.routes);
-        let reloader = match self.tls {
-            Some(tls) => {
-                let reloader = tls.spawn_reloader();
-                let serve =
-                    router.serve_with_incoming_shutdown(tls::incoming(self.grpc, tls), closing());
-                servers.spawn(async move { serve.await.map_err(StartupError::from) });
-                Some(reloader)
-            }
-            None => {
-                let incoming = TcpIncoming::from(self.grpc).with_nodelay(Some(true));
-                let serve = router.serve_with_incoming_shutdown(incoming, closing());
-                servers.spawn(async move { serve.await.map_err(StartupError::from) });
-                None
-            }
-        };
+        let reloader = self.tls.as_ref().map(ReloadingTls::spawn_reloader);
+        let serve = Server::builder()
+            .http2_keepalive_interval(Some(self.keepalive_interval))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_routes(self.routes)
+            .serve_with_incoming_shutdown(
+                connections::incoming(self.grpc, self.tls, self.idle_timeout),
+                closing(),
+            );
+        servers.spawn(async move { serve.await.map_err(StartupError::from) });
         let health_addr = self.health_listener.as_ref().map(|(_, addr)| *addr);
         if let Some((listener, _)) = self.health_listener {
             let serve = Server::builder()
@@ -293,6 +295,39 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The hashers of usernames: one for log pseudonyms and audit events, one for simulated
+/// answers. Both derive from `USERNAME_HASH_KEY_FILE` when it is set, so replicas agree.
+/// Without it, pseudonyms use a random per-process key, and simulated answers a key derived
+/// from the client secret (or the same random key), so an unknown user still gets the same
+/// answer from every replica that shares the secret.
+fn username_hashers(config: &Config) -> (UsernameHasher, UsernameHasher) {
+    const PSEUDONYMS: &str = "password-recovery/log-pseudonyms";
+    const MASKING: &str = "password-recovery/simulated-delivery";
+    if let Some(key) = &config.username_hash_key {
+        let key = key.expose_secret().as_bytes();
+        return (
+            UsernameHasher::derived(key, PSEUDONYMS),
+            UsernameHasher::derived(key, MASKING),
+        );
+    }
+    tracing::warn!(
+        "USERNAME_HASH_KEY_FILE is not set: usernames in logs and audit events are hashed under \
+         a random per-process key, so their hashes differ across replicas and restarts"
+    );
+    let random = UsernameHasher::random();
+    let masking = match &config.cognito.client_secret {
+        Some(secret) => UsernameHasher::derived(secret.expose_secret().as_bytes(), MASKING),
+        None => {
+            tracing::warn!(
+                "no client secret either: simulated answers for unknown users differ between \
+                 replicas"
+            );
+            random.clone()
+        }
+    };
+    (random, masking)
 }
 
 fn health_service(reporter: &HealthReporter) -> HealthServer<HealthService> {

@@ -3,13 +3,15 @@
 //! have no flag (it would show in `ps`). A bad setting is a [`ConfigError`] naming it.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::ClientId;
+use crate::limits::{LimitSettings, UsernameRateLimit};
 use crate::tls::TlsSettings;
 
 /// The whole configuration of one process.
@@ -35,6 +37,16 @@ pub struct Config {
     pub metrics_listen_addr: SocketAddr,
     /// OTLP endpoint for trace export (with the `otel` feature).
     pub otlp_endpoint: Option<String>,
+    /// Rate limits and load shedding.
+    pub limits: LimitSettings,
+    /// The largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// Close connections with no call for this long.
+    pub idle_timeout: Duration,
+    /// The key for username hashes in logs and audit events; random per process when `None`.
+    pub username_hash_key: Option<SecretString>,
 }
 
 /// The upstream: region, endpoint, app client and time bound.
@@ -181,6 +193,39 @@ struct Cli {
     /// OTLP/gRPC endpoint for traces (builds with the `otel` feature only).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otel_exporter_otlp_endpoint: Option<String>,
+
+    /// Per-username limit, per RPC: N/DURATION (burst N, one more every DURATION/N) or off.
+    #[arg(long, env = "USERNAME_RATE_LIMIT", default_value = "5/15m", value_parser = str::parse::<UsernameRateLimit>)]
+    username_rate_limit: UsernameRateLimit,
+
+    /// At most this many per-username buckets; the least recently used is evicted.
+    #[arg(long, env = "USERNAME_RATE_LIMIT_MAX_KEYS", default_value = "100000")]
+    username_rate_limit_max_keys: NonZeroUsize,
+
+    /// Calls per second this replica sends on (0: off).
+    #[arg(long, env = "GLOBAL_RATE_LIMIT_RPS", default_value = "0")]
+    global_rate_limit_rps: u32,
+
+    /// Calls that may wait on Cognito at once; one more is refused (OVERLOADED).
+    #[arg(long, env = "MAX_CONCURRENT_UPSTREAM", default_value = "64")]
+    max_concurrent_upstream: NonZeroUsize,
+
+    /// The largest request message accepted, in bytes.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value = "1048576")]
+    max_request_bytes: NonZeroUsize,
+
+    /// HTTP/2 keepalive ping interval.
+    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    grpc_keepalive_interval: Duration,
+
+    /// Close a connection with no call for this long.
+    #[arg(long, env = "GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    grpc_idle_timeout: Duration,
+
+    /// File holding the key of username hashes in logs and audit events (at least 16 bytes;
+    /// one trailing newline is dropped). Unset: a random key per process.
+    #[arg(long, env = "USERNAME_HASH_KEY_FILE")]
+    username_hash_key_file: Option<PathBuf>,
 }
 
 /// Parses a humantime duration (`500ms`, `20s`, `15m`); a bare number is refused.
@@ -246,6 +291,21 @@ impl Config {
             check_endpoint_url(url)?;
         }
 
+        let username_hash_key = cli
+            .username_hash_key_file
+            .as_deref()
+            .map(|path| read_secret_file("USERNAME_HASH_KEY_FILE", path))
+            .transpose()?
+            .map(SecretString::from);
+        if let Some(key) = &username_hash_key
+            && key.expose_secret().len() < 16
+        {
+            return Err(ConfigError::setting(
+                "USERNAME_HASH_KEY_FILE",
+                "the key must be at least 16 bytes",
+            ));
+        }
+
         let tls = tls_settings(
             cli.tls_cert_file,
             cli.tls_key_file,
@@ -273,6 +333,16 @@ impl Config {
             health_listen_addr: cli.health_listen_addr,
             metrics_listen_addr: cli.metrics_listen_addr,
             otlp_endpoint: cli.otel_exporter_otlp_endpoint.filter(|e| !e.is_empty()),
+            limits: LimitSettings {
+                username: cli.username_rate_limit,
+                username_max_keys: cli.username_rate_limit_max_keys,
+                global_rps: NonZeroU32::new(cli.global_rate_limit_rps),
+                max_concurrent_upstream: cli.max_concurrent_upstream,
+            },
+            max_request_bytes: cli.max_request_bytes.get(),
+            keepalive_interval: cli.grpc_keepalive_interval,
+            idle_timeout: cli.grpc_idle_timeout,
+            username_hash_key,
         })))
     }
 }
@@ -300,14 +370,14 @@ fn client_secret(
             ));
         }
         (Some(secret), None) => secret,
-        (None, Some(path)) => read_secret_file(path)?,
+        (None, Some(path)) => read_secret_file("COGNITO_CLIENT_SECRET_FILE", path)?,
         (None, None) => return Ok(None),
     };
     Ok(Some(SecretString::from(secret)))
 }
 
-fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
-    let setting = "COGNITO_CLIENT_SECRET_FILE";
+/// Reads a secret from `path`, dropping one trailing newline; empty is an error.
+fn read_secret_file(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
     let mut secret = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::setting(setting, format!("cannot read {}: {e}", path.display()))
     })?;
@@ -369,7 +439,6 @@ fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use secrecy::ExposeSecret;
 
     fn run(args: &[&str], secret: Option<&str>) -> Result<Config, ConfigError> {
         let args = std::iter::once("password-recovery").chain(args.iter().copied());
@@ -405,6 +474,14 @@ mod tests {
         assert!(config.tls.is_none());
         assert_eq!(config.health_listen_addr, "0.0.0.0:8081".parse().unwrap());
         assert_eq!(config.metrics_listen_addr, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(config.limits.username, "5/15m".parse().unwrap());
+        assert_eq!(config.limits.username_max_keys.get(), 100_000);
+        assert_eq!(config.limits.global_rps, None);
+        assert_eq!(config.limits.max_concurrent_upstream.get(), 64);
+        assert_eq!(config.max_request_bytes, 1 << 20);
+        assert_eq!(config.keepalive_interval, Duration::from_secs(30));
+        assert_eq!(config.idle_timeout, Duration::from_secs(300));
+        assert!(config.username_hash_key.is_none());
     }
 
     #[test]

@@ -124,6 +124,12 @@ impl Username {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The form under which one user is counted and hashed: Unicode lowercase, nothing
+    /// trimmed (whitespace is invalid anyway). Cognito usernames are case-insensitive by default.
+    pub fn normalised(&self) -> String {
+        self.0.to_lowercase()
+    }
 }
 
 /// Usernames are personal data: debug output never shows one.

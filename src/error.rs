@@ -10,6 +10,7 @@ use tonic_types::{ErrorDetails, FieldViolation as ProtoFieldViolation, StatusExt
 
 use crate::cognito::UpstreamError;
 use crate::domain::FieldViolation;
+use crate::limits::{OVERLOAD_RETRY_DELAY, RateLimited};
 
 /// The `domain` of every ErrorInfo this service sends.
 pub const ERROR_DOMAIN: &str = "password-recovery";
@@ -243,6 +244,10 @@ pub enum Error {
     ClientNotAllowed,
     /// Cognito, or the way to it, failed.
     Upstream(UpstreamError),
+    /// A limit of this service refused the call before Cognito.
+    RateLimited(RateLimited),
+    /// Too many calls are already waiting on Cognito.
+    Overloaded,
 }
 
 /// Who is to blame for a failure, which sets the level of its log line.
@@ -304,6 +309,37 @@ impl Error {
                 Blame::Caller,
             ),
             Self::Upstream(upstream) => classify_upstream(upstream, &mut metadata, &mut details),
+            Self::RateLimited(refused) => {
+                let limiter = refused.limiter.name();
+                metadata.insert("limit".into(), refused.limit.clone());
+                metadata.insert("limiter".into(), limiter.into());
+                details.set_retry_info(Some(refused.retry_after));
+                details.add_quota_failure_violation(
+                    limiter,
+                    format!("at most {} calls ({limiter} limit)", refused.limit),
+                );
+                (
+                    Code::ResourceExhausted,
+                    "RATE_LIMITED",
+                    format!(
+                        "rate limited ({limiter} limit {}); retry in {}",
+                        refused.limit,
+                        humantime::format_duration(Duration::from_secs(
+                            refused.retry_after.as_secs_f64().ceil() as u64
+                        ))
+                    ),
+                    Blame::Caller,
+                )
+            }
+            Self::Overloaded => {
+                details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
+                (
+                    Code::Unavailable,
+                    "OVERLOADED",
+                    "too many calls are waiting on Cognito; retry shortly".into(),
+                    Blame::Upstream,
+                )
+            }
         };
         details.set_error_info(reason, ERROR_DOMAIN, metadata);
         Classified {
@@ -697,6 +733,33 @@ mod tests {
             s.get_details_error_info().unwrap().reason,
             "UPSTREAM_TIMEOUT"
         );
+    }
+
+    #[test]
+    fn rate_limits_say_which_limit_and_when_to_retry() {
+        let status = Status::from(Error::RateLimited(RateLimited {
+            limiter: crate::limits::Limiter::Username,
+            limit: "5/15m".into(),
+            retry_after: Duration::from_millis(179_500),
+        }));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "RATE_LIMITED");
+        assert_eq!(info.metadata["limit"], "5/15m");
+        assert_eq!(info.metadata["limiter"], "username");
+        let retry = status.get_details_retry_info().unwrap();
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(179_500)));
+        let quota = status.get_details_quota_failure().unwrap();
+        assert_eq!(quota.violations[0].subject, "username");
+        assert!(status.message().contains("3m"), "{}", status.message());
+
+        let status = Status::from(Error::Overloaded);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "OVERLOADED"
+        );
+        assert!(status.get_details_retry_info().is_some());
     }
 
     #[test]

@@ -10,8 +10,8 @@ use sha2::Sha256;
 
 use crate::domain::{CodeDelivery, DeliveryMedium, Username};
 
-/// Bytes of the HMAC shown as a user's pseudonym in logs (hex-encoded).
-const PSEUDONYM_BYTES: usize = 8;
+/// Bytes of the HMAC shown as a user's pseudonym in logs and audit events (hex-encoded).
+const PSEUDONYM_BYTES: usize = 16;
 
 /// Hashes usernames under one secret key.
 #[derive(Clone)]
@@ -49,11 +49,12 @@ impl UsernameHasher {
     fn digest(&self, username: &Username) -> [u8; 32] {
         hmac(
             self.key.expose_secret(),
-            &[username.as_str().to_lowercase().as_bytes()],
+            &[username.normalised().as_bytes()],
         )
     }
 
-    /// The pseudonym that stands for `username` in log lines: 16 hex digits.
+    /// The pseudonym that stands for `username` in log lines: the first 16 bytes of the HMAC of
+    /// the normalised (lowercase) username, as 32 hex digits.
     pub fn pseudonym(&self, username: &Username) -> String {
         self.digest(username)[..PSEUDONYM_BYTES]
             .iter()
@@ -127,7 +128,7 @@ mod tests {
     fn pseudonyms_hide_the_username_and_ignore_case() {
         let hasher = UsernameHasher::random();
         let pseudonym = hasher.pseudonym(&user("Alice@Example.com"));
-        assert_eq!(pseudonym.len(), 16);
+        assert_eq!(pseudonym.len(), 32);
         assert!(!pseudonym.contains("alice"));
         assert_eq!(pseudonym, hasher.pseudonym(&user("alice@example.com")));
         assert!(!format!("{hasher:?}").contains(|c: char| c.is_ascii_digit()));

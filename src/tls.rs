@@ -14,16 +14,9 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::ConfigError;
-
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the certificate, key and (for mTLS) client CA come from.
 #[derive(Debug, Clone)]
@@ -128,7 +121,8 @@ impl ReloadingTls {
         })
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// An acceptor with the current config, for one new connection.
+    pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().expect("TLS config lock").clone())
     }
 
@@ -167,43 +161,4 @@ impl ReloadingTls {
             }
         })
     }
-}
-
-/// Accepts TCP connections on `listener` and yields those that complete a TLS handshake with
-/// the current config. Failed handshakes (e.g. a client without an accepted certificate) are
-/// logged and dropped. Stops accepting when the stream is dropped.
-pub fn incoming(
-    listener: TcpListener,
-    tls: ReloadingTls,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (send, receive) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = send.closed() => return,
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let acceptor = tls.acceptor();
-            let send = send.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = send.send(Ok(stream)).await;
-                    }
-                    Ok(Err(err)) => tracing::info!(%peer, error = %err, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(receive)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -67,9 +67,34 @@ impl Ca {
         self.leaf(name, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// A client certificate with common name `name` and the URI SAN `uri` (e.g. SPIFFE).
+    pub fn client_with_uri(&self, name: &str, uri: &str) -> Leaf {
+        self.leaf_with(
+            name,
+            Vec::new(),
+            Some(uri),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
     fn leaf(&self, name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose) -> Leaf {
+        self.leaf_with(name, sans, None, usage)
+    }
+
+    fn leaf_with(
+        &self,
+        name: &str,
+        sans: Vec<String>,
+        uri: Option<&str>,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(sans).unwrap();
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![usage];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -10,12 +10,14 @@ pub mod process;
 pub mod tools;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 pub use fake_cognito::{FakeCognito, REQUEST_ID, Recorded, Reply};
 use password_recovery::app::{Application, StartupError};
 use password_recovery::config::{CognitoSettings, Config, LogFormat, LogSettings};
 use password_recovery::domain::ClientId;
+use password_recovery::limits::{LimitSettings, UsernameRateLimit};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use password_recovery::tls::TlsSettings;
 use tokio::sync::oneshot;
@@ -40,6 +42,10 @@ pub struct Options {
     pub endpoint_url: Option<String>,
     /// TLS on the gRPC port.
     pub tls: Option<TlsSettings>,
+    /// Rate limits and load shedding (off unless a test turns them on).
+    pub limits: LimitSettings,
+    pub idle_timeout: Duration,
+    pub max_request_bytes: usize,
 }
 
 impl Default for Options {
@@ -52,6 +58,14 @@ impl Default for Options {
             shutdown_grace_period: Duration::from_secs(10),
             endpoint_url: None,
             tls: None,
+            limits: LimitSettings {
+                username: UsernameRateLimit::Off,
+                username_max_keys: NonZeroUsize::new(100_000).unwrap(),
+                global_rps: None,
+                max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
+            },
+            idle_timeout: Duration::from_secs(300),
+            max_request_bytes: 1 << 20,
         }
     }
 }
@@ -96,6 +110,11 @@ impl TestApp {
             health_listen_addr: "127.0.0.1:0".parse().unwrap(),
             metrics_listen_addr: "127.0.0.1:0".parse().unwrap(),
             otlp_endpoint: None,
+            limits: options.limits,
+            max_request_bytes: options.max_request_bytes,
+            keepalive_interval: Duration::from_secs(30),
+            idle_timeout: options.idle_timeout,
+            username_hash_key: None,
         };
         let app = Application::build(config)
             .await
