@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
 use crate::cognito::{Budget, Cognito, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
@@ -348,36 +348,25 @@ impl Call {
             _ => None,
         };
         let detail = upstream_detail(error);
+        macro_rules! failed {
+            ($level:expr, $message:literal) => {
+                tracing::event!(
+                    $level,
+                    grpc.method = method,
+                    grpc.code = code,
+                    reason,
+                    cognito.code = cognito_code,
+                    detail,
+                    user,
+                    latency_ms,
+                    $message
+                )
+            };
+        }
         match blame {
-            Blame::Caller => tracing::warn!(
-                grpc.method = method,
-                grpc.code = code,
-                reason,
-                cognito.code = cognito_code,
-                user,
-                latency_ms,
-                "call failed"
-            ),
-            Blame::Upstream => tracing::warn!(
-                grpc.method = method,
-                grpc.code = code,
-                reason,
-                cognito.code = cognito_code,
-                detail,
-                user,
-                latency_ms,
-                "call failed upstream"
-            ),
-            Blame::Server => tracing::error!(
-                grpc.method = method,
-                grpc.code = code,
-                reason,
-                cognito.code = cognito_code,
-                detail,
-                user,
-                latency_ms,
-                "call failed: server-side fault"
-            ),
+            Blame::Caller => failed!(Level::WARN, "call failed"),
+            Blame::Upstream => failed!(Level::WARN, "call failed upstream"),
+            Blame::Server => failed!(Level::ERROR, "call failed: server-side fault"),
         }
     }
 

@@ -282,21 +282,17 @@ impl Cognito {
         budget: Budget,
     ) -> Result<CodeDelivery, UpstreamError> {
         let secret_hash = self.app_client.secret_hash(&request.username);
+        let extra = SdkPassThrough::from(&request.pass_through);
         let output = self
             .call("ForgotPassword", budget, || {
-                let PassThrough {
-                    client_metadata,
-                    user_context,
-                    analytics_endpoint_id,
-                } = &request.pass_through;
                 self.sdk
                     .forgot_password()
                     .client_id(self.app_client.id.as_str())
                     .username(request.username.as_str())
                     .set_secret_hash(secret_hash.clone())
-                    .set_client_metadata(client_metadata.clone().into_map())
-                    .set_user_context_data(user_context.as_ref().map(user_context_data))
-                    .set_analytics_metadata(analytics_endpoint_id.as_ref().map(analytics))
+                    .set_client_metadata(extra.client_metadata.clone())
+                    .set_user_context_data(extra.user_context.clone())
+                    .set_analytics_metadata(extra.analytics.clone())
                     .send()
             })
             .await?;
@@ -317,12 +313,8 @@ impl Cognito {
         budget: Budget,
     ) -> Result<(), UpstreamError> {
         let secret_hash = self.app_client.secret_hash(&request.username);
+        let extra = SdkPassThrough::from(&request.pass_through);
         self.call("ConfirmForgotPassword", budget, || {
-            let PassThrough {
-                client_metadata,
-                user_context,
-                analytics_endpoint_id,
-            } = &request.pass_through;
             self.sdk
                 .confirm_forgot_password()
                 .client_id(self.app_client.id.as_str())
@@ -330,9 +322,9 @@ impl Cognito {
                 .confirmation_code(request.confirmation_code.expose())
                 .password(request.password.expose())
                 .set_secret_hash(secret_hash.clone())
-                .set_client_metadata(client_metadata.clone().into_map())
-                .set_user_context_data(user_context.as_ref().map(user_context_data))
-                .set_analytics_metadata(analytics_endpoint_id.as_ref().map(analytics))
+                .set_client_metadata(extra.client_metadata.clone())
+                .set_user_context_data(extra.user_context.clone())
+                .set_analytics_metadata(extra.analytics.clone())
                 .send()
         })
         .await?;
@@ -405,17 +397,30 @@ fn record(operation: &'static str, sent: Instant, error: Option<&UpstreamError>)
         .record(sent.elapsed().as_secs_f64());
 }
 
-fn user_context_data(context: &crate::domain::UserContext) -> UserContextDataType {
-    UserContextDataType::builder()
-        .set_ip_address(context.ip_address.clone())
-        .set_encoded_data(context.encoded_data.clone())
-        .build()
+/// The pass-through fields in the SDK's types, built once per call and cloned per attempt.
+struct SdkPassThrough {
+    client_metadata: Option<std::collections::HashMap<String, String>>,
+    user_context: Option<UserContextDataType>,
+    analytics: Option<AnalyticsMetadataType>,
 }
 
-fn analytics(endpoint_id: &String) -> AnalyticsMetadataType {
-    AnalyticsMetadataType::builder()
-        .analytics_endpoint_id(endpoint_id)
-        .build()
+impl From<&PassThrough> for SdkPassThrough {
+    fn from(pass_through: &PassThrough) -> Self {
+        Self {
+            client_metadata: pass_through.client_metadata.clone().into_map(),
+            user_context: pass_through.user_context.as_ref().map(|context| {
+                UserContextDataType::builder()
+                    .set_ip_address(context.ip_address.clone())
+                    .set_encoded_data(context.encoded_data.clone())
+                    .build()
+            }),
+            analytics: pass_through.analytics_endpoint_id.as_ref().map(|id| {
+                AnalyticsMetadataType::builder()
+                    .analytics_endpoint_id(id)
+                    .build()
+            }),
+        }
+    }
 }
 
 fn code_delivery(details: &CodeDeliveryDetailsType) -> CodeDelivery {
