@@ -240,8 +240,8 @@ fn the_pod_runs_locked_down_as_the_images_user() {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
     let user = dockerfile
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("USER");
     let uid = pod["securityContext"]["runAsUser"].as_u64().unwrap();
     assert_eq!(
