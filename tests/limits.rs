@@ -196,13 +196,9 @@ async fn a_call_past_max_concurrent_upstream_is_refused_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Act
+    let mut third = app.client().await;
     let started = Instant::now();
-    let status = app
-        .client()
-        .await
-        .forgot_password(forgot("w3"))
-        .await
-        .unwrap_err();
+    let status = third.forgot_password(forgot("w3")).await.unwrap_err();
 
     // Assert
     assert!(
