@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     CLIENT_ID, CLIENT_SECRET, Options, REQUEST_ID, Reply, TestApp, assert_error, closed_port_url,
-    error_info,
+    confirm, error_info, forgot,
 };
 use password_recovery::cognito::secret_hash;
 use password_recovery::error::COGNITO_ERRORS;
@@ -18,22 +18,6 @@ use password_recovery::proto::v1::{
 use serde_json::json;
 use tonic::{Code, Request};
 use tonic_types::{ErrorDetail, StatusExt};
-
-fn forgot(username: &str) -> ForgotPasswordRequest {
-    ForgotPasswordRequest {
-        username: username.into(),
-        ..Default::default()
-    }
-}
-
-fn confirm(username: &str) -> ConfirmForgotPasswordRequest {
-    ConfirmForgotPasswordRequest {
-        username: username.into(),
-        confirmation_code: "123456".into(),
-        password: "N3w-Passw0rd!".into(),
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn forgot_password_translates_every_field_and_computes_the_secret_hash() {

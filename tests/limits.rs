@@ -8,28 +8,11 @@ mod common;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, Instant};
 
-use common::{Options, Reply, TestApp, assert_error};
+use common::{Options, Reply, TestApp, assert_error, confirm, forgot};
 use password_recovery::limits::LimitSettings;
-use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 use tonic_types::StatusExt;
-
-fn forgot(username: &str) -> ForgotPasswordRequest {
-    ForgotPasswordRequest {
-        username: username.into(),
-        ..Default::default()
-    }
-}
-
-fn confirm(username: &str) -> ConfirmForgotPasswordRequest {
-    ConfirmForgotPasswordRequest {
-        username: username.into(),
-        confirmation_code: "111111".into(),
-        password: "N3w-Passw0rd!".into(),
-        ..Default::default()
-    }
-}
 
 fn limits(username: &str, global_rps: u32, max_concurrent_upstream: usize) -> Options {
     Options {

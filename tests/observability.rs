@@ -6,20 +6,13 @@
 mod common;
 
 use common::process::ServiceProcess;
-use common::{CLIENT_ID, FakeCognito, Reply, TestApp, assert_error};
-use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
+use common::{CLIENT_ID, FakeCognito, Reply, TestApp, assert_error, forgot};
+use password_recovery::proto::v1::ConfirmForgotPasswordRequest;
 use serde_json::Value;
 use tonic::Request;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const SECRET: &str = "observability-client-secret";
-
-fn forgot(username: &str) -> ForgotPasswordRequest {
-    ForgotPasswordRequest {
-        username: username.into(),
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn a_callers_request_id_comes_back_on_success_and_on_error() {

@@ -19,6 +19,7 @@ use password_recovery::config::{CognitoSettings, Config, LogFormat, LogSettings}
 use password_recovery::domain::ClientId;
 use password_recovery::limits::{LimitSettings, UsernameRateLimit};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
+use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
 use password_recovery::tls::TlsSettings;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -161,6 +162,24 @@ impl TestApp {
     pub async fn stop(mut self) -> Result<(), StartupError> {
         self.request_stop();
         self.task.await.expect("application task")
+    }
+}
+
+/// A ForgotPassword request for `username`, nothing else set.
+pub fn forgot(username: &str) -> ForgotPasswordRequest {
+    ForgotPasswordRequest {
+        username: username.into(),
+        ..Default::default()
+    }
+}
+
+/// A valid ConfirmForgotPassword request for `username`.
+pub fn confirm(username: &str) -> ConfirmForgotPasswordRequest {
+    ConfirmForgotPasswordRequest {
+        username: username.into(),
+        confirmation_code: "123456".into(),
+        password: "N3w-Passw0rd!".into(),
+        ..Default::default()
     }
 }
 
