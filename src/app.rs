@@ -65,22 +65,19 @@ pub enum StartupError {
     Stopped(String),
 }
 
-async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartupError::Bind {
-            setting,
-            addr,
-            source,
-        })
-}
-
-fn local_addr(setting: &'static str, listener: &TcpListener) -> Result<SocketAddr, StartupError> {
-    listener.local_addr().map_err(|source| StartupError::Bind {
+/// Binds the address of `setting`, and returns the listener with the address it got.
+async fn bind(
+    setting: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let error = |source| StartupError::Bind {
         setting,
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        addr,
         source,
-    })
+    };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let local = listener.local_addr().map_err(error)?;
+    Ok((listener, local))
 }
 
 /// A built application, bound to its ports and ready to serve.
@@ -163,18 +160,13 @@ impl Application {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);
 
-        let grpc = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
-        let grpc_addr = local_addr("GRPC_LISTEN_ADDR", &grpc)?;
+        let (grpc, grpc_addr) = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
         let health_listener = match &tls {
-            Some(_) => {
-                let listener = bind("HEALTH_LISTEN_ADDR", config.health_listen_addr).await?;
-                let addr = local_addr("HEALTH_LISTEN_ADDR", &listener)?;
-                Some((listener, addr))
-            }
+            Some(_) => Some(bind("HEALTH_LISTEN_ADDR", config.health_listen_addr).await?),
             None => None,
         };
-        let metrics = bind("METRICS_LISTEN_ADDR", config.metrics_listen_addr).await?;
-        let metrics_addr = local_addr("METRICS_LISTEN_ADDR", &metrics)?;
+        let (metrics, metrics_addr) =
+            bind("METRICS_LISTEN_ADDR", config.metrics_listen_addr).await?;
 
         Ok(Self {
             grpc,
@@ -225,6 +217,7 @@ impl Application {
             }
         };
 
+        let health_addr = self.health_addr();
         let mut servers = JoinSet::new();
         let reloader = self.tls.as_ref().map(ReloadingTls::spawn_reloader);
         let serve = Server::builder()
@@ -236,7 +229,6 @@ impl Application {
                 closing(),
             );
         servers.spawn(async move { serve.await.map_err(StartupError::from) });
-        let health_addr = self.health_listener.as_ref().map(|(_, addr)| *addr);
         if let Some((listener, _)) = self.health_listener {
             let serve = Server::builder()
                 .add_service(health_service(&self.health))

@@ -202,7 +202,7 @@ struct Cli {
     #[arg(long, env = "USERNAME_RATE_LIMIT_MAX_KEYS", default_value = "100000")]
     username_rate_limit_max_keys: NonZeroUsize,
 
-    /// Calls per second this replica sends on (0: off).
+    /// Calls per second this replica lets through to Cognito (0: off).
     #[arg(long, env = "GLOBAL_RATE_LIMIT_RPS", default_value = "0")]
     global_rate_limit_rps: u32,
 
