@@ -4,6 +4,7 @@
 //! event and its metrics per call.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,25 +159,13 @@ impl PasswordRecovery for PasswordRecoveryService {
         request: Request<pb::ForgotPasswordRequest>,
     ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
         let call = Call::start("ForgotPassword", &request, self.timeout);
-        let span = call.span.clone();
-        async move {
-            let parsed = parse_forgot_password(request.into_inner());
-            let subject = parsed
-                .as_ref()
-                .ok()
-                .map(|r| self.subject(&r.username, r.client_id.as_ref()));
-            let result = match parsed {
-                Ok(request) => self.forgot_password_inner(request, call.budget).await,
-                Err(violations) => Err(Error::InvalidRequest(violations)),
-            };
-            call.finish(
-                subject,
-                result.map(|delivery| pb::ForgotPasswordResponse {
-                    code_delivery_details: Some(code_delivery_details(delivery)),
-                }),
-            )
-        }
-        .instrument(span)
+        let parsed = parse_forgot_password(request.into_inner());
+        self.serve(call, parsed, |request, budget| async move {
+            let delivery = self.forgot_password_inner(request, budget).await?;
+            Ok(pb::ForgotPasswordResponse {
+                code_delivery_details: Some(code_delivery_details(delivery)),
+            })
+        })
         .await
     }
 
@@ -185,24 +174,62 @@ impl PasswordRecovery for PasswordRecoveryService {
         request: Request<pb::ConfirmForgotPasswordRequest>,
     ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
         let call = Call::start("ConfirmForgotPassword", &request, self.timeout);
+        let parsed = parse_confirm_forgot_password(request.into_inner());
+        self.serve(call, parsed, |request, budget| async move {
+            self.confirm_forgot_password_inner(request, budget).await?;
+            Ok(pb::ConfirmForgotPasswordResponse {})
+        })
+        .await
+    }
+}
+
+/// A validated request: whom it is about and for which app client.
+trait Addressed {
+    fn username(&self) -> &Username;
+    fn client_id(&self) -> Option<&ClientId>;
+}
+
+impl Addressed for ForgotPassword {
+    fn username(&self) -> &Username {
+        &self.username
+    }
+    fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+}
+
+impl Addressed for ConfirmForgotPassword {
+    fn username(&self) -> &Username {
+        &self.username
+    }
+    fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+}
+
+impl PasswordRecoveryService {
+    /// The life of every call, in its span: a request that failed validation is answered
+    /// at once, a valid one is `run` within the call's budget; then `Call::finish`.
+    async fn serve<R, T, Fut>(
+        &self,
+        call: Call,
+        parsed: Result<R, Vec<FieldViolation>>,
+        run: impl FnOnce(R, Budget) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        R: Addressed,
+        Fut: Future<Output = Result<T, Error>>,
+    {
         let span = call.span.clone();
         async move {
-            let parsed = parse_confirm_forgot_password(request.into_inner());
-            let subject = parsed
-                .as_ref()
-                .ok()
-                .map(|r| self.subject(&r.username, r.client_id.as_ref()));
-            let result = match parsed {
+            let (subject, result) = match parsed {
                 Ok(request) => {
-                    self.confirm_forgot_password_inner(request, call.budget)
-                        .await
+                    let subject = self.subject(request.username(), request.client_id());
+                    (Some(subject), run(request, call.budget).await)
                 }
-                Err(violations) => Err(Error::InvalidRequest(violations)),
+                Err(violations) => (None, Err(Error::InvalidRequest(violations))),
             };
-            call.finish(
-                subject,
-                result.map(|()| pb::ConfirmForgotPasswordResponse {}),
-            )
+            call.finish(subject, result)
         }
         .instrument(span)
         .await

@@ -6,9 +6,9 @@ mod common;
 
 use common::certs::{Ca, Leaf, SecretMount};
 use common::process::ServiceProcess;
-use common::{CLIENT_ID, FakeCognito, Reply};
+use common::{CLIENT_ID, FakeCognito, Reply, forgot};
+use password_recovery::proto::v1::ConfirmForgotPasswordRequest;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
-use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
 use serde_json::Value;
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -17,13 +17,6 @@ const SECRET: &str = "audit-test-client-secret";
 const USERNAME: &str = "Felicity.Private@example.com";
 const CODE: &str = "739184";
 const PASSWORD: &str = "Audit-Passw0rd!";
-
-fn forgot(username: &str) -> ForgotPasswordRequest {
-    ForgotPasswordRequest {
-        username: username.into(),
-        ..Default::default()
-    }
-}
 
 fn confirm() -> ConfirmForgotPasswordRequest {
     ConfirmForgotPasswordRequest {

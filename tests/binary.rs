@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::process::{ServiceProcess, command};
-use common::{CLIENT_ID, FakeCognito, Reply};
-use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
+use common::{CLIENT_ID, FakeCognito, Reply, forgot};
+use password_recovery::proto::v1::ConfirmForgotPasswordRequest;
 use serde_json::Value;
 
 const SECRET: &str = "binary-test-client-secret-value";
@@ -90,13 +90,7 @@ async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm()
     let password = "Sup3r-Secret-Passw0rd!";
 
     // Act: one success of each, and one failure.
-    client
-        .forgot_password(ForgotPasswordRequest {
-            username: username.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("OK");
+    client.forgot_password(forgot(username)).await.expect("OK");
     let confirm = ConfirmForgotPasswordRequest {
         username: username.into(),
         confirmation_code: code.into(),

@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::FakeCognito;
 use common::process::ServiceProcess;
 use common::tools::tool;
+use common::{FakeCognito, forgot};
 use password_recovery::app::SERVICE_NAME;
 use password_recovery::config::{default_value, environment_variables, parse_duration};
 use serde_yaml::Value;
@@ -290,10 +290,7 @@ async fn the_configmap_starts_the_real_server() {
     service
         .client()
         .await
-        .forgot_password(password_recovery::proto::v1::ForgotPasswordRequest {
-            username: "kube@example.com".into(),
-            ..Default::default()
-        })
+        .forgot_password(forgot("kube@example.com"))
         .await
         .expect("serves with the manifests' settings");
     let (status, _, stderr) = service.terminate().await;

@@ -23,14 +23,12 @@ mod common;
 
 use aws_sdk_cognitoidentityprovider::error::ProvideErrorMetadata;
 use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
-use common::assert_error;
 use common::moto::{CodeTap, Moto, Pool, REGION, Recovery};
 use common::process::ServiceProcess;
 use common::tools::run_grpcurl;
+use common::{assert_error, forgot};
 use password_recovery::cognito::secret_hash;
-use password_recovery::proto::v1::{
-    ConfirmForgotPasswordRequest, DeliveryMedium, ForgotPasswordRequest,
-};
+use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, DeliveryMedium};
 use tonic::Code;
 
 const USER: &str = "demo@example.com";
@@ -144,10 +142,7 @@ async fn the_full_reset_flow_sets_the_new_password() {
 
     // Act
     let delivery = client
-        .forgot_password(ForgotPasswordRequest {
-            username: USER.into(),
-            ..Default::default()
-        })
+        .forgot_password(forgot(USER))
         .await
         .expect("ForgotPassword")
         .into_inner()
@@ -179,10 +174,7 @@ async fn a_wrong_code_with_motos_prefix_is_an_expired_code() {
     let (_moto, _pool, service) = stack(Recovery::VerifiedEmail).await;
     let mut client = service.client().await;
     client
-        .forgot_password(ForgotPasswordRequest {
-            username: USER.into(),
-            ..Default::default()
-        })
+        .forgot_password(forgot(USER))
         .await
         .expect("ForgotPassword");
 
@@ -206,10 +198,7 @@ async fn admin_only_recovery_is_permission_denied() {
     let status = service
         .client()
         .await
-        .forgot_password(ForgotPasswordRequest {
-            username: USER.into(),
-            ..Default::default()
-        })
+        .forgot_password(forgot(USER))
         .await
         .unwrap_err();
     let info = assert_error(&status, Code::PermissionDenied, "NOT_AUTHORIZED");
@@ -226,10 +215,7 @@ async fn an_app_client_cognito_does_not_know_is_an_internal_misconfiguration() {
     let status = service
         .client()
         .await
-        .forgot_password(ForgotPasswordRequest {
-            username: USER.into(),
-            ..Default::default()
-        })
+        .forgot_password(forgot(USER))
         .await
         .unwrap_err();
 

@@ -5,8 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Options, Reply, TestApp};
-use password_recovery::proto::v1::ForgotPasswordRequest;
+use common::{Options, Reply, TestApp, forgot};
 use prost::Message;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -183,14 +182,7 @@ async fn shutdown_turns_health_not_serving_and_drains_the_call_in_flight() {
         password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient::new(
             channel.clone(),
         );
-    let in_flight = tokio::spawn(async move {
-        client
-            .forgot_password(ForgotPasswordRequest {
-                username: "rita".into(),
-                ..Default::default()
-            })
-            .await
-    });
+    let in_flight = tokio::spawn(async move { client.forgot_password(forgot("rita")).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Act
@@ -226,14 +218,7 @@ async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
     .await;
     app.cognito.script([Reply::Hang]);
     let mut client = app.client().await;
-    let _hung = tokio::spawn(async move {
-        client
-            .forgot_password(ForgotPasswordRequest {
-                username: "sam".into(),
-                ..Default::default()
-            })
-            .await
-    });
+    let _hung = tokio::spawn(async move { client.forgot_password(forgot("sam")).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     app.request_stop();

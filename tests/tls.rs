@@ -7,8 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::certs::{Ca, Leaf, SecretMount, handshake};
-use common::{Options, TestApp};
-use password_recovery::proto::v1::ForgotPasswordRequest;
+use common::{Options, TestApp, forgot};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use password_recovery::tls::TlsSettings;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -51,12 +50,9 @@ async fn tls_channel(app: &TestApp, ca: &Ca, identity: Option<&Leaf>) -> Result<
         .map_err(|e| format!("{e:?}"))
 }
 
-async fn forgot(channel: Channel) -> Result<(), tonic::Status> {
+async fn call_over(channel: Channel) -> Result<(), tonic::Status> {
     PasswordRecoveryClient::new(channel)
-        .forgot_password(ForgotPasswordRequest {
-            username: "tls-user".into(),
-            ..Default::default()
-        })
+        .forgot_password(forgot("tls-user"))
         .await
         .map(|_| ())
 }
@@ -68,7 +64,7 @@ async fn tls_serves_grpc_and_refuses_plaintext() {
     let app = spawn_tls(&mount, false).await;
 
     let channel = tls_channel(&app, &ca, None).await.expect("TLS connects");
-    forgot(channel).await.expect("a call over TLS");
+    call_over(channel).await.expect("a call over TLS");
 
     let plaintext = Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
@@ -76,7 +72,7 @@ async fn tls_serves_grpc_and_refuses_plaintext() {
         .await;
     let refused = match plaintext {
         Err(_) => true,
-        Ok(channel) => forgot(channel).await.is_err(),
+        Ok(channel) => call_over(channel).await.is_err(),
     };
     assert!(refused, "plaintext gRPC was served on the TLS port");
 }
@@ -92,7 +88,7 @@ async fn mtls_accepts_only_clients_the_ca_signed() {
     let channel = tls_channel(&app, &ca, Some(&trusted))
         .await
         .expect("a trusted client connects");
-    forgot(channel)
+    call_over(channel)
         .await
         .expect("a call with a client certificate");
 
@@ -117,7 +113,7 @@ async fn rotating_the_secret_swaps_the_certificate_without_dropping_connections(
     let mut mount = SecretMount::new(&v1, None);
     let app = spawn_tls(&mount, false).await;
     let open = tls_channel(&app, &ca, None).await.unwrap();
-    forgot(open.clone()).await.unwrap();
+    call_over(open.clone()).await.unwrap();
     assert_eq!(
         handshake(app.addr, &ca.pem(), None).await.unwrap(),
         v1.der()
@@ -136,7 +132,7 @@ async fn rotating_the_secret_swaps_the_certificate_without_dropping_connections(
         assert!(tokio::time::Instant::now() < deadline, "v2 never served");
         tokio::time::sleep(RELOAD).await;
     }
-    forgot(open)
+    call_over(open)
         .await
         .expect("the connection opened before rotation still works");
 }
@@ -221,7 +217,7 @@ async fn health_is_served_in_plaintext_on_its_own_port_when_tls_is_on() {
     }
 
     // Only health is there: the API stays behind mTLS.
-    let status = forgot(channel).await.unwrap_err();
+    let status = call_over(channel).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
 }
 
