@@ -19,11 +19,13 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
-use crate::api::PasswordRecoveryService;
+use crate::api::{InFlightCalls, Intake, IntakeSettings, PasswordRecoveryService};
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
 use crate::connections;
 use crate::limits::Limits;
+use crate::masking::Masking;
+use crate::memory;
 use crate::metrics;
 use crate::privacy::UsernameHasher;
 use crate::proto;
@@ -32,6 +34,14 @@ use crate::tls::ReloadingTls;
 
 /// How long a keepalive ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 flow-control windows: how much request data one stream, and one connection, may
+/// have sent that the service has not read yet. Requests are small; these bound memory.
+const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 128 * 1024;
+/// The largest header list a request may send (gRPC metadata of a normal call is < 1 KiB).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// How long abandoned calls get to record themselves at the end of the grace period.
+const ABANDON_RECORD_TIME: Duration = Duration::from_secs(5);
 
 pub use crate::api::SERVICE_NAME;
 
@@ -63,6 +73,9 @@ pub enum StartupError {
     /// A server stopped before it was asked to.
     #[error("stopped unexpectedly: {0}")]
     Stopped(String),
+    /// Calls were still in flight when the shutdown grace period ended (exit code 1).
+    #[error("{0} calls were still in flight when the shutdown grace period ended")]
+    Abandoned(usize),
 }
 
 /// Binds the address of `setting`, and returns the listener with the address it got.
@@ -96,6 +109,9 @@ pub struct Application {
     shutdown_grace_period: Duration,
     keepalive_interval: Duration,
     idle_timeout: Duration,
+    max_connections: usize,
+    max_concurrent_streams: u32,
+    calls: Arc<InFlightCalls>,
 }
 
 impl Application {
@@ -126,13 +142,14 @@ impl Application {
             max_concurrent_upstream = config.limits.max_concurrent_upstream,
             "abuse limits"
         );
+        let calls = Arc::new(InFlightCalls::default());
         let service = PasswordRecoveryService::new(
             cognito,
             config.cognito.timeout,
-            config.enumeration_protection,
             limits,
             usernames,
-            masking,
+            Masking::new(config.enumeration_protection, masking),
+            calls.clone(),
         );
 
         let health = HealthReporter::new();
@@ -153,8 +170,15 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let api = PasswordRecoveryServer::new(service)
-            .max_decoding_message_size(config.max_request_bytes);
+        let api = Intake::new(
+            PasswordRecoveryServer::new(service)
+                .max_decoding_message_size(config.max_request_bytes),
+            IntakeSettings {
+                max_calls: config.max_concurrent_calls.get(),
+                max_request_bytes: config.max_request_bytes,
+                timeout: config.cognito.timeout,
+            },
+        );
         let routes = Routes::new(api)
             .add_service(health_service(&health))
             .add_service(reflection().build_v1()?)
@@ -182,6 +206,9 @@ impl Application {
             shutdown_grace_period: config.shutdown_grace_period,
             keepalive_interval: config.keepalive_interval,
             idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections.get(),
+            max_concurrent_streams: config.max_concurrent_streams,
+            calls,
         })
     }
 
@@ -202,12 +229,13 @@ impl Application {
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
-        self.run_until(stop_signal()).await
+        self.run_until(stop_signals()).await
     }
 
     /// Serves until `stop` completes, then: health NOT_SERVING; keep serving for
     /// `SHUTDOWN_DELAY`; stop accepting; let in-flight calls finish within
-    /// `SHUTDOWN_GRACE_PERIOD`.
+    /// `SHUTDOWN_GRACE_PERIOD`. Calls still in flight then are abandoned, each recorded, and
+    /// the result is [`StartupError::Abandoned`].
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), StartupError> {
         let (close, closed) = watch::channel(false);
         let closing = move || {
@@ -218,14 +246,20 @@ impl Application {
         };
 
         let health_addr = self.health_addr();
+        memory::spawn_trimmer();
         let mut servers = JoinSet::new();
         let reloader = self.tls.as_ref().map(ReloadingTls::spawn_reloader);
         let serve = Server::builder()
             .http2_keepalive_interval(Some(self.keepalive_interval))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_adaptive_window(Some(false))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(
-                connections::incoming(self.grpc, self.tls, self.idle_timeout),
+                connections::incoming(self.grpc, self.tls, self.idle_timeout, self.max_connections),
                 closing(),
             );
         servers.spawn(async move { serve.await.map_err(StartupError::from) });
@@ -279,10 +313,22 @@ impl Application {
         .await;
         match drained {
             Ok(result) => result?,
-            Err(_) => tracing::warn!(
-                grace = %humantime::format_duration(self.shutdown_grace_period),
-                "grace period over with calls still in flight; stopping anyway"
-            ),
+            Err(_) => {
+                let abandoned = self.calls.abandon(ABANDON_RECORD_TIME).await;
+                if abandoned > 0 {
+                    tracing::error!(
+                        abandoned,
+                        grace = %humantime::format_duration(self.shutdown_grace_period),
+                        "grace period over: {abandoned} calls still in flight were abandoned"
+                    );
+                    return Err(StartupError::Abandoned(abandoned));
+                }
+                tracing::warn!(
+                    grace = %humantime::format_duration(self.shutdown_grace_period),
+                    "grace period over with connections still open and no call in flight; \
+                     stopping anyway"
+                );
+            }
         }
         tracing::info!("stopped");
         Ok(())
@@ -298,7 +344,7 @@ fn username_hashers(config: &Config) -> (UsernameHasher, UsernameHasher) {
     const PSEUDONYMS: &str = "password-recovery/log-pseudonyms";
     const MASKING: &str = "password-recovery/simulated-delivery";
     if let Some(key) = &config.username_hash_key {
-        let key = key.expose_secret().as_bytes();
+        let key = key.expose_secret();
         return (
             UsernameHasher::derived(key, PSEUDONYMS),
             UsernameHasher::derived(key, MASKING),
@@ -337,30 +383,38 @@ fn unexpected_end(
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-async fn stop_signal() {
-    let interrupt = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for SIGINT");
+/// Completes on the first SIGTERM or SIGINT. A second one, during the drain, ends the process
+/// at once (exit code 1).
+fn stop_signals() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (first, stopped) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut terminate, mut interrupt) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(terminate), Ok(interrupt)) => (terminate, interrupt),
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::error!(error = %err, "cannot listen for stop signals");
+                return std::mem::forget(first);
+            }
+        };
+        let mut next = async || {
+            tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            }
+        };
+        let signal = next().await;
+        tracing::info!("{signal} received");
+        let _ = first.send(());
+        let signal = next().await;
+        tracing::error!("{signal} received again during the drain: exiting at once");
+        std::process::exit(1);
+    });
+    async {
+        if stopped.await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

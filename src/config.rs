@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::domain::ClientId;
 use crate::limits::{LimitSettings, UsernameRateLimit};
@@ -46,7 +46,13 @@ pub struct Config {
     /// Close connections with no call for this long.
     pub idle_timeout: Duration,
     /// The key for username hashes in logs and audit events; random per process when `None`.
-    pub username_hash_key: Option<SecretString>,
+    pub username_hash_key: Option<SecretSlice<u8>>,
+    /// Calls in progress at once (message read, validated, waiting); one more is refused.
+    pub max_concurrent_calls: NonZeroUsize,
+    /// Connections open at once on the gRPC port; one more is closed at once.
+    pub max_connections: NonZeroUsize,
+    /// Streams one HTTP/2 connection may open at once (advertised).
+    pub max_concurrent_streams: u32,
 }
 
 /// The upstream: region, endpoint, app client and time bound.
@@ -198,8 +204,9 @@ struct Cli {
     #[arg(long, env = "USERNAME_RATE_LIMIT", default_value = "5/15m", value_parser = str::parse::<UsernameRateLimit>)]
     username_rate_limit: UsernameRateLimit,
 
-    /// At most this many per-username buckets; the least recently used is evicted.
-    #[arg(long, env = "USERNAME_RATE_LIMIT_MAX_KEYS", default_value = "100000")]
+    /// At most this many per-username buckets; a bucket leaves only when it is full again, and
+    /// a new username is refused while every bucket is live.
+    #[arg(long, env = "USERNAME_RATE_LIMIT_MAX_KEYS", default_value = "1000000")]
     username_rate_limit_max_keys: NonZeroUsize,
 
     /// Calls per second this replica lets through to Cognito (0: off).
@@ -211,8 +218,20 @@ struct Cli {
     max_concurrent_upstream: NonZeroUsize,
 
     /// The largest request message accepted, in bytes.
-    #[arg(long, env = "MAX_REQUEST_BYTES", default_value = "1048576")]
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value = "65536")]
     max_request_bytes: NonZeroUsize,
+
+    /// Calls in progress at once; one more is refused at once (OVERLOADED), unread.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value = "128")]
+    max_concurrent_calls: NonZeroUsize,
+
+    /// Connections open at once on the gRPC port; one more is closed at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value = "256")]
+    max_connections: NonZeroUsize,
+
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value = "32", value_parser = clap::value_parser!(u32).range(1..))]
+    grpc_max_concurrent_streams: u32,
 
     /// HTTP/2 keepalive ping interval.
     #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
@@ -314,9 +333,9 @@ impl Config {
         let username_hash_key = cli
             .username_hash_key_file
             .as_deref()
-            .map(|path| read_secret_file("USERNAME_HASH_KEY_FILE", path))
+            .map(|path| read_secret_bytes("USERNAME_HASH_KEY_FILE", path))
             .transpose()?
-            .map(SecretString::from);
+            .map(SecretSlice::from);
         if let Some(key) = &username_hash_key
             && key.expose_secret().len() < 16
         {
@@ -363,6 +382,9 @@ impl Config {
             keepalive_interval: cli.grpc_keepalive_interval,
             idle_timeout: cli.grpc_idle_timeout,
             username_hash_key,
+            max_concurrent_calls: cli.max_concurrent_calls,
+            max_connections: cli.max_connections,
+            max_concurrent_streams: cli.grpc_max_concurrent_streams,
         })))
     }
 }
@@ -396,14 +418,21 @@ fn client_secret(
     Ok(Some(SecretString::from(secret)))
 }
 
-/// Reads a secret from `path`, dropping one trailing newline; empty is an error.
+/// Reads a text secret from `path`, dropping one trailing newline; empty is an error.
 fn read_secret_file(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
-    let mut secret = std::fs::read_to_string(path).map_err(|e| {
+    String::from_utf8(read_secret_bytes(setting, path)?)
+        .map_err(|_| ConfigError::setting(setting, format!("{} is not UTF-8 text", path.display())))
+}
+
+/// Reads a secret of any bytes from `path`, dropping one trailing newline (`\n` or `\r\n`);
+/// empty is an error.
+fn read_secret_bytes(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let mut secret = std::fs::read(path).map_err(|e| {
         ConfigError::setting(setting, format!("cannot read {}: {e}", path.display()))
     })?;
-    if secret.ends_with('\n') {
+    if secret.ends_with(b"\n") {
         secret.pop();
-        if secret.ends_with('\r') {
+        if secret.ends_with(b"\r") {
             secret.pop();
         }
     }
@@ -512,10 +541,13 @@ mod tests {
         assert_eq!(config.health_listen_addr, "0.0.0.0:8081".parse().unwrap());
         assert_eq!(config.metrics_listen_addr, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(config.limits.username, "5/15m".parse().unwrap());
-        assert_eq!(config.limits.username_max_keys.get(), 100_000);
+        assert_eq!(config.limits.username_max_keys.get(), 1_000_000);
         assert_eq!(config.limits.global_rps, None);
         assert_eq!(config.limits.max_concurrent_upstream.get(), 64);
-        assert_eq!(config.max_request_bytes, 1 << 20);
+        assert_eq!(config.max_request_bytes, 1 << 16);
+        assert_eq!(config.max_concurrent_calls.get(), 128);
+        assert_eq!(config.max_connections.get(), 256);
+        assert_eq!(config.max_concurrent_streams, 32);
         assert_eq!(config.keepalive_interval, Duration::from_secs(30));
         assert_eq!(config.idle_timeout, Duration::from_secs(300));
         assert!(config.username_hash_key.is_none());

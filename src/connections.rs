@@ -2,7 +2,9 @@
 //! carrying a [`ConnectionInfo`] into every request (the remote address, the mTLS client's
 //! identity, and the activity that drives the idle timeout). A connection with no call in
 //! progress and none started for `GRPC_IDLE_TIMEOUT` is closed; HTTP/2 keepalive pings do not
-//! count as activity, so idle clients do not pin connections forever.
+//! count as activity, so idle clients do not pin connections forever. At most
+//! `MAX_CONNECTIONS` are open at once: one more is closed as soon as it is accepted, and
+//! counted.
 
 use std::future::Future;
 use std::io;
@@ -15,16 +17,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use crate::metrics as m;
 use crate::tls::ReloadingTls;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refused connections are logged at warn at most this often.
+const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What every request on a connection can know about it.
 #[derive(Debug, Clone)]
@@ -105,15 +110,39 @@ pub struct Connection {
     info: ConnectionInfo,
     idle_timeout: Duration,
     idle_check: Pin<Box<Sleep>>,
+    _open: OpenConnection,
+}
+
+/// One of the `MAX_CONNECTIONS` places, counted in `grpc_connections_open` while held.
+#[derive(Debug)]
+struct OpenConnection(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl OpenConnection {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
+        Self(permit)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+    }
 }
 
 impl Connection {
-    fn new(transport: Transport, info: ConnectionInfo, idle_timeout: Duration) -> Self {
+    fn new(
+        transport: Transport,
+        info: ConnectionInfo,
+        idle_timeout: Duration,
+        open: OpenConnection,
+    ) -> Self {
         Self {
             transport,
             idle_check: Box::pin(tokio::time::sleep(idle_timeout)),
             info,
             idle_timeout,
+            _open: open,
         }
     }
 
@@ -187,13 +216,17 @@ impl AsyncWrite for Connection {
 
 /// Accepts connections on `listener`, through TLS when `tls` is given, and yields them to the
 /// gRPC server. Failed handshakes (e.g. a client without an accepted certificate) are logged
-/// and dropped. Stops accepting when the stream is dropped.
+/// and dropped. Beyond `max_connections` open at once, a new connection is closed at once.
+/// Stops accepting when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<ReloadingTls>,
     idle_timeout: Duration,
+    max_connections: usize,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (send, receive) = mpsc::channel(64);
+    let places = Arc::new(Semaphore::new(max_connections));
+    let mut last_warned: Option<Instant> = None;
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -208,6 +241,19 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Ok(place) = places.clone().try_acquire_owned() else {
+                drop(stream);
+                metrics::counter!(m::CONNECTIONS_REFUSED).increment(1);
+                if last_warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_INTERVAL) {
+                    last_warned = Some(Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "MAX_CONNECTIONS reached: new connections are closed at once"
+                    );
+                }
+                continue;
+            };
+            let open = OpenConnection::new(place);
             let _ = stream.set_nodelay(true);
             let send = send.clone();
             let tls = tls.clone();
@@ -243,7 +289,7 @@ pub fn incoming(
                     activity: Arc::new(Activity::new()),
                 };
                 let _ = send
-                    .send(Ok(Connection::new(transport, info, idle_timeout)))
+                    .send(Ok(Connection::new(transport, info, idle_timeout, open)))
                     .await;
             });
         }

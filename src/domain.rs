@@ -25,6 +25,37 @@ pub const FREE_TEXT_MAX_BYTES: usize = 131_072;
 static USERNAME_PATTERN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[\p{L}\p{M}\p{S}\p{N}\p{P}]+$").expect("valid pattern"));
 
+/// The RPCs of the service. Everything that differs per RPC is decided by matching on this,
+/// never on strings, so a new RPC fails to compile until every place has decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rpc {
+    /// Starts a reset: Cognito sends the user a code.
+    ForgotPassword,
+    /// Finishes a reset with the code and a new password.
+    ConfirmForgotPassword,
+}
+
+impl Rpc {
+    /// The gRPC method name, which is also Cognito's operation name.
+    pub fn method(self) -> &'static str {
+        match self {
+            Self::ForgotPassword => "ForgotPassword",
+            Self::ConfirmForgotPassword => "ConfirmForgotPassword",
+        }
+    }
+
+    /// The RPC a gRPC path (`/package.Service/Method`) of `service` names, if any.
+    pub fn from_path(service: &str, path: &str) -> Option<Self> {
+        let method = path
+            .strip_prefix('/')?
+            .strip_prefix(service)?
+            .strip_prefix('/')?;
+        [Self::ForgotPassword, Self::ConfirmForgotPassword]
+            .into_iter()
+            .find(|rpc| rpc.method() == method)
+    }
+}
+
 /// One field that failed validation, named by its proto field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {

@@ -246,8 +246,19 @@ pub enum Error {
     Upstream(UpstreamError),
     /// A limit of this service refused the call before Cognito.
     RateLimited(RateLimited),
-    /// Too many calls are already waiting on Cognito.
+    /// Too many calls are already waiting on Cognito, or in progress.
     Overloaded,
+    /// The request message could not be decoded; the service never saw it.
+    MalformedRequest,
+    /// The request message was larger than `MAX_REQUEST_BYTES`; it was not read.
+    RequestTooLarge {
+        /// `MAX_REQUEST_BYTES`.
+        limit: usize,
+    },
+    /// The caller cancelled before the call reached Cognito.
+    Cancelled,
+    /// The call's own task failed: a fault of this service.
+    Internal,
 }
 
 /// Who is to blame for a failure, which sets the level of its log line.
@@ -336,8 +347,37 @@ impl Error {
                 (
                     Code::Unavailable,
                     "OVERLOADED",
-                    "too many calls are waiting on Cognito; retry shortly".into(),
+                    "too many calls are in progress or waiting on Cognito; retry shortly".into(),
                     Blame::Upstream,
+                )
+            }
+            Self::MalformedRequest => (
+                Code::InvalidArgument,
+                "MALFORMED_REQUEST",
+                "the request message could not be decoded".into(),
+                Blame::Caller,
+            ),
+            Self::Cancelled => (
+                Code::Cancelled,
+                "CANCELLED",
+                "the call was cancelled before it reached Cognito".into(),
+                Blame::Caller,
+            ),
+            Self::Internal => (
+                Code::Internal,
+                "INTERNAL_FAULT",
+                "the password-recovery service failed; its operators have been told in its \
+                 logs"
+                    .into(),
+                Blame::Server,
+            ),
+            Self::RequestTooLarge { limit } => {
+                metadata.insert("limit".into(), limit.to_string());
+                (
+                    Code::ResourceExhausted,
+                    "REQUEST_TOO_LARGE",
+                    format!("the request message is larger than {limit} bytes"),
+                    Blame::Caller,
                 )
             }
         };
@@ -454,6 +494,15 @@ fn classify_upstream(
             MISCONFIGURED.into(),
             Blame::Server,
         ),
+        UpstreamError::InvalidResponse(invalid) => {
+            metadata.insert("httpStatus".into(), invalid.status.to_string());
+            (
+                Code::Unavailable,
+                "UPSTREAM_INVALID_RESPONSE",
+                "Cognito's answer was not a well-formed Cognito answer".into(),
+                Blame::Server,
+            )
+        }
     }
 }
 

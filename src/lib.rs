@@ -13,6 +13,8 @@ pub mod connections;
 pub mod domain;
 pub mod error;
 pub mod limits;
+pub mod masking;
+pub mod memory;
 pub mod metrics;
 pub mod privacy;
 pub mod proto;

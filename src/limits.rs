@@ -3,31 +3,40 @@
 //! RPC per normalised username) against inbox flooding and code guessing, and a bound on calls
 //! waiting on Cognito at once.
 //!
-//! Both limiters are governor's GCRA. The per-username state lives in an LRU map of bounded
-//! size, so a flood of distinct usernames evicts the least recently seen ones instead of
-//! growing memory.
+//! Both limiters are GCRA: governor's for the global one; for the per-username one, a compact
+//! table of its own ([`UsernameTable`]) from a keyed 64-bit hash of (RPC, normalised username)
+//! to the bucket's theoretical arrival time. A bucket leaves the table only when it is full
+//! again, so nothing is ever forgiven; when the table is full of live buckets, a *new* username
+//! is refused (`username_capacity`) rather than forgetting anyone else.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed, StateStore};
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use lru::LruCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::domain::Rpc;
 use crate::domain::Username;
 
 /// Rate-limited calls, by `limiter`.
 pub const RATE_LIMITED: &str = "rate_limited_total";
-/// Per-username buckets evicted to stay within the key bound.
-pub const EVICTIONS: &str = "rate_limit_evictions_total";
+/// Per-username buckets held.
+pub const USERNAME_BUCKETS: &str = "rate_limit_username_buckets";
+
+/// A full table is swept for buckets that are full again at most this often, so a flood of new
+/// usernames against a full table cannot turn every call into a sweep.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// A full table is logged at warn at most this often.
+const CAPACITY_WARN_INTERVAL: Duration = Duration::from_secs(60);
 /// Calls refused before reaching Cognito, by `reason`.
 pub const UPSTREAM_REJECTED: &str = "upstream_rejected_total";
 
@@ -41,14 +50,6 @@ pub struct RateSpec {
     pub burst: NonZeroU32,
     /// The time in which the whole burst refills.
     pub period: Duration,
-}
-
-impl RateSpec {
-    fn quota(self) -> Quota {
-        Quota::with_period(self.period / self.burst.get())
-            .expect("a positive period")
-            .allow_burst(self.burst)
-    }
 }
 
 impl fmt::Display for RateSpec {
@@ -108,6 +109,8 @@ pub enum Limiter {
     Global,
     /// `USERNAME_RATE_LIMIT`.
     Username,
+    /// `USERNAME_RATE_LIMIT_MAX_KEYS`: the table is full of live buckets.
+    UsernameCapacity,
 }
 
 impl Limiter {
@@ -116,6 +119,7 @@ impl Limiter {
         match self {
             Self::Global => "global",
             Self::Username => "username",
+            Self::UsernameCapacity => "username_capacity",
         }
     }
 }
@@ -131,68 +135,148 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
-/// The RPC a per-username bucket belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rpc {
-    /// ForgotPassword: bounds codes sent (inbox flooding).
-    ForgotPassword,
-    /// ConfirmForgotPassword: bounds code guesses.
-    ConfirmForgotPassword,
+/// The per-username GCRA buckets: a keyed 64-bit hash of (RPC, normalised username) to the
+/// bucket's theoretical arrival time (TAT, nanoseconds since the table was made). The key is
+/// SipHash under a random per-process key, so callers can neither read usernames back nor
+/// aim collisions at a victim. Each bucket costs about 36 bytes of memory.
+pub struct UsernameTable {
+    spec: RateSpec,
+    capacity: usize,
+    keys: RandomState,
+    epoch: Instant,
+    state: Mutex<TableState>,
+    /// Nanoseconds since `epoch` of the last capacity warning, plus one (0: never).
+    warned: AtomicU64,
 }
 
-type BucketKey = (Rpc, String);
-
-/// GCRA state per key in an LRU map of at most `capacity` keys.
-pub struct LruStateStore {
-    buckets: Mutex<LruCache<BucketKey, Nanos>>,
-    evictions: AtomicU64,
+struct TableState {
+    buckets: HashMap<u64, u64>,
+    /// No bucket is full again before this (a lower bound: buckets only get later).
+    earliest_full: u64,
+    /// When the table was last swept, plus one (0: never).
+    swept: u64,
 }
 
-impl LruStateStore {
-    /// A store holding at most `capacity` keys.
-    pub fn new(capacity: NonZeroUsize) -> Self {
+/// What the table decided for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admitted and charged.
+    Admitted,
+    /// The bucket has no token: retry after this long.
+    Limited(Duration),
+    /// A new username, and the table is full of live buckets: retry after this long.
+    AtCapacity(Duration),
+}
+
+impl UsernameTable {
+    /// A table for `spec` holding at most `capacity` buckets.
+    pub fn new(spec: RateSpec, capacity: NonZeroUsize) -> Self {
         Self {
-            buckets: Mutex::new(LruCache::new(capacity)),
-            evictions: AtomicU64::new(0),
+            spec,
+            capacity: capacity.get(),
+            keys: RandomState::new(),
+            epoch: Instant::now(),
+            state: Mutex::new(TableState {
+                buckets: HashMap::new(),
+                earliest_full: u64::MAX,
+                swept: 0,
+            }),
+            warned: AtomicU64::new(0),
         }
     }
 
-    /// How many keys were evicted to stay within the bound.
-    pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
+    /// At most this many buckets.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
-    /// How many keys it holds.
+    fn key(&self, rpc: Rpc, username: &Username) -> u64 {
+        self.keys.hash_one((rpc as u8, username.normalised()))
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Charges the bucket of (`rpc`, `username`), making it if the table has room.
+    pub fn check(&self, rpc: Rpc, username: &Username) -> Verdict {
+        let key = self.key(rpc, username);
+        self.check_key(key, self.now())
+    }
+
+    fn check_key(&self, key: u64, now: u64) -> Verdict {
+        let interval = u64::try_from((self.spec.period / self.spec.burst.get()).as_nanos())
+            .unwrap_or(u64::MAX);
+        let tolerance = interval.saturating_mul(u64::from(self.spec.burst.get()));
+        let mut guard = self.state.lock().expect("rate-limit lock");
+        let state = &mut *guard;
+        let tat = match state.buckets.get(&key).copied() {
+            Some(tat) => tat,
+            None if state.buckets.len() >= self.capacity && !state.sweep(now) => {
+                let wait = state.earliest_full.saturating_sub(now).max(1_000_000_000);
+                drop(guard);
+                self.warn_full(now);
+                return Verdict::AtCapacity(Duration::from_nanos(wait));
+            }
+            None => now,
+        };
+        // GCRA: each call takes one emission interval; a bucket holds `burst` of them.
+        let new_tat = tat.max(now).saturating_add(interval);
+        if new_tat - now > tolerance {
+            return Verdict::Limited(Duration::from_nanos(new_tat - now - tolerance));
+        }
+        state.buckets.insert(key, new_tat);
+        state.earliest_full = state.earliest_full.min(new_tat);
+        metrics::gauge!(USERNAME_BUCKETS).set(state.buckets.len() as f64);
+        Verdict::Admitted
+    }
+
+    fn warn_full(&self, now: u64) {
+        let last = self.warned.load(Ordering::Relaxed);
+        let due =
+            last == 0 || now.saturating_sub(last - 1) >= CAPACITY_WARN_INTERVAL.as_nanos() as u64;
+        if due
+            && self
+                .warned
+                .compare_exchange(last, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                capacity = self.capacity,
+                "USERNAME_RATE_LIMIT_MAX_KEYS reached: every bucket is live, so calls for new \
+                 usernames are refused (username_capacity) until buckets refill"
+            );
+        }
+    }
+
+    /// How many buckets it holds.
     pub fn len(&self) -> usize {
-        self.buckets.lock().expect("rate-limit lock").len()
+        self.state.lock().expect("rate-limit lock").buckets.len()
     }
 
-    /// True when it holds no key.
+    /// True when it holds no bucket.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
-impl StateStore for LruStateStore {
-    type Key = BucketKey;
-
-    fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let mut buckets = self.buckets.lock().expect("rate-limit lock");
-        let (outcome, state) = f(buckets.get(key).copied())?;
-        if let Some((evicted, _)) = buckets.push(key.clone(), state)
-            && &evicted != key
-        {
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(EVICTIONS).increment(1);
+impl TableState {
+    /// Drops the buckets that are full again; true when that made room. Sweeps only when some
+    /// bucket can be full again, and at most once per [`SWEEP_INTERVAL`].
+    fn sweep(&mut self, now: u64) -> bool {
+        let interval = SWEEP_INTERVAL.as_nanos() as u64;
+        if now < self.earliest_full || (self.swept != 0 && now - (self.swept - 1) < interval) {
+            return false;
         }
-        Ok(outcome)
+        let before = self.buckets.len();
+        self.buckets.retain(|_, tat| *tat > now);
+        self.earliest_full = self.buckets.values().copied().min().unwrap_or(u64::MAX);
+        self.swept = now + 1;
+        metrics::gauge!(USERNAME_BUCKETS).set(self.buckets.len() as f64);
+        self.buckets.len() < before
     }
 }
 
-type UsernameLimiter = RateLimiter<BucketKey, LruStateStore, DefaultClock, NoOpMiddleware>;
 type GlobalLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware>;
 
 /// The settings of [`Limits`].
@@ -212,7 +296,7 @@ pub struct LimitSettings {
 pub struct Limits {
     clock: DefaultClock,
     global: Option<(GlobalLimiter, String)>,
-    username: Option<(UsernameLimiter, String)>,
+    username: Option<(UsernameTable, String)>,
     upstream: Arc<Semaphore>,
 }
 
@@ -235,11 +319,10 @@ impl Limits {
         });
         let username = match settings.username {
             UsernameRateLimit::Off => None,
-            UsernameRateLimit::Limit(spec) => {
-                let store = LruStateStore::new(settings.username_max_keys);
-                let limiter = RateLimiter::new(spec.quota(), store, clock.clone());
-                Some((limiter, spec.to_string()))
-            }
+            UsernameRateLimit::Limit(spec) => Some((
+                UsernameTable::new(spec, settings.username_max_keys),
+                spec.to_string(),
+            )),
         };
         Self {
             clock,
@@ -252,31 +335,25 @@ impl Limits {
     /// Charges the global limiter, then the per-username one; the first that refuses decides.
     pub fn check(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
         if let Some((limiter, limit)) = &self.global {
-            limiter
-                .check()
-                .map_err(|not_until| self.refused(Limiter::Global, limit, &not_until))?;
+            limiter.check().map_err(|not_until| {
+                refused(
+                    Limiter::Global,
+                    limit,
+                    not_until.wait_time_from(self.clock.now()),
+                )
+            })?;
         }
-        if let Some((limiter, limit)) = &self.username {
-            let key = (rpc, username.normalised());
-            limiter
-                .check_key(&key)
-                .map_err(|not_until| self.refused(Limiter::Username, limit, &not_until))?;
+        if let Some((table, limit)) = &self.username {
+            match table.check(rpc, username) {
+                Verdict::Admitted => {}
+                Verdict::Limited(wait) => return Err(refused(Limiter::Username, limit, wait)),
+                Verdict::AtCapacity(wait) => {
+                    let capacity = format!("{} usernames", table.capacity());
+                    return Err(refused(Limiter::UsernameCapacity, &capacity, wait));
+                }
+            }
         }
         Ok(())
-    }
-
-    fn refused(
-        &self,
-        limiter: Limiter,
-        limit: &str,
-        not_until: &governor::NotUntil<<DefaultClock as Clock>::Instant>,
-    ) -> RateLimited {
-        metrics::counter!(RATE_LIMITED, "limiter" => limiter.name()).increment(1);
-        RateLimited {
-            limiter,
-            limit: limit.to_owned(),
-            retry_after: not_until.wait_time_from(self.clock.now()),
-        }
     }
 
     /// A place among the calls waiting on Cognito, or `None` when all are taken: the caller
@@ -287,6 +364,15 @@ impl Limits {
             metrics::counter!(UPSTREAM_REJECTED, "reason" => "overloaded").increment(1);
         }
         permit
+    }
+}
+
+fn refused(limiter: Limiter, limit: &str, retry_after: Duration) -> RateLimited {
+    metrics::counter!(RATE_LIMITED, "limiter" => limiter.name()).increment(1);
+    RateLimited {
+        limiter,
+        limit: limit.to_owned(),
+        retry_after,
     }
 }
 
@@ -382,36 +468,82 @@ mod tests {
         assert!(limits.upstream_permit().is_some());
     }
 
-    #[test]
-    fn a_million_distinct_usernames_stay_within_the_key_bound() {
-        const KEYS: usize = 100_000;
-        const USERNAMES: usize = 1_000_000;
-        let store = LruStateStore::new(NonZeroUsize::new(KEYS).unwrap());
-        let touch = |key: &BucketKey| {
-            store
-                .measure_and_replace(key, |_| Ok::<_, ()>(((), Nanos::from(1u64))))
-                .unwrap();
+    fn table(limit: &str, capacity: usize) -> UsernameTable {
+        let UsernameRateLimit::Limit(spec) = limit.parse().unwrap() else {
+            panic!("a limit");
         };
-        let rss_before = resident_kib();
+        UsernameTable::new(spec, NonZeroUsize::new(capacity).unwrap())
+    }
 
-        for i in 0..USERNAMES {
-            touch(&(Rpc::ForgotPassword, format!("user-{i:07}@example.com")));
+    const MINUTE: u64 = 60_000_000_000;
+
+    #[test]
+    fn a_flood_of_new_usernames_never_forgives_a_spent_bucket() {
+        let table = table("5/15m", 1000);
+        let victim = 1u64;
+        for _ in 0..5 {
+            assert_eq!(table.check_key(victim, MINUTE), Verdict::Admitted);
+        }
+        assert!(matches!(
+            table.check_key(victim, MINUTE),
+            Verdict::Limited(_)
+        ));
+
+        let mut at_capacity = 0;
+        for flood in 2..20_000u64 {
+            match table.check_key(flood, MINUTE + flood) {
+                Verdict::Admitted => {}
+                Verdict::AtCapacity(wait) => {
+                    at_capacity += 1;
+                    assert!(wait >= Duration::from_secs(1), "{wait:?}");
+                }
+                Verdict::Limited(_) => panic!("a new username is never limited"),
+            }
         }
 
-        let rss_after = resident_kib();
-        assert_eq!(store.len(), KEYS);
-        assert_eq!(store.evictions(), (USERNAMES - KEYS) as u64);
-        let buckets = store.buckets.lock().unwrap();
-        let newest = (
-            Rpc::ForgotPassword,
-            format!("user-{:07}@example.com", USERNAMES - 1),
-        );
-        let oldest = (Rpc::ForgotPassword, "user-0000000@example.com".to_owned());
-        assert!(buckets.contains(&newest) && !buckets.contains(&oldest));
-        println!(
-            "{USERNAMES} distinct usernames through a {KEYS}-key store: {} keys kept, RSS \
-             {rss_before} KiB -> {rss_after} KiB",
-            buckets.len()
+        assert_eq!(table.len(), 1000);
+        assert_eq!(at_capacity, 20_000 - 2 - 999);
+        let Verdict::Limited(wait) = table.check_key(victim, MINUTE + 20_000) else {
+            panic!("the victim's bucket was forgiven");
+        };
+        assert!(wait > Duration::from_secs(179), "{wait:?}");
+    }
+
+    #[test]
+    fn buckets_leave_only_when_full_again() {
+        let table = table("1/1m", 2);
+        assert_eq!(table.check_key(1, MINUTE), Verdict::Admitted);
+        assert_eq!(table.check_key(2, MINUTE + MINUTE / 2), Verdict::Admitted);
+        // Bucket 1 is full again after one minute, bucket 2 after 1.5.
+        assert!(matches!(
+            table.check_key(3, MINUTE + MINUTE / 2 + 1),
+            Verdict::AtCapacity(_)
+        ));
+        assert_eq!(table.check_key(3, 2 * MINUTE + 1), Verdict::Admitted);
+        assert_eq!(table.len(), 2);
+        assert!(matches!(
+            table.check_key(2, 2 * MINUTE + 2),
+            Verdict::Limited(_)
+        ));
+    }
+
+    #[test]
+    fn a_million_usernames_fit_the_default_bound_within_its_budget() {
+        const BUCKETS: u64 = 1_000_000;
+        let table = table("5/15m", BUCKETS as usize);
+        let rss_before = resident_kib();
+
+        for key in 0..BUCKETS {
+            let key = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert_eq!(table.check_key(key, MINUTE), Verdict::Admitted);
+        }
+
+        let grown_kib = resident_kib().saturating_sub(rss_before);
+        assert_eq!(table.len(), BUCKETS as usize);
+        println!("{BUCKETS} per-username buckets: RSS grew {grown_kib} KiB");
+        assert!(
+            grown_kib < 40 * 1024,
+            "the README's budget is 40 MiB for 1000000 buckets; grew {grown_kib} KiB"
         );
     }
 

@@ -23,6 +23,10 @@ pub const GRPC_IN_FLIGHT: &str = "grpc_server_in_flight";
 pub const COGNITO_REQUESTS: &str = "cognito_requests_total";
 /// Cognito request latency, by `operation`.
 pub const COGNITO_SECONDS: &str = "cognito_request_seconds";
+/// Connections open on the gRPC port.
+pub const CONNECTIONS_OPEN: &str = "grpc_connections_open";
+/// Connections closed at once because `MAX_CONNECTIONS` were open.
+pub const CONNECTIONS_REFUSED: &str = "grpc_connections_refused_total";
 
 /// Latency buckets (seconds), from a fast local answer to `COGNITO_TIMEOUT`'s default and past.
 const BUCKETS: &[f64] = &[
@@ -66,6 +70,11 @@ fn describe() {
     describe_gauge!(GRPC_IN_FLIGHT, "gRPC calls in progress");
     describe_counter!(COGNITO_REQUESTS, "Requests sent to Cognito, by outcome");
     describe_histogram!(COGNITO_SECONDS, Unit::Seconds, "Cognito request latency");
+    describe_gauge!(CONNECTIONS_OPEN, "Connections open on the gRPC port");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at once because MAX_CONNECTIONS were open"
+    );
 }
 
 /// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown` completes.

@@ -115,7 +115,7 @@ async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm()
         .collect();
     let calls: Vec<&Value> = entries
         .iter()
-        .filter(|e| e["target"] == "password_recovery::api" && e.get("grpc.method").is_some())
+        .filter(|e| e["target"] == "password_recovery::api::call" && e.get("grpc.method").is_some())
         .collect();
     assert_eq!(calls.len(), 3, "one line per call: {lines:#?}");
     for call in &calls {

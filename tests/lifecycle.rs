@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Options, Reply, TestApp, forgot};
+use password_recovery::app::StartupError;
 use prost::Message;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -210,19 +211,25 @@ async fn shutdown_turns_health_not_serving_and_drains_the_call_in_flight() {
 }
 
 #[tokio::test]
-async fn shutdown_gives_up_on_calls_that_outlast_the_grace_period() {
+async fn calls_that_outlast_the_grace_period_are_abandoned_and_counted() {
     let mut app = TestApp::spawn_with(Options {
         shutdown_grace_period: Duration::from_millis(200),
         ..Options::default()
     })
     .await;
-    app.cognito.script([Reply::Hang]);
+    app.cognito
+        .script([Reply::Held(Box::new(Reply::Ok(serde_json::json!({}))))]);
     let mut client = app.client().await;
-    let _hung = tokio::spawn(async move { client.forgot_password(forgot("sam")).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hung = tokio::spawn(async move { client.forgot_password(forgot("sam")).await });
+    app.cognito.arrived(1).await;
 
     app.request_stop();
-    let stopped = tokio::time::timeout(Duration::from_secs(3), app.stop()).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), app.stop()).await;
 
-    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
+    assert!(
+        matches!(stopped, Ok(Err(StartupError::Abandoned(1)))),
+        "{stopped:?}"
+    );
+    let answer = hung.await.unwrap();
+    assert!(answer.is_err(), "{answer:?}");
 }

@@ -218,9 +218,8 @@ async fn a_request_over_max_request_bytes_is_refused() {
         .forgot_password(request)
         .await
         .unwrap_err();
-    // tonic's own answer (OUT_OF_RANGE), which carries no ErrorInfo: transport statuses are
-    // exempt from that rule.
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let info = assert_error(&status, Code::ResourceExhausted, "REQUEST_TOO_LARGE");
+    assert_eq!(info.metadata["limit"], "4096");
     assert!(status.message().contains("4096"), "{status:?}");
     assert!(app.cognito.recorded().is_empty());
 }

@@ -1,6 +1,8 @@
 //! A fake Cognito: a real HTTP server on loopback speaking Cognito's JSON 1.1 protocol
 //! (`X-Amz-Target`, `__type` errors, `x-amzn-RequestId`) that answers from a script and records
-//! every request it receives.
+//! every request it receives. It can answer by a rule of its own (`respond_with`), hold answers
+//! until a test releases them, and tell a test when requests have arrived, so tests wait on
+//! signals, never on sleeps.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,19 @@ pub enum Reply {
     Hang,
     /// This reply after a pause.
     After(Duration, Box<Reply>),
+    /// This reply once the test calls `release`.
+    Held(Box<Reply>),
+    /// Any status, content type and body bytes.
+    Bytes {
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+    /// 200 with Cognito's content type and a body of this many bytes, streamed.
+    Huge(usize),
+    /// 200 announcing a JSON body, of which only the first bytes are sent before the
+    /// connection breaks.
+    Truncated,
 }
 
 impl Reply {
@@ -56,48 +71,78 @@ pub struct Recorded {
     pub signed: bool,
 }
 
+type Rule = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
 #[derive(Default)]
 struct FakeState {
     script: VecDeque<Reply>,
     recorded: Vec<Recorded>,
+    rule: Option<Rule>,
+}
+
+struct Shared {
+    state: Mutex<FakeState>,
+    arrived: tokio::sync::Notify,
+    released: tokio::sync::Semaphore,
 }
 
 /// A local HTTP server that speaks Cognito's JSON protocol.
 #[derive(Clone)]
 pub struct FakeCognito {
     pub url: String,
-    state: Arc<Mutex<FakeState>>,
+    shared: Arc<Shared>,
 }
 
 impl FakeCognito {
     /// Starts the server on a free loopback port. Unscripted requests succeed.
     pub async fn start() -> Self {
-        let state = Arc::new(Mutex::new(FakeState::default()));
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            arrived: tokio::sync::Notify::new(),
+            released: tokio::sync::Semaphore::new(0),
+        });
         let router = axum::Router::new()
             .fallback(handle)
-            .with_state(state.clone());
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Self { url, state }
+        Self { url, shared }
     }
 
     /// Queues replies for the next requests, in order.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
-        self.state.lock().unwrap().script.extend(replies);
+        self.shared.state.lock().unwrap().script.extend(replies);
+    }
+
+    /// Answers every unscripted request by `rule`.
+    pub fn respond_with(&self, rule: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
+        self.shared.state.lock().unwrap().rule = Some(Arc::new(rule));
     }
 
     /// Every request received so far.
     pub fn recorded(&self) -> Vec<Recorded> {
-        self.state.lock().unwrap().recorded.clone()
+        self.shared.state.lock().unwrap().recorded.clone()
+    }
+
+    /// Waits until at least `count` requests have arrived in all.
+    pub async fn arrived(&self, count: usize) {
+        loop {
+            let notified = self.shared.arrived.notified();
+            if self.shared.state.lock().unwrap().recorded.len() >= count {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Lets `count` held answers go.
+    pub fn release(&self, count: usize) {
+        self.shared.released.add_permits(count);
     }
 }
 
-async fn handle(
-    State(state): State<Arc<Mutex<FakeState>>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let target = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
@@ -106,17 +151,23 @@ async fn handle(
         .strip_prefix("AWSCognitoIdentityProviderService.")
         .unwrap_or(target)
         .to_owned();
-    let reply = {
-        let mut state = state.lock().unwrap();
-        state.recorded.push(Recorded {
-            operation: operation.clone(),
-            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-            signed: headers.contains_key("authorization"),
-        });
-        state.script.pop_front()
+    let recorded = Recorded {
+        operation: operation.clone(),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        signed: headers.contains_key("authorization"),
     };
+    let reply = {
+        let mut state = shared.state.lock().unwrap();
+        state.recorded.push(recorded.clone());
+        let rule = state.rule.clone();
+        state
+            .script
+            .pop_front()
+            .or_else(|| rule.map(|rule| rule(&recorded)))
+    };
+    shared.arrived.notify_waiters();
     let reply = reply.unwrap_or_else(|| default_reply(&operation));
-    respond(reply).await
+    respond(reply, &shared).await
 }
 
 fn default_reply(operation: &str) -> Reply {
@@ -137,10 +188,54 @@ fn default_reply(operation: &str) -> Reply {
     }
 }
 
-async fn respond(reply: Reply) -> Response {
+async fn respond(reply: Reply, shared: &Shared) -> Response {
     let mut reply = reply;
     loop {
         match reply {
+            Reply::Held(then) => {
+                shared.released.acquire().await.unwrap().forget();
+                reply = *then;
+            }
+            Reply::Bytes {
+                status,
+                content_type,
+                body,
+            } => {
+                return (
+                    StatusCode::from_u16(status).unwrap(),
+                    [
+                        ("content-type", content_type),
+                        ("x-amzn-requestid", REQUEST_ID),
+                    ],
+                    body,
+                )
+                    .into_response();
+            }
+            Reply::Huge(bytes) => {
+                let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+                let chunks = bytes.div_ceil(chunk.len());
+                let stream = tokio_stream::iter(
+                    (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+                );
+                return (
+                    StatusCode::OK,
+                    [("content-type", "application/x-amz-json-1.1")],
+                    axum::body::Body::from_stream(stream),
+                )
+                    .into_response();
+            }
+            Reply::Truncated => {
+                let stream = tokio_stream::iter([
+                    Ok(Bytes::from_static(b"{\"CodeDeliveryDetails\": {")),
+                    Err(std::io::Error::other("connection broken mid-answer")),
+                ]);
+                return (
+                    StatusCode::OK,
+                    [("content-type", "application/x-amz-json-1.1")],
+                    axum::body::Body::from_stream(stream),
+                )
+                    .into_response();
+            }
             Reply::After(pause, then) => {
                 tokio::time::sleep(pause).await;
                 reply = *then;

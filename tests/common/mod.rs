@@ -7,6 +7,7 @@ pub mod certs;
 pub mod fake_cognito;
 pub mod moto;
 pub mod process;
+pub mod raw;
 pub mod tools;
 
 use std::net::SocketAddr;
@@ -47,6 +48,9 @@ pub struct Options {
     pub limits: LimitSettings,
     pub idle_timeout: Duration,
     pub max_request_bytes: usize,
+    pub max_concurrent_calls: usize,
+    pub max_connections: usize,
+    pub username_hash_key: Option<&'static [u8]>,
 }
 
 impl Default for Options {
@@ -66,7 +70,10 @@ impl Default for Options {
                 max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
             },
             idle_timeout: Duration::from_secs(300),
-            max_request_bytes: 1 << 20,
+            max_request_bytes: 1 << 16,
+            max_concurrent_calls: 128,
+            max_connections: 256,
+            username_hash_key: None,
         }
     }
 }
@@ -115,7 +122,10 @@ impl TestApp {
             max_request_bytes: options.max_request_bytes,
             keepalive_interval: Duration::from_secs(30),
             idle_timeout: options.idle_timeout,
-            username_hash_key: None,
+            username_hash_key: options.username_hash_key.map(|key| key.to_vec().into()),
+            max_concurrent_calls: NonZeroUsize::new(options.max_concurrent_calls).unwrap(),
+            max_connections: NonZeroUsize::new(options.max_connections).unwrap(),
+            max_concurrent_streams: 32,
         };
         let app = Application::build(config)
             .await

@@ -3,6 +3,9 @@
 //! one upstream call, and turns every SDK failure into an [`UpstreamError`] that carries no SDK
 //! type. Both operations are unauthenticated (the SDK sends them unsigned), so no AWS
 //! credentials are loaded and the instance-metadata service is never asked for anything.
+//! Under the SDK, [`response`] reads every answer with a cap and refuses malformed ones.
+
+mod response;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -33,12 +36,17 @@ use crate::domain::{
 };
 use crate::metrics as m;
 
+pub use response::{InvalidResponse, MAX_BODY_BYTES};
+
 /// At most this many attempts per call, the first included.
 const MAX_ATTEMPTS: u32 = 3;
 /// The first retry waits up to this long; each later one twice as long.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// The error code of Cognito's account-wide throttling: the request was not processed.
 const TOO_MANY_REQUESTS: &str = "TooManyRequestsException";
+/// The longest `Destination` or `AttributeName` accepted from Cognito, in characters. Real
+/// ones are masked addresses and attribute names, a few dozen characters at most.
+const MAX_DELIVERY_FIELD_CHARS: usize = 256;
 
 /// `Base64(HMAC_SHA256(key = client_secret, msg = username + client_id))`, the `SECRET_HASH`
 /// Cognito requires from app clients that have a secret.
@@ -115,6 +123,9 @@ pub enum UpstreamError {
         /// The SDK's description.
         detail: String,
     },
+    /// An answer that is not a well-formed Cognito answer (HTML from a proxy, an oversized
+    /// body, a success that does not parse): never taken for a success, never retried.
+    InvalidResponse(InvalidResponse),
 }
 
 impl UpstreamError {
@@ -123,6 +134,7 @@ impl UpstreamError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Service { code, .. } => code == TOO_MANY_REQUESTS,
+            Self::Http { status: 429, .. } => true,
             Self::Unreachable {
                 before_connecting, ..
             } => *before_connecting,
@@ -144,6 +156,7 @@ impl UpstreamError {
             Self::Unreachable { .. } => Cow::Borrowed("unreachable"),
             Self::Timeout { .. } => Cow::Borrowed("timeout"),
             Self::Construction { .. } => Cow::Borrowed("construction_failure"),
+            Self::InvalidResponse(_) => Cow::Borrowed("invalid_response"),
         }
     }
 
@@ -172,16 +185,32 @@ impl UpstreamError {
                     request_id,
                 },
             },
-            SdkError::ResponseError(response) => Self::Http {
-                status: response.raw().status().as_u16(),
-                request_id,
-            },
+            // An answer the SDK could not parse.
+            SdkError::ResponseError(response) => {
+                let raw = response.raw();
+                Self::InvalidResponse(InvalidResponse {
+                    status: raw.status().as_u16(),
+                    content_type: raw
+                        .headers()
+                        .get("content-type")
+                        .unwrap_or_default()
+                        .chars()
+                        .filter(char::is_ascii_graphic)
+                        .take(64)
+                        .collect(),
+                    bytes: raw.body().bytes().map_or(0, <[u8]>::len),
+                    problem: "an answer the SDK could not parse",
+                })
+            }
             SdkError::TimeoutError(_) => Self::Timeout {
                 set_by_caller: false,
             },
             SdkError::DispatchFailure(failure) if failure.is_timeout() => Self::Timeout {
                 set_by_caller: false,
             },
+            SdkError::DispatchFailure(_) if let Some(invalid) = invalid_response(&err) => {
+                Self::InvalidResponse(invalid.clone())
+            }
             SdkError::DispatchFailure(_) => Self::Unreachable {
                 before_connecting: failed_to_connect(&err),
                 detail: DisplayErrorContext(&err).to_string(),
@@ -191,6 +220,18 @@ impl UpstreamError {
             },
         }
     }
+}
+
+/// The guard's verdict on the answer, if the error chain holds one.
+fn invalid_response<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a InvalidResponse> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(invalid) = e.downcast_ref::<InvalidResponse>() {
+            return Some(invalid);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// True when the error chain holds hyper's "could not connect" (refused, DNS, TLS handshake).
@@ -250,6 +291,7 @@ impl Cognito {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(region)
             .no_credentials()
+            .http_client(response::guarded_https_client())
             .retry_config(RetryConfig::disabled());
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
@@ -296,14 +338,14 @@ impl Cognito {
                     .send()
             })
             .await?;
-        Ok(output
-            .code_delivery_details()
-            .map(code_delivery)
-            .unwrap_or(CodeDelivery {
+        match output.code_delivery_details() {
+            Some(details) => code_delivery(details),
+            None => Ok(CodeDelivery {
                 destination: String::new(),
                 medium: DeliveryMedium::Unspecified,
                 attribute_name: String::new(),
-            }))
+            }),
+        }
     }
 
     /// Finishes a reset: sets the new password if the code is right.
@@ -345,11 +387,15 @@ impl Cognito {
         Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        // When the attempt in progress was sent, so an attempt cut off by the deadline is
+        // observed too.
+        let current = std::sync::Mutex::new(Instant::now());
         let attempts = async {
             let mut backoff = INITIAL_BACKOFF;
             let mut made = 1;
             loop {
                 let sent = Instant::now();
+                *current.lock().expect("attempt clock") = sent;
                 let result = attempt().await.map_err(UpstreamError::from_sdk);
                 record(operation, sent, result.as_ref().err());
                 let error = match result {
@@ -380,8 +426,8 @@ impl Cognito {
                 let timeout = UpstreamError::Timeout {
                     set_by_caller: budget.set_by_caller,
                 };
-                metrics::counter!(m::COGNITO_REQUESTS, "operation" => operation, "outcome" => timeout.outcome())
-                    .increment(1);
+                let sent = *current.lock().expect("attempt clock");
+                record(operation, sent, Some(&timeout));
                 Err(timeout)
             }
         }
@@ -423,16 +469,30 @@ impl From<&PassThrough> for SdkPassThrough {
     }
 }
 
-fn code_delivery(details: &CodeDeliveryDetailsType) -> CodeDelivery {
-    CodeDelivery {
-        destination: details.destination().unwrap_or_default().to_owned(),
+/// Cognito's delivery details, refused unless each text is of sane length and characters.
+fn code_delivery(details: &CodeDeliveryDetailsType) -> Result<CodeDelivery, UpstreamError> {
+    let sane = |value: &str| {
+        value.chars().count() <= MAX_DELIVERY_FIELD_CHARS && !value.chars().any(char::is_control)
+    };
+    let destination = details.destination().unwrap_or_default();
+    let attribute_name = details.attribute_name().unwrap_or_default();
+    if !sane(destination) || !sane(attribute_name) {
+        return Err(UpstreamError::InvalidResponse(InvalidResponse {
+            status: 200,
+            content_type: String::new(),
+            bytes: destination.len() + attribute_name.len(),
+            problem: "delivery details of insane length or characters",
+        }));
+    }
+    Ok(CodeDelivery {
+        destination: destination.to_owned(),
         medium: match details.delivery_medium() {
             Some(DeliveryMediumType::Email) => DeliveryMedium::Email,
             Some(DeliveryMediumType::Sms) => DeliveryMedium::Sms,
             _ => DeliveryMedium::Unspecified,
         },
-        attribute_name: details.attribute_name().unwrap_or_default().to_owned(),
-    }
+        attribute_name: attribute_name.to_owned(),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,368 @@
+//! The life of one call, from the moment its headers arrive to its one log line, audit event
+//! and metrics: its span, request id, caller, budget, and the places it holds (a slot among
+//! the calls in progress, activity on its connection). Every call that starts is finished
+//! exactly once: answered, its caller gone, or abandoned at the end of the grace period.
+
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::{Response, Status};
+use tracing::Level;
+
+use crate::cognito::{Budget, UpstreamError};
+use crate::connections::{CallInProgress, ConnectionInfo};
+use crate::domain::Rpc;
+use crate::error::{Blame, Error, code_name};
+use crate::metrics as m;
+use crate::telemetry::{self, TraceParent};
+
+use super::SERVICE_NAME;
+
+/// What a call came to.
+#[derive(Debug)]
+pub(crate) struct Outcome<T> {
+    /// The answer, or why there is none.
+    pub result: Result<T, Error>,
+    /// When enumeration protection masked the answer: what Cognito really said.
+    pub masked: Option<&'static str>,
+}
+
+impl<T> Outcome<T> {
+    /// An answer as it is.
+    pub fn plain(result: Result<T, Error>) -> Self {
+        Self {
+            result,
+            masked: None,
+        }
+    }
+}
+
+/// How a call ended for its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The caller got the answer.
+    Answered,
+    /// The caller cancelled or went away first; the outcome is recorded all the same.
+    CallerGone,
+}
+
+/// Whom a valid request is about, as logs and audit events name them.
+#[derive(Debug, Clone)]
+pub(crate) struct Subject {
+    /// The keyed hash of the normalised username.
+    pub user: String,
+    /// The app client the call is for.
+    pub client_id: String,
+}
+
+/// One call in progress.
+pub(crate) struct Call {
+    rpc: Rpc,
+    started: Instant,
+    budget: Budget,
+    request_id: MetadataValue<Ascii>,
+    /// Who called: the mTLS client's identity, or `anonymous`.
+    caller: String,
+    span: tracing::Span,
+    _in_flight: InFlight,
+    _on_connection: Option<CallInProgress>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Counts one call in `grpc_server_in_flight` for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!(m::GRPC_IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::GRPC_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+impl Call {
+    /// A call of `rpc` whose request carries `headers` and `extensions`, bounded by `timeout`.
+    pub fn start(
+        rpc: Rpc,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+        timeout: Duration,
+    ) -> Self {
+        let started = Instant::now();
+        let connection = extensions.get::<ConnectionInfo>();
+        let caller = connection
+            .and_then(|c| c.peer_identity.clone())
+            .unwrap_or_else(|| "anonymous".to_owned());
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let request_id = telemetry::request_id(header(telemetry::REQUEST_ID_HEADER));
+        let trace = header("traceparent").and_then(TraceParent::parse);
+        let method = rpc.method();
+        let span = tracing::info_span!(
+            "call",
+            grpc.method = method,
+            request_id = %request_id,
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+            parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
+        );
+        telemetry::link_remote_parent(&span, trace.as_ref());
+        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+            .increment(1);
+        let caller_timeout = header("grpc-timeout").and_then(parse_grpc_timeout);
+        Self {
+            rpc,
+            started,
+            budget: Budget::new(started, timeout, caller_timeout),
+            // A request id is printable ASCII by construction.
+            request_id: request_id.parse().expect("printable ASCII"),
+            caller,
+            span,
+            _in_flight: InFlight::enter(),
+            _on_connection: connection.map(ConnectionInfo::call_started),
+            _slot: None,
+        }
+    }
+
+    /// Holds `permit` (a place among the calls in progress) until the call is finished.
+    pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        self._slot = Some(permit);
+    }
+
+    /// When the upstream call must be done.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// The call's span: every line logged for it carries its request id and trace.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// Turns the outcome into the answer, carrying the request id (in headers on success,
+    /// trailers on error), and leaves the call's log line, audit event and metrics.
+    pub fn finish<T>(
+        self,
+        subject: Option<&Subject>,
+        outcome: Outcome<T>,
+        ending: Ending,
+    ) -> Result<Response<T>, Status> {
+        let _entered = self.span.clone().entered();
+        let user = subject.map_or("-", |s| s.user.as_str());
+        let masked = outcome.masked;
+        let (answer, code, reason) = match outcome.result {
+            Ok(response) => {
+                self.log_success(user, masked, ending);
+                let mut response = Response::new(response);
+                response
+                    .metadata_mut()
+                    .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
+                (Ok(response), "OK", None)
+            }
+            Err(error) => {
+                let classified = error.classify();
+                let (code, reason) = (code_name(classified.code), classified.reason);
+                self.log_failure(user, &error, code, reason, classified.blame, ending);
+                let mut status = classified.into_status();
+                status
+                    .metadata_mut()
+                    .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
+                (Err(status), code, Some(reason))
+            }
+        };
+        let event = match (reason, masked) {
+            (Some(_), _) | (None, Some(_)) => "password_reset.refused",
+            (None, None) => match self.rpc {
+                Rpc::ForgotPassword => "password_reset.requested",
+                Rpc::ConfirmForgotPassword => "password_reset.confirmed",
+            },
+        };
+        let reason = reason.or(masked.map(masked_reason));
+        self.audit(event, subject, code, reason, ending == Ending::CallerGone);
+        let caller_code = match ending {
+            Ending::Answered => code,
+            Ending::CallerGone => "CANCELLED",
+        };
+        self.record(caller_code);
+        answer
+    }
+
+    /// Records a call still in flight when the grace period ended: its outcome is unknown.
+    pub fn abandon(self, subject: Option<&Subject>) {
+        let _entered = self.span.clone().entered();
+        let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
+        tracing::warn!(
+            grpc.method = method,
+            user = subject.map_or("-", |s| s.user.as_str()),
+            latency_ms,
+            "call abandoned: the shutdown grace period ended before it did; outcome unknown"
+        );
+        self.audit("password_reset.abandoned", subject, "UNKNOWN", None, false);
+        self.record("UNAVAILABLE");
+    }
+
+    fn record(&self, code: &'static str) {
+        let method = self.rpc.method();
+        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code)
+            .increment(1);
+        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+
+    fn latency_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn log_success(&self, user: &str, masked: Option<&'static str>, ending: Ending) {
+        let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
+        let caller_gone = ending == Ending::CallerGone;
+        match masked {
+            None => tracing::info!(
+                grpc.method = method,
+                grpc.code = "OK",
+                user,
+                latency_ms,
+                caller_gone,
+                "call finished"
+            ),
+            Some(cognito_code) => tracing::info!(
+                grpc.method = method,
+                grpc.code = "OK",
+                masked = true,
+                cognito.code = cognito_code,
+                user,
+                latency_ms,
+                caller_gone,
+                "call finished: enumeration protection answered for an unknown user"
+            ),
+        }
+    }
+
+    /// Logs a failure at the level its blame calls for: caller mistakes and passing upstream
+    /// trouble at warn, this service's own faults at error.
+    fn log_failure(
+        &self,
+        user: &str,
+        error: &Error,
+        code: &str,
+        reason: &str,
+        blame: Blame,
+        ending: Ending,
+    ) {
+        let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
+        let caller_gone = ending == Ending::CallerGone;
+        let cognito_code = match error {
+            Error::Upstream(upstream) => upstream.cognito_code(),
+            _ => None,
+        };
+        let detail = upstream_detail(error);
+        let detail = detail.as_deref();
+        macro_rules! failed {
+            ($level:expr, $message:literal) => {
+                tracing::event!(
+                    $level,
+                    grpc.method = method,
+                    grpc.code = code,
+                    reason,
+                    cognito.code = cognito_code,
+                    detail,
+                    user,
+                    latency_ms,
+                    caller_gone,
+                    $message
+                )
+            };
+        }
+        match blame {
+            Blame::Caller => failed!(Level::WARN, "call failed"),
+            Blame::Upstream => failed!(Level::WARN, "call failed upstream"),
+            Blame::Server => failed!(Level::ERROR, "call failed: server-side fault"),
+        }
+    }
+
+    /// The audit event: a reset requested, confirmed, refused, or abandoned.
+    fn audit(
+        &self,
+        event: &str,
+        subject: Option<&Subject>,
+        code: &str,
+        reason: Option<&str>,
+        caller_gone: bool,
+    ) {
+        tracing::info!(
+            target: "audit",
+            event,
+            user = subject.map_or("-", |s| s.user.as_str()),
+            caller = self.caller,
+            client_id = subject.map_or("-", |s| s.client_id.as_str()),
+            grpc.method = self.rpc.method(),
+            grpc.code = code,
+            reason,
+            caller_gone,
+            request_id = self.request_id.to_str().unwrap_or_default(),
+            "audit"
+        );
+    }
+}
+
+/// The reason the audit records for a masked answer: that of Cognito's real error.
+fn masked_reason(cognito_code: &'static str) -> &'static str {
+    crate::error::cognito_row(cognito_code).map_or("MASKED", |row| row.reason)
+}
+
+/// What an operator needs to see of an upstream failure; Cognito's messages and transport
+/// errors hold no request data, and an invalid answer is described, never quoted.
+fn upstream_detail(error: &Error) -> Option<String> {
+    match error {
+        Error::Upstream(UpstreamError::Service { message, .. }) => message.clone(),
+        Error::Upstream(UpstreamError::Unreachable { detail, .. })
+        | Error::Upstream(UpstreamError::Construction { detail }) => Some(detail.clone()),
+        Error::Upstream(UpstreamError::InvalidResponse(invalid)) => Some(invalid.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses a gRPC `TimeoutValue TimeoutUnit` (at most 8 digits, unit one of `HMSmun`).
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let unit_at = value.len().checked_sub(1)?;
+    if !value.is_char_boundary(unit_at) {
+        return None;
+    }
+    let (digits, unit) = value.split_at(unit_at);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        assert_eq!(parse_grpc_timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1M"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "m", "123456789m", "5x", "-5m", "5 m", "5é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The door in front of the PasswordRecovery service, as a tower layer under tonic's router.
+//! Every call of the service starts here, before its message is read: it takes a place among
+//! the calls in progress (`MAX_CONCURRENT_CALLS`; none left: `OVERLOADED` at once, the message
+//! never read, so memory stays bounded whatever arrives), and its [`Call`] is handed to the
+//! handler. A call the handler never claims was refused by tonic while decoding its message;
+//! it is answered here with this service's own status (`MALFORMED_REQUEST`, or
+//! `REQUEST_TOO_LARGE` for a message over `MAX_REQUEST_BYTES`) and finished like any other.
+//! A call whose caller goes away before the handler claims it is finished as `CANCELLED`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+use tower::Service;
+
+use super::SERVICE_NAME;
+use super::call::{Call, Ending, Outcome};
+use crate::domain::Rpc;
+use crate::error::Error;
+use crate::limits::UPSTREAM_REJECTED;
+
+/// A call started by the intake, waiting for its handler to claim it.
+#[derive(Clone)]
+pub(crate) struct Unclaimed(Arc<Mutex<Option<Call>>>);
+
+impl Unclaimed {
+    /// Takes the call; `None` when it was already taken.
+    pub fn claim(&self) -> Option<Call> {
+        self.0.lock().expect("call slot lock").take()
+    }
+}
+
+/// Finishes the call as cancelled if it was never claimed nor answered: the caller went away
+/// while its message was being read.
+struct CancelUnclaimed(Unclaimed);
+
+impl Drop for CancelUnclaimed {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.claim() {
+            let _ = call.finish::<()>(
+                None,
+                Outcome::plain(Err(Error::Cancelled)),
+                Ending::CallerGone,
+            );
+        }
+    }
+}
+
+/// The intake's settings.
+#[derive(Debug, Clone)]
+pub struct IntakeSettings {
+    /// `MAX_CONCURRENT_CALLS`.
+    pub max_calls: usize,
+    /// `MAX_REQUEST_BYTES`.
+    pub max_request_bytes: usize,
+    /// `COGNITO_TIMEOUT`, the bound of every call's budget.
+    pub timeout: Duration,
+}
+
+/// The PasswordRecovery server `S` behind the intake.
+#[derive(Clone)]
+pub struct Intake<S> {
+    inner: S,
+    calls: Arc<Semaphore>,
+    settings: Arc<IntakeSettings>,
+}
+
+impl<S> Intake<S> {
+    /// `inner` behind an intake with `settings`.
+    pub fn new(inner: S, settings: IntakeSettings) -> Self {
+        Self {
+            inner,
+            calls: Arc::new(Semaphore::new(settings.max_calls)),
+            settings: Arc::new(settings),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Intake<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type Answer = http::Response<Body>;
+
+impl<S> Service<http::Request<Body>> for Intake<S>
+where
+    S: Service<http::Request<Body>, Response = Answer, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let Some(rpc) = Rpc::from_path(SERVICE_NAME, request.uri().path()) else {
+            return Box::pin(self.inner.call(request));
+        };
+        let mut call = Call::start(
+            rpc,
+            request.headers(),
+            request.extensions(),
+            self.settings.timeout,
+        );
+        let Ok(permit) = self.calls.clone().try_acquire_owned() else {
+            metrics::counter!(UPSTREAM_REJECTED, "reason" => "calls").increment(1);
+            let refused = call.finish::<()>(
+                None,
+                Outcome::plain(Err(Error::Overloaded)),
+                Ending::Answered,
+            );
+            return Box::pin(std::future::ready(Ok(answer(refused))));
+        };
+        call.hold(permit);
+        let slot = Unclaimed(Arc::new(Mutex::new(Some(call))));
+        request.extensions_mut().insert(slot.clone());
+        let served = self.inner.call(request);
+        let limit = self.settings.max_request_bytes;
+        Box::pin(async move {
+            let guard = CancelUnclaimed(slot);
+            let Ok(response) = served.await;
+            let Some(call) = guard.0.claim() else {
+                return Ok(response);
+            };
+            // tonic answered without the handler: the message could not be read.
+            let error = match Status::from_header_map(response.headers()) {
+                Some(status) if status.code() == Code::OutOfRange => {
+                    Error::RequestTooLarge { limit }
+                }
+                _ => Error::MalformedRequest,
+            };
+            Ok(answer(call.finish::<()>(
+                None,
+                Outcome::plain(Err(error)),
+                Ending::Answered,
+            )))
+        })
+    }
+}
+
+/// An error answer as the HTTP response tonic would send (trailers-only).
+fn answer(result: Result<tonic::Response<()>, Status>) -> Answer {
+    match result {
+        Err(status) => status.into_http(),
+        Ok(_) => Status::internal("an intake refusal cannot succeed").into_http(),
+    }
+}

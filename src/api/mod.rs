@@ -1,0 +1,513 @@
+//! The `passwordrecovery.v1.PasswordRecovery` gRPC service: parses each request into its
+//! validated domain type, checks the app client and the abuse limits, calls Cognito within
+//! the call's budget, applies enumeration protection, and finishes every call with one log
+//! line, one audit event and its metrics.
+//!
+//! Each call runs in a task of its own ([`InFlightCalls`]), so once it has been sent to
+//! Cognito its outcome is recorded even when the caller goes away; the calls still running
+//! when the shutdown grace period ends are abandoned, and recorded as such.
+//!
+//! - `intake`: the tower layer in front of the service: the cap on calls in progress, and the
+//!   calls whose message could not be read.
+//! - `call`: the life of one call: span, request id, budget, log line, audit event, metrics.
+
+mod call;
+mod intake;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::cognito::{Budget, Cognito, UpstreamError};
+use crate::domain::{
+    ClientId, ClientMetadata, CodeDelivery, ConfirmForgotPassword, ConfirmationCode,
+    DeliveryMedium, FieldViolation, ForgotPassword, PassThrough, Password, Rpc, UserContext,
+    Username, Violations, free_text, optional_client_id,
+};
+use crate::error::Error;
+use crate::limits::Limits;
+use crate::masking::{Imitated, Masking};
+use crate::privacy::UsernameHasher;
+use crate::proto::v1 as pb;
+use crate::proto::v1::password_recovery_server::PasswordRecovery;
+
+use call::{Call, Ending, Outcome, Subject};
+pub use intake::{Intake, IntakeSettings};
+
+/// The service's full name, as health, metrics and reflection show it.
+pub const SERVICE_NAME: &str = "passwordrecovery.v1.PasswordRecovery";
+
+/// The Cognito error codes that mean "no such user" for ForgotPassword under enumeration
+/// protection: an unknown user, or one with no verified contact to send a code to.
+const FORGOT_PASSWORD_MASKED: &[&str] = &["UserNotFoundException", "InvalidParameterException"];
+/// Cognito's answer to a wrong code, which a ConfirmForgotPassword for an unknown user imitates.
+const CODE_MISMATCH: &str = "CodeMismatchException";
+const USER_NOT_FOUND: &str = "UserNotFoundException";
+
+/// The calls running in their own tasks, and the signal that abandons them.
+#[derive(Debug, Default)]
+pub struct InFlightCalls {
+    tasks: TaskTracker,
+    abandon: CancellationToken,
+    abandoned: AtomicUsize,
+}
+
+impl InFlightCalls {
+    /// Abandons every call still running: each records itself as abandoned. Returns how
+    /// many there were, once all have, or after `within`.
+    pub async fn abandon(&self, within: Duration) -> usize {
+        self.abandon.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
+        self.abandoned.load(Ordering::SeqCst)
+    }
+}
+
+/// The service's state, shared by every call.
+#[derive(Debug)]
+struct Shared {
+    cognito: Cognito,
+    limits: Arc<Limits>,
+    /// Pseudonyms of usernames in logs and audit events.
+    usernames: UsernameHasher,
+    masking: Masking,
+    calls: Arc<InFlightCalls>,
+}
+
+/// The PasswordRecovery service.
+#[derive(Debug, Clone)]
+pub struct PasswordRecoveryService {
+    shared: Arc<Shared>,
+    /// For calls that did not come through an [`Intake`] (it always starts them).
+    timeout: Duration,
+}
+
+impl PasswordRecoveryService {
+    /// A service calling `cognito`, each call bounded by `timeout` and passing `limits` first.
+    /// `usernames` hashes usernames for logs; `masking` answers for unknown users; `calls`
+    /// runs every call.
+    pub fn new(
+        cognito: Cognito,
+        timeout: Duration,
+        limits: Arc<Limits>,
+        usernames: UsernameHasher,
+        masking: Masking,
+        calls: Arc<InFlightCalls>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                cognito,
+                limits,
+                usernames,
+                masking,
+                calls,
+            }),
+            timeout,
+        }
+    }
+
+    /// The call the intake started for `request`.
+    fn claim<T>(&self, rpc: Rpc, request: &mut Request<T>) -> Call {
+        let claimed = request
+            .extensions_mut()
+            .remove::<intake::Unclaimed>()
+            .and_then(|slot| slot.claim());
+        claimed.unwrap_or_else(|| {
+            Call::start(
+                rpc,
+                request.metadata().as_ref(),
+                request.extensions(),
+                self.timeout,
+            )
+        })
+    }
+
+    /// The life of every call after the intake: a request that failed validation is answered
+    /// at once; a valid one is `run` in a task of its own within the call's budget, so its
+    /// outcome is recorded even if the caller goes away. Then `Call::finish`.
+    async fn serve<R, T, F, Fut>(
+        &self,
+        call: Call,
+        parsed: Result<R, Vec<FieldViolation>>,
+        run: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: Addressed + Send + 'static,
+        T: Send + 'static,
+        F: FnOnce(Arc<Shared>, R, Budget, CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = Outcome<T>> + Send + 'static,
+    {
+        let request = match parsed {
+            Ok(request) => request,
+            Err(violations) => {
+                let _entered = call.span().clone().entered();
+                let invalid = Outcome::plain(Err(Error::InvalidRequest(violations)));
+                return call.finish(None, invalid, Ending::Answered);
+            }
+        };
+        let shared = self.shared.clone();
+        let subject = shared.subject(request.username(), request.client_id());
+        let caller_gone = CancellationToken::new();
+        let span = call.span().clone();
+        let abandon = shared.calls.abandon.clone();
+        let task = {
+            let caller_gone = caller_gone.clone();
+            async move {
+                let budget = call.budget();
+                let work = run(shared.clone(), request, budget, caller_gone.clone());
+                tokio::select! {
+                    outcome = work => {
+                        let ending = match caller_gone.is_cancelled() {
+                            true => Ending::CallerGone,
+                            false => Ending::Answered,
+                        };
+                        call.finish(Some(&subject), outcome, ending)
+                    }
+                    () = abandon.cancelled() => {
+                        call.abandon(Some(&subject));
+                        shared.calls.abandoned.fetch_add(1, Ordering::SeqCst);
+                        Err(Status::unavailable("the service is shutting down"))
+                    }
+                }
+            }
+            .instrument(span)
+        };
+        let guard = caller_gone.drop_guard();
+        let joined = self.shared.calls.tasks.spawn(task).await;
+        guard.disarm();
+        joined.unwrap_or_else(|err| {
+            tracing::error!(error = %err, "a call's task failed");
+            Err(Error::Internal.into())
+        })
+    }
+}
+
+impl Shared {
+    fn subject(&self, username: &Username, client_id: Option<&ClientId>) -> Subject {
+        Subject {
+            user: self.usernames.pseudonym(username),
+            client_id: client_id.unwrap_or(self.cognito.client_id()).to_string(),
+        }
+    }
+
+    fn check_client(&self, requested: Option<&ClientId>) -> Result<(), Error> {
+        match requested {
+            Some(id) if id != self.cognito.client_id() => Err(Error::ClientNotAllowed),
+            _ => Ok(()),
+        }
+    }
+
+    /// In the order of the README: client allowlist, global limit, per-username limit, a
+    /// place among the calls waiting on Cognito; then, unless the caller has gone, Cognito.
+    fn admit(
+        &self,
+        rpc: Rpc,
+        request: &impl Addressed,
+        caller_gone: &CancellationToken,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.check_client(request.client_id())?;
+        self.limits
+            .check(rpc, request.username())
+            .map_err(Error::RateLimited)?;
+        let permit = self.limits.upstream_permit().ok_or(Error::Overloaded)?;
+        if caller_gone.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(permit)
+    }
+
+    async fn forgot_password(
+        &self,
+        request: ForgotPassword,
+        budget: Budget,
+        caller_gone: CancellationToken,
+    ) -> Outcome<CodeDelivery> {
+        let permit = match self.admit(Rpc::ForgotPassword, &request, &caller_gone) {
+            Ok(permit) => permit,
+            Err(refused) => return Outcome::plain(Err(refused)),
+        };
+        let sent = Instant::now();
+        match self.cognito.forgot_password(&request, budget).await {
+            Ok(delivery) => {
+                self.masking.observe(Imitated::Delivery, sent.elapsed());
+                Outcome::plain(Ok(delivery))
+            }
+            Err(UpstreamError::Service { code, .. })
+                if self.masking.enabled() && FORGOT_PASSWORD_MASKED.contains(&code.as_str()) =>
+            {
+                drop(permit);
+                self.masking
+                    .imitate(Imitated::Delivery, sent, budget.deadline)
+                    .await;
+                Outcome {
+                    result: Ok(self.masking.simulated_delivery(&request.username)),
+                    masked: FORGOT_PASSWORD_MASKED.iter().copied().find(|c| *c == code),
+                }
+            }
+            Err(err) => Outcome::plain(Err(Error::Upstream(err))),
+        }
+    }
+
+    async fn confirm_forgot_password(
+        &self,
+        request: ConfirmForgotPassword,
+        budget: Budget,
+        caller_gone: CancellationToken,
+    ) -> Outcome<()> {
+        let permit = match self.admit(Rpc::ConfirmForgotPassword, &request, &caller_gone) {
+            Ok(permit) => permit,
+            Err(refused) => return Outcome::plain(Err(refused)),
+        };
+        let sent = Instant::now();
+        match self.cognito.confirm_forgot_password(&request, budget).await {
+            Ok(()) => Outcome::plain(Ok(())),
+            Err(err @ UpstreamError::Service { .. })
+                if err.cognito_code() == Some(CODE_MISMATCH) =>
+            {
+                self.masking.observe(Imitated::CodeMismatch, sent.elapsed());
+                Outcome::plain(Err(Error::Upstream(err)))
+            }
+            // Answer exactly as a wrong code does, as late as one does.
+            Err(UpstreamError::Service {
+                code, request_id, ..
+            }) if self.masking.enabled() && code == USER_NOT_FOUND => {
+                drop(permit);
+                self.masking
+                    .imitate(Imitated::CodeMismatch, sent, budget.deadline)
+                    .await;
+                Outcome {
+                    result: Err(Error::Upstream(UpstreamError::Service {
+                        code: CODE_MISMATCH.into(),
+                        message: None,
+                        request_id,
+                    })),
+                    masked: Some(USER_NOT_FOUND),
+                }
+            }
+            Err(err) => Outcome::plain(Err(Error::Upstream(err))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PasswordRecovery for PasswordRecoveryService {
+    async fn forgot_password(
+        &self,
+        mut request: Request<pb::ForgotPasswordRequest>,
+    ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
+        let call = self.claim(Rpc::ForgotPassword, &mut request);
+        let parsed = parse_forgot_password(request.into_inner());
+        self.serve(
+            call,
+            parsed,
+            |shared, request, budget, caller_gone| async move {
+                let outcome = shared.forgot_password(request, budget, caller_gone).await;
+                Outcome {
+                    result: outcome.result.map(|delivery| pb::ForgotPasswordResponse {
+                        code_delivery_details: Some(code_delivery_details(delivery)),
+                    }),
+                    masked: outcome.masked,
+                }
+            },
+        )
+        .await
+    }
+
+    async fn confirm_forgot_password(
+        &self,
+        mut request: Request<pb::ConfirmForgotPasswordRequest>,
+    ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
+        let call = self.claim(Rpc::ConfirmForgotPassword, &mut request);
+        let parsed = parse_confirm_forgot_password(request.into_inner());
+        self.serve(
+            call,
+            parsed,
+            |shared, request, budget, caller_gone| async move {
+                let outcome = shared
+                    .confirm_forgot_password(request, budget, caller_gone)
+                    .await;
+                Outcome {
+                    result: outcome
+                        .result
+                        .map(|()| pb::ConfirmForgotPasswordResponse {}),
+                    masked: outcome.masked,
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// A validated request: whom it is about and for which app client.
+trait Addressed {
+    fn username(&self) -> &Username;
+    fn client_id(&self) -> Option<&ClientId>;
+}
+
+impl Addressed for ForgotPassword {
+    fn username(&self) -> &Username {
+        &self.username
+    }
+    fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+}
+
+impl Addressed for ConfirmForgotPassword {
+    fn username(&self) -> &Username {
+        &self.username
+    }
+    fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+}
+
+fn pass_through(
+    violations: &mut Violations,
+    client_metadata: HashMap<String, String>,
+    user_context: Option<pb::UserContext>,
+    analytics_endpoint_id: String,
+) -> PassThrough {
+    let client_metadata = violations
+        .check(ClientMetadata::parse("client_metadata", client_metadata))
+        .unwrap_or_default();
+    let user_context = user_context
+        .and_then(|c| UserContext::parse("user_context", c.ip_address, c.encoded_data, violations));
+    let analytics_endpoint_id = violations
+        .check(free_text("analytics_endpoint_id", analytics_endpoint_id))
+        .flatten();
+    PassThrough {
+        client_metadata,
+        user_context,
+        analytics_endpoint_id,
+    }
+}
+
+/// Validates a ForgotPassword request, naming every violated field.
+pub fn parse_forgot_password(
+    request: pb::ForgotPasswordRequest,
+) -> Result<ForgotPassword, Vec<FieldViolation>> {
+    let mut violations = Violations::default();
+    let username = violations.check(Username::parse("username", request.username));
+    let client_id = violations.check(optional_client_id("client_id", request.client_id));
+    let pass_through = pass_through(
+        &mut violations,
+        request.client_metadata,
+        request.user_context,
+        request.analytics_endpoint_id,
+    );
+    violations.finish(|| {
+        Some(ForgotPassword {
+            username: username?,
+            client_id: client_id?,
+            pass_through,
+        })
+    })
+}
+
+/// Validates a ConfirmForgotPassword request, naming every violated field.
+pub fn parse_confirm_forgot_password(
+    request: pb::ConfirmForgotPasswordRequest,
+) -> Result<ConfirmForgotPassword, Vec<FieldViolation>> {
+    let mut violations = Violations::default();
+    let username = violations.check(Username::parse("username", request.username));
+    let confirmation_code = violations.check(ConfirmationCode::parse(
+        "confirmation_code",
+        request.confirmation_code,
+    ));
+    let password = violations.check(Password::parse("password", request.password));
+    let client_id = violations.check(optional_client_id("client_id", request.client_id));
+    let pass_through = pass_through(
+        &mut violations,
+        request.client_metadata,
+        request.user_context,
+        request.analytics_endpoint_id,
+    );
+    violations.finish(|| {
+        Some(ConfirmForgotPassword {
+            username: username?,
+            confirmation_code: confirmation_code?,
+            password: password?,
+            client_id: client_id?,
+            pass_through,
+        })
+    })
+}
+
+fn code_delivery_details(delivery: CodeDelivery) -> pb::CodeDeliveryDetails {
+    let medium = match delivery.medium {
+        DeliveryMedium::Unspecified => pb::DeliveryMedium::Unspecified,
+        DeliveryMedium::Email => pb::DeliveryMedium::Email,
+        DeliveryMedium::Sms => pb::DeliveryMedium::Sms,
+    };
+    pb::CodeDeliveryDetails {
+        destination: delivery.destination,
+        delivery_medium: medium.into(),
+        attribute_name: delivery.attribute_name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_violated_field_is_named_at_once() {
+        let violations = parse_confirm_forgot_password(pb::ConfirmForgotPasswordRequest {
+            username: " bob".into(),
+            confirmation_code: String::new(),
+            password: "has space".into(),
+            client_id: "bad-id".into(),
+            user_context: Some(pb::UserContext {
+                ip_address: "x".repeat(131_073),
+                encoded_data: String::new(),
+            }),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "username",
+                "confirmation_code",
+                "password",
+                "client_id",
+                "user_context.ip_address"
+            ]
+        );
+        let text = format!("{violations:?}");
+        assert!(!text.contains("has space"), "values are never echoed");
+    }
+
+    #[test]
+    fn a_valid_request_passes_everything_through() {
+        let request = parse_forgot_password(pb::ForgotPasswordRequest {
+            username: "a@b.com".into(),
+            client_id: String::new(),
+            client_metadata: HashMap::from([("k".into(), "v".into())]),
+            user_context: Some(pb::UserContext {
+                ip_address: "192.0.2.1".into(),
+                encoded_data: String::new(),
+            }),
+            analytics_endpoint_id: "endpoint".into(),
+        })
+        .unwrap();
+        assert_eq!(request.client_id, None);
+        assert_eq!(
+            request.pass_through.analytics_endpoint_id.as_deref(),
+            Some("endpoint")
+        );
+        let context = request.pass_through.user_context.unwrap();
+        assert_eq!(context.ip_address.as_deref(), Some("192.0.2.1"));
+        assert_eq!(context.encoded_data, None);
+    }
+}

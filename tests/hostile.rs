@@ -1,0 +1,468 @@
+//! The promises that matter against a hostile caller, end to end against the fake Cognito:
+//! unknown users are indistinguishable from known ones (by answer and by timing), the
+//! per-username limit forgives nothing under a flood, an upstream answer that is not a
+//! well-formed Cognito answer is never taken for a success, and a request that cannot be read
+//! gets this service's own status.
+
+mod common;
+
+use std::collections::HashSet;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Options, Reply, TestApp, assert_error, confirm, forgot, raw};
+use password_recovery::limits::LimitSettings;
+use rand::Rng;
+use rand::seq::SliceRandom;
+use serde_json::json;
+use tokio::time::Instant;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Cognito's own masking of a known user's destination (the oracle the service must match).
+fn cognito_destination(username: &str) -> (String, &'static str, &'static str) {
+    if let Some(digits) = username.strip_prefix('+') {
+        let (hidden, shown) = digits.split_at(digits.len() - 4);
+        return (
+            format!("+{}{shown}", "*".repeat(hidden.len())),
+            "SMS",
+            "phone_number",
+        );
+    }
+    let (local, domain) = username.split_once('@').unwrap();
+    let first = |s: &str| s.chars().next().unwrap();
+    (
+        format!("{}***@{}***", first(local), first(domain)),
+        "EMAIL",
+        "email",
+    )
+}
+
+fn delivered(username: &str) -> Reply {
+    let (destination, medium, attribute) = cognito_destination(username);
+    Reply::Ok(json!({
+        "CodeDeliveryDetails": {
+            "Destination": destination,
+            "DeliveryMedium": medium,
+            "AttributeName": attribute,
+        }
+    }))
+}
+
+fn username_of(recorded: &common::Recorded) -> String {
+    recorded.body["Username"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn an_unknown_user_gets_byte_for_byte_the_answer_a_known_user_gets() {
+    let app = TestApp::spawn().await;
+    let known = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let rule_known = known.clone();
+    app.cognito.respond_with(move |request| {
+        if rule_known.load(std::sync::atomic::Ordering::SeqCst) {
+            delivered(&username_of(request))
+        } else {
+            Reply::error("UserNotFoundException")
+        }
+    });
+    let usernames = [
+        "zed@example.org",
+        "alice.smith+tag@mail.example.com",
+        "b@c.io",
+        "élodie@ünïversité.fr",
+        "+14155550123",
+        "+447700900123",
+        "+33612345678",
+    ];
+    let mut client = app.client().await;
+
+    for username in usernames {
+        known.store(true, std::sync::atomic::Ordering::SeqCst);
+        let real = client.forgot_password(forgot(username)).await.unwrap();
+        known.store(false, std::sync::atomic::Ordering::SeqCst);
+        let simulated = client.forgot_password(forgot(username)).await.unwrap();
+
+        assert_eq!(
+            prost::Message::encode_to_vec(real.get_ref()),
+            prost::Message::encode_to_vec(simulated.get_ref()),
+            "{username}: {:?} vs {:?}",
+            real.get_ref(),
+            simulated.get_ref()
+        );
+    }
+}
+
+/// The share of `known` and `unknown` latencies the best single threshold classifies
+/// correctly (0.5 is chance).
+fn best_threshold_accuracy(known: &[Duration], unknown: &[Duration]) -> f64 {
+    let mut all: Vec<(Duration, bool)> = known
+        .iter()
+        .map(|d| (*d, true))
+        .chain(unknown.iter().map(|d| (*d, false)))
+        .collect();
+    all.sort();
+    let total = all.len() as f64;
+    let (mut known_below, mut unknown_below) = (0usize, 0usize);
+    let mut best: f64 = 0.5;
+    for (_, is_known) in &all {
+        if *is_known {
+            known_below += 1;
+        } else {
+            unknown_below += 1;
+        }
+        // "Below the threshold is unknown", and the reverse rule.
+        let a = (unknown_below + (known.len() - known_below)) as f64 / total;
+        let b = (known_below + (unknown.len() - unknown_below)) as f64 / total;
+        best = best.max(a).max(b);
+    }
+    best
+}
+
+fn median(latencies: &[Duration]) -> Duration {
+    let mut sorted = latencies.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+/// Known users: Cognito sends a code (or checks it) in 80–120 ms; unknown users: it says so in
+/// 20–40 ms. The answers must not tell them apart by timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timing_does_not_tell_unknown_users_from_known_ones() {
+    let app = TestApp::spawn().await;
+    app.cognito.respond_with(|request| {
+        let username = username_of(request);
+        let mut rng = rand::rng();
+        if username.starts_with("known") {
+            let pause = Duration::from_millis(rng.random_range(80..=120));
+            let answer = match request.operation.as_str() {
+                "ForgotPassword" => delivered(&username),
+                _ => Reply::error("CodeMismatchException"),
+            };
+            Reply::After(pause, Box::new(answer))
+        } else {
+            let pause = Duration::from_millis(rng.random_range(20..=40));
+            Reply::After(pause, Box::new(Reply::error("UserNotFoundException")))
+        }
+    });
+    let channel = app.channel().await;
+
+    for rpc in ["ForgotPassword", "ConfirmForgotPassword"] {
+        let call = |username: String| {
+            let mut client =
+                password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient::new(
+                    channel.clone(),
+                );
+            async move {
+                let started = Instant::now();
+                let answer = match rpc {
+                    "ForgotPassword" => client.forgot_password(forgot(&username)).await.map(drop),
+                    _ => client
+                        .confirm_forgot_password(confirm(&username))
+                        .await
+                        .map(drop),
+                };
+                (started.elapsed(), answer)
+            }
+        };
+        // Warm-up: the service has seen real answers before the attacker measures.
+        for i in 0..20 {
+            let _ = call(format!("known-warm-{i}@example.com")).await;
+        }
+        let mut usernames: Vec<(bool, String)> = (0..200)
+            .map(|i| (true, format!("known-{i}@example.com")))
+            .chain((0..200).map(|i| (false, format!("nobody-{i}@example.com"))))
+            .collect();
+        usernames.shuffle(&mut rand::rng());
+
+        let mut known = Vec::new();
+        let mut unknown = Vec::new();
+        for batch in usernames.chunks(16) {
+            let answers = futures_join(batch.iter().map(|(_, u)| call(u.clone()))).await;
+            for ((is_known, username), (latency, answer)) in batch.iter().zip(answers) {
+                match rpc {
+                    "ForgotPassword" => assert!(answer.is_ok(), "{username}: {answer:?}"),
+                    _ => {
+                        let status = answer.unwrap_err();
+                        assert_error(&status, Code::InvalidArgument, "CODE_MISMATCH");
+                    }
+                }
+                if *is_known {
+                    known.push(latency);
+                } else {
+                    unknown.push(latency);
+                }
+            }
+        }
+
+        let accuracy = best_threshold_accuracy(&known, &unknown);
+        println!(
+            "{rpc}: median known {:?}, unknown {:?}; best single threshold classifies {:.1} %",
+            median(&known),
+            median(&unknown),
+            accuracy * 100.0
+        );
+        assert!(
+            accuracy <= 0.60,
+            "{rpc}: timing tells them apart ({accuracy})"
+        );
+    }
+}
+
+/// Awaits every future, concurrently.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
+}
+
+#[tokio::test]
+async fn a_flood_of_new_usernames_does_not_forgive_a_spent_bucket() {
+    let app = TestApp::spawn_with(Options {
+        limits: LimitSettings {
+            username: "5/15m".parse().unwrap(),
+            username_max_keys: NonZeroUsize::new(50).unwrap(),
+            global_rps: None::<NonZeroU32>,
+            max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
+        },
+        ..Options::default()
+    })
+    .await;
+    app.cognito
+        .respond_with(|_| Reply::error("CodeMismatchException"));
+    let mut client = app.client().await;
+    for _ in 0..5 {
+        let status = client
+            .confirm_forgot_password(confirm("victim@example.com"))
+            .await
+            .unwrap_err();
+        assert_error(&status, Code::InvalidArgument, "CODE_MISMATCH");
+    }
+
+    let mut at_capacity = 0;
+    for i in 0..120 {
+        let status = client
+            .confirm_forgot_password(confirm(&format!("flood-{i}@example.com")))
+            .await
+            .unwrap_err();
+        if status.code() == Code::ResourceExhausted {
+            let info = assert_error(&status, Code::ResourceExhausted, "RATE_LIMITED");
+            assert_eq!(info.metadata["limiter"], "username_capacity");
+            let wait = status
+                .get_details_retry_info()
+                .unwrap()
+                .retry_delay
+                .unwrap();
+            assert!(wait >= Duration::from_secs(1), "{wait:?}");
+            at_capacity += 1;
+        }
+    }
+
+    assert_eq!(at_capacity, 120 - 49, "the table holds 50 buckets");
+    let status = client
+        .confirm_forgot_password(confirm("victim@example.com"))
+        .await
+        .unwrap_err();
+    let info = assert_error(&status, Code::ResourceExhausted, "RATE_LIMITED");
+    assert_eq!(
+        info.metadata["limiter"], "username",
+        "the victim was forgiven"
+    );
+    assert_eq!(
+        app.cognito.recorded().len(),
+        5 + 49,
+        "refused calls never reach Cognito"
+    );
+}
+
+#[tokio::test]
+async fn no_answer_but_a_well_formed_cognito_success_is_ok() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client().await;
+    let amz = "application/x-amz-json-1.1";
+    let cases = [
+        (
+            "an HTML page",
+            Reply::Bytes {
+                status: 200,
+                content_type: "text/html",
+                body: b"<html>welcome to the hotel wifi</html>".to_vec(),
+            },
+        ),
+        (
+            "not JSON",
+            Reply::Bytes {
+                status: 200,
+                content_type: amz,
+                body: b"OK".to_vec(),
+            },
+        ),
+        (
+            "a JSON array",
+            Reply::Bytes {
+                status: 200,
+                content_type: amz,
+                body: b"[]".to_vec(),
+            },
+        ),
+        (
+            "an empty body",
+            Reply::Bytes {
+                status: 200,
+                content_type: amz,
+                body: Vec::new(),
+            },
+        ),
+        (
+            "a redirect",
+            Reply::Bytes {
+                status: 302,
+                content_type: "text/html",
+                body: b"moved".to_vec(),
+            },
+        ),
+        ("a 50 MB body", Reply::Huge(50 << 20)),
+    ];
+    for (what, reply) in cases {
+        for rpc in ["ForgotPassword", "ConfirmForgotPassword"] {
+            let before = app.cognito.recorded().len();
+            app.cognito.script([reply.clone()]);
+            let started = Instant::now();
+            let status = match rpc {
+                "ForgotPassword" => client.forgot_password(forgot("amy")).await.map(drop),
+                _ => client
+                    .confirm_forgot_password(confirm("amy"))
+                    .await
+                    .map(drop),
+            }
+            .expect_err(what);
+            assert_error(&status, Code::Unavailable, "UPSTREAM_INVALID_RESPONSE");
+            assert_eq!(
+                app.cognito.recorded().len(),
+                before + 1,
+                "{what}: not retried"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{what}: read no further"
+            );
+        }
+    }
+
+    // A destination no Cognito would send.
+    app.cognito
+        .script([Reply::Ok(json!({"CodeDeliveryDetails": {
+            "Destination": "x".repeat(40_000), "DeliveryMedium": "EMAIL", "AttributeName": "email"
+        }}))]);
+    let status = client.forgot_password(forgot("amy")).await.unwrap_err();
+    assert_error(&status, Code::Unavailable, "UPSTREAM_INVALID_RESPONSE");
+    app.cognito
+        .script([Reply::Ok(json!({"CodeDeliveryDetails": {
+            "Destination": "a***@b***\u{7}", "DeliveryMedium": "EMAIL", "AttributeName": "email"
+        }}))]);
+    let status = client.forgot_password(forgot("amy")).await.unwrap_err();
+    assert_error(&status, Code::Unavailable, "UPSTREAM_INVALID_RESPONSE");
+}
+
+#[tokio::test]
+async fn an_answer_cut_short_is_upstream_unavailable() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client().await;
+    for rpc in ["ForgotPassword", "ConfirmForgotPassword"] {
+        app.cognito.script([Reply::Truncated]);
+        let status = match rpc {
+            "ForgotPassword" => client.forgot_password(forgot("amy")).await.map(drop),
+            _ => client
+                .confirm_forgot_password(confirm("amy"))
+                .await
+                .map(drop),
+        }
+        .unwrap_err();
+        assert_error(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    }
+}
+
+#[tokio::test]
+async fn http_429_without_a_code_is_retried_like_throttling() {
+    let app = TestApp::spawn().await;
+    app.cognito.script([Reply::Raw {
+        status: 429,
+        body: "",
+    }]);
+
+    app.client()
+        .await
+        .forgot_password(forgot("amy"))
+        .await
+        .expect("the retry succeeds");
+
+    assert_eq!(app.cognito.recorded().len(), 2);
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_decoded_is_malformed_request() {
+    let app = TestApp::spawn().await;
+    let channel = app.channel().await;
+    let garbage: [&[u8]; 4] = [
+        b"\xff\xff\xff\xff",
+        b"\x0a\x80",
+        b"\x0a\x02\xc3\x28",
+        b"\x0b",
+    ];
+    for bytes in garbage {
+        for rpc in ["ForgotPassword", "ConfirmForgotPassword"] {
+            let status = raw::call(channel.clone(), rpc, bytes.to_vec())
+                .await
+                .unwrap_err();
+            let info = assert_error(&status, Code::InvalidArgument, "MALFORMED_REQUEST");
+            assert!(info.metadata.is_empty(), "{info:?}");
+            assert!(status.metadata().get("x-request-id").is_some());
+        }
+    }
+    assert!(app.cognito.recorded().is_empty());
+}
+
+#[tokio::test]
+async fn calls_beyond_max_concurrent_calls_are_refused_unread() {
+    let app = TestApp::spawn_with(Options {
+        max_concurrent_calls: 2,
+        ..Options::default()
+    })
+    .await;
+    app.cognito.script([
+        Reply::Held(Box::new(Reply::Ok(json!({})))),
+        Reply::Held(Box::new(Reply::Ok(json!({})))),
+    ]);
+    let channel = app.channel().await;
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let mut client =
+                password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient::new(
+                    channel.clone(),
+                );
+            tokio::spawn(async move { client.forgot_password(forgot(&format!("h{i}"))).await })
+        })
+        .collect();
+    app.cognito.arrived(2).await;
+
+    let status = raw::call(channel.clone(), "ForgotPassword", vec![0xff; 60_000])
+        .await
+        .unwrap_err();
+
+    let info = assert_error(&status, Code::Unavailable, "OVERLOADED");
+    assert!(info.metadata.is_empty());
+    assert!(status.get_details_retry_info().is_some());
+    app.cognito.release(2);
+    for call in held {
+        call.await.unwrap().expect("the held calls finish");
+    }
+    let distinct: HashSet<_> = app.cognito.recorded().iter().map(username_of).collect();
+    assert_eq!(distinct.len(), 2);
+}
