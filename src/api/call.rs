@@ -167,7 +167,13 @@ impl Call {
             Err(error) => {
                 let classified = error.classify();
                 let (code, reason) = (code_name(classified.code), classified.reason);
-                self.log_failure(user, &error, code, reason, classified.blame, ending);
+                let failure = Failure {
+                    code,
+                    reason,
+                    blame: classified.blame,
+                    masked,
+                };
+                self.log_failure(user, &error, &failure, ending);
                 let mut status = classified.into_status();
                 status
                     .metadata_mut()
@@ -182,7 +188,7 @@ impl Call {
                 Rpc::ConfirmForgotPassword => "password_reset.confirmed",
             },
         };
-        let reason = reason.or(masked.map(masked_reason));
+        let reason = masked.map(masked_reason).or(reason);
         self.audit(event, subject, code, reason, ending == Ending::CallerGone);
         let caller_code = match ending {
             Ending::Answered => code,
@@ -245,21 +251,21 @@ impl Call {
 
     /// Logs a failure at the level its blame calls for: caller mistakes and passing upstream
     /// trouble at warn, this service's own faults at error.
-    fn log_failure(
-        &self,
-        user: &str,
-        error: &Error,
-        code: &str,
-        reason: &str,
-        blame: Blame,
-        ending: Ending,
-    ) {
+    fn log_failure(&self, user: &str, error: &Error, failure: &Failure, ending: Ending) {
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let caller_gone = ending == Ending::CallerGone;
-        let cognito_code = match error {
+        let Failure {
+            code,
+            reason,
+            blame,
+            masked,
+        } = *failure;
+        // A masked answer logs what Cognito really said.
+        let cognito_code = masked.or(match error {
             Error::Upstream(upstream) => upstream.cognito_code(),
             _ => None,
-        };
+        });
+        let masked = masked.is_some().then_some(true);
         let detail = upstream_detail(error);
         let detail = detail.as_deref();
         macro_rules! failed {
@@ -269,6 +275,7 @@ impl Call {
                     grpc.method = method,
                     grpc.code = code,
                     reason,
+                    masked,
                     cognito.code = cognito_code,
                     detail,
                     user,
@@ -308,6 +315,14 @@ impl Call {
             "audit"
         );
     }
+}
+
+/// How a failed call is logged.
+struct Failure {
+    code: &'static str,
+    reason: &'static str,
+    blame: Blame,
+    masked: Option<&'static str>,
 }
 
 /// The reason the audit records for a masked answer: that of Cognito's real error.

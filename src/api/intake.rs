@@ -132,17 +132,27 @@ where
             let Some(call) = guard.0.claim() else {
                 return Ok(response);
             };
-            // tonic answered without the handler: the message could not be read.
-            let error = match Status::from_header_map(response.headers()) {
+            // tonic answered without the handler: the message could not be read, or the
+            // caller reset the stream while it was being read.
+            let (error, ending) = match Status::from_header_map(response.headers()) {
                 Some(status) if status.code() == Code::OutOfRange => {
-                    Error::RequestTooLarge { limit }
+                    (Error::RequestTooLarge { limit }, Ending::Answered)
                 }
-                _ => Error::MalformedRequest,
+                // A reset stream (CANCELLED) or a broken connection (UNKNOWN, UNAVAILABLE).
+                Some(status)
+                    if matches!(
+                        status.code(),
+                        Code::Cancelled | Code::Unknown | Code::Unavailable
+                    ) =>
+                {
+                    (Error::Cancelled, Ending::CallerGone)
+                }
+                _ => (Error::MalformedRequest, Ending::Answered),
             };
             Ok(answer(call.finish::<()>(
                 None,
                 Outcome::plain(Err(error)),
-                Ending::Answered,
+                ending,
             )))
         })
     }

@@ -108,17 +108,49 @@ impl ServiceProcess {
         super::scrape(&self.metrics_addr).await
     }
 
-    /// Sends SIGTERM and returns the exit status, every stdout line and stderr.
-    pub async fn terminate(mut self) -> (ExitStatus, Vec<String>, String) {
-        let pid = self.child.id().expect("still running").to_string();
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `INT`) to the process.
+    pub fn signal(&self, signal: &str) {
         let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([format!("-{signal}"), self.pid().to_string()])
             .status()
             .expect("kill runs");
-        assert!(sent.success(), "SIGTERM not delivered");
+        assert!(sent.success(), "SIG{signal} not delivered");
+    }
+
+    /// Waits (at most 30 s) for the next log line that `matches`, and returns it.
+    pub async fn wait_for_line(&mut self, matches: impl Fn(&Value) -> bool) -> Value {
+        let wait = async {
+            while let Some(line) = self.incoming.recv().await {
+                self.lines.push(line.clone());
+                let entry: Value = serde_json::from_str(&line).expect("JSON log line");
+                if matches(&entry) {
+                    return entry;
+                }
+            }
+            panic!("the process ended first: {:#?}", self.lines);
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the log line within 30 s")
+    }
+
+    /// Sends SIGTERM and returns the exit status, every stdout line and stderr.
+    pub async fn terminate(self) -> (ExitStatus, Vec<String>, String) {
+        self.signal("TERM");
+        self.exited().await
+    }
+
+    /// Waits (at most 30 s) for the process to exit; returns its status, every stdout line
+    /// and stderr.
+    pub async fn exited(mut self) -> (ExitStatus, Vec<String>, String) {
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
-            .expect("exits after SIGTERM")
+            .expect("exits within 30 s")
             .unwrap();
         while let Some(line) = self.incoming.recv().await {
             self.lines.push(line);
