@@ -44,5 +44,7 @@ lint:
 	cargo clippy --all-targets --locked -- -D warnings
 	cargo clippy --all-targets --all-features --locked -- -D warnings
 
+# The memory tests measure the release binary, so it is built first.
 test: tools lint
+	cargo build --release --locked
 	AWS_REGION=us-east-1 cargo test --locked

@@ -125,15 +125,20 @@ impl FakeCognito {
         self.shared.state.lock().unwrap().recorded.clone()
     }
 
-    /// Waits until at least `count` requests have arrived in all.
+    /// Waits (at most 30 s) until at least `count` requests have arrived in all.
     pub async fn arrived(&self, count: usize) {
-        loop {
-            let notified = self.shared.arrived.notified();
-            if self.shared.state.lock().unwrap().recorded.len() >= count {
-                return;
+        let wait = async {
+            loop {
+                let notified = self.shared.arrived.notified();
+                if self.shared.state.lock().unwrap().recorded.len() >= count {
+                    return;
+                }
+                notified.await;
             }
-            notified.await;
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{count} requests did not arrive within 30 s"));
     }
 
     /// Lets `count` held answers go.

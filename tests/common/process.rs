@@ -14,11 +14,22 @@ use tonic::transport::Channel;
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_password-recovery");
 
+/// The release build of the binary, for measurements; `make test` builds it first.
+pub const RELEASE_BINARY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/target/release/password-recovery"
+);
+
 /// The binary with only `vars` (and a throw-away HOME) in its environment.
 pub fn command(vars: &[(&str, &str)]) -> Command {
+    command_for(BINARY, vars)
+}
+
+/// `binary` with only `vars` (and a throw-away HOME) in its environment.
+pub fn command_for(binary: &str, vars: &[(&str, &str)]) -> Command {
     let home = std::env::temp_dir().join("password-recovery-test-home");
     std::fs::create_dir_all(&home).unwrap();
-    let mut command = Command::new(BINARY);
+    let mut command = Command::new(binary);
     command
         .env_clear()
         .env("HOME", home)
@@ -45,13 +56,29 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts the binary on a free loopback port with `vars` and waits until it serves.
     pub async fn start(vars: &[(&str, &str)]) -> Self {
+        Self::start_binary(BINARY, vars).await
+    }
+
+    /// Starts the release build; fails, saying how to build it, when it is missing.
+    pub async fn start_release(vars: &[(&str, &str)]) -> Self {
+        assert!(
+            std::path::Path::new(RELEASE_BINARY).exists(),
+            "{RELEASE_BINARY} is missing: run `cargo build --release --locked` (make test does)"
+        );
+        Self::start_binary(RELEASE_BINARY, vars).await
+    }
+
+    /// Starts `binary` like [`Self::start`].
+    pub async fn start_binary(binary: &str, vars: &[(&str, &str)]) -> Self {
         let mut vars = vars.to_vec();
         vars.push(("GRPC_LISTEN_ADDR", "127.0.0.1:0"));
         vars.push(("HEALTH_LISTEN_ADDR", "127.0.0.1:0"));
         if !vars.iter().any(|(name, _)| *name == "METRICS_LISTEN_ADDR") {
             vars.push(("METRICS_LISTEN_ADDR", "127.0.0.1:0"));
         }
-        let mut child = command(&vars).spawn().expect("the binary starts");
+        let mut child = command_for(binary, &vars)
+            .spawn()
+            .expect("the binary starts");
         let mut reader = BufReader::new(child.stdout.take().unwrap()).lines();
         let (send, incoming) = mpsc::unbounded_channel();
         tokio::spawn(async move {

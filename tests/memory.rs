@@ -1,0 +1,293 @@
+//! Memory stays bounded at the shipped defaults whatever arrives: each hostile shape is driven
+//! against the release binary (many streams holding partial messages, more idle connections
+//! than allowed, concurrent largest valid requests, concurrent huge upstream bodies), its peak
+//! RSS is held to the README's bound, and afterwards RSS falls back near the idle level within
+//! 30 s.
+//!
+//! The bound, at the shipped defaults (README "Memory"):
+//!   baseline + MAX_CONNECTIONS × per connection + MAX_CONCURRENT_CALLS × per call
+//!   + USERNAME_RATE_LIMIT_MAX_KEYS × per bucket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::ServiceProcess;
+use common::{CLIENT_ID, FakeCognito, Reply, forgot};
+use password_recovery::config::default_value;
+use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+/// The process with nothing to do, generously.
+const BASELINE: u64 = 24 * MIB;
+/// One connection: its HTTP/2 connection window of unread data (128 KiB), header list
+/// (16 KiB), frame, read, write and TLS buffers.
+const PER_CONNECTION: u64 = 192 * KIB;
+/// One call in progress: its message (reserved whole by the decoder), the decoded request, the
+/// JSON sent to Cognito, and Cognito's answer (at most 64 KiB).
+fn per_call(max_request_bytes: u64) -> u64 {
+    4 * max_request_bytes + 64 * KIB
+}
+/// One per-username bucket (measured: 36 MiB for 1 000 000).
+const PER_BUCKET: u64 = 40;
+/// Near the idle level: within 4 MiB of it, or at least three quarters of the load's rise
+/// given back (live connections, such as the pool to Cognito, keep some buffers).
+fn settled_margin(idle: u64, peak: u64) -> u64 {
+    (4 * MIB).max(peak.saturating_sub(idle) / 4)
+}
+
+fn default_number(name: &str) -> u64 {
+    default_value(name)
+        .unwrap_or_else(|| panic!("{name} has a default"))
+        .parse()
+        .unwrap()
+}
+
+/// The README's bound at the shipped defaults.
+fn bound() -> u64 {
+    BASELINE
+        + default_number("MAX_CONNECTIONS") * PER_CONNECTION
+        + default_number("MAX_CONCURRENT_CALLS") * per_call(default_number("MAX_REQUEST_BYTES"))
+        + default_number("USERNAME_RATE_LIMIT_MAX_KEYS") * PER_BUCKET
+}
+
+/// VmRSS and VmHWM (peak) of `pid`, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+            * KIB
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn start(cognito: &FakeCognito) -> (ServiceProcess, u64) {
+    let service = ServiceProcess::start_release(&[
+        ("COGNITO_CLIENT_ID", CLIENT_ID),
+        ("COGNITO_CLIENT_SECRET", "memory-test-secret"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", cognito.url.as_str()),
+        ("RUST_LOG", "warn,password_recovery::app=info"),
+    ])
+    .await;
+    // Warm up one call so the idle level includes a connection pool to Cognito.
+    service
+        .client()
+        .await
+        .forgot_password(forgot("warm"))
+        .await
+        .unwrap();
+    let (idle, _) = memory(service.pid());
+    (service, idle)
+}
+
+/// Asserts the peak against the bound, then waits (at most 30 s) for RSS to settle near idle.
+async fn peak_within_bound_then_settles(service: ServiceProcess, idle: u64, shape: &str) {
+    let (_, peak) = memory(service.pid());
+    let bound = bound();
+    println!(
+        "{shape}: idle {} KiB, peak {} KiB, bound {} KiB",
+        idle / KIB,
+        peak / KIB,
+        bound / KIB
+    );
+    assert!(peak < bound, "{shape}: peak {peak} over the bound {bound}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (rss, _) = memory(service.pid());
+        if rss <= idle + settled_margin(idle, peak) {
+            println!("{shape}: settled at {} KiB", rss / KIB);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{shape}: RSS {} KiB 30 s after the load, idle was {} KiB",
+            rss / KIB,
+            idle / KIB
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.terminate().await;
+}
+
+/// The value of a Prometheus series, if present.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+async fn wait_for_metric(service: &ServiceProcess, name: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = service.scrape().await;
+        if metric(&metrics, name).is_some_and(|v| v >= at_least) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {at_least}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_holding_partial_messages() {
+    let cognito = FakeCognito::start().await;
+    let (service, idle) = start(&cognito).await;
+    let max_request = default_number("MAX_REQUEST_BYTES");
+    let mut held = Vec::new();
+
+    // 32 connections × 32 streams, each announcing the largest message and sending half.
+    for _ in 0..32 {
+        let tcp = tokio::net::TcpStream::connect(&service.target)
+            .await
+            .unwrap();
+        let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+        held.push(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        for _ in 0..32 {
+            let request = http::Request::post(format!(
+                "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
+                service.target
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+            let Ok(mut ready) = h2.clone().ready().await else {
+                break;
+            };
+            let Ok((_response, mut stream)) = ready.send_request(request, false) else {
+                break;
+            };
+            let mut partial = vec![0u8; 5 + max_request as usize / 2];
+            partial[1..5].copy_from_slice(&(max_request as u32).to_be_bytes());
+            let _ = stream.send_data(partial.into(), false);
+            held.push(tokio::spawn(async move {
+                let _keep = (stream, _response);
+                std::future::pending::<()>().await
+            }));
+        }
+    }
+    wait_for_metric(&service, "grpc_server_in_flight", 128.0).await;
+    wait_for_metric(&service, "upstream_rejected_total", 1.0).await;
+
+    for task in held {
+        task.abort();
+    }
+    peak_within_bound_then_settles(service, idle, "partial messages").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_idle_connections_than_allowed() {
+    let cognito = FakeCognito::start().await;
+    let (service, idle) = start(&cognito).await;
+    let max_connections = default_number("MAX_CONNECTIONS");
+    let mut held = Vec::new();
+
+    for _ in 0..max_connections + 100 {
+        let tcp = tokio::net::TcpStream::connect(&service.target)
+            .await
+            .unwrap();
+        if let Ok((client, connection)) = h2::client::handshake(tcp).await {
+            held.push((client, tokio::spawn(connection)));
+        }
+    }
+    wait_for_metric(&service, "grpc_connections_refused_total", 100.0).await;
+    let metrics = service.scrape().await;
+    assert_eq!(
+        metric(&metrics, "grpc_connections_open"),
+        Some(max_connections as f64),
+        "{metrics}"
+    );
+
+    for (_, connection) in held {
+        connection.abort();
+    }
+    peak_within_bound_then_settles(service, idle, "idle connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_largest_valid_requests() {
+    let cognito = FakeCognito::start().await;
+    let (service, idle) = start(&cognito).await;
+    cognito.respond_with(|_| Reply::Held(Box::new(Reply::Ok(serde_json::json!({})))));
+    let max_request = default_number("MAX_REQUEST_BYTES") as usize;
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        let channel = Channel::from_shared(format!("http://{}", service.target))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        channels.push(channel);
+    }
+    let mut request = forgot("largest@example.com");
+    request
+        .client_metadata
+        .insert("k".into(), "v".repeat(max_request - 100));
+    assert!(prost::Message::encoded_len(&request) <= max_request);
+
+    let calls: Vec<_> = (0..200)
+        .map(|i| {
+            let mut client = PasswordRecoveryClient::new(channels[i % 8].clone());
+            let mut request = request.clone();
+            request.username = format!("largest-{i}@example.com");
+            tokio::spawn(async move { client.forgot_password(request).await })
+        })
+        .collect();
+    cognito.arrived(1 + 64).await;
+    let (_, peak_while_held) = memory(service.pid());
+
+    cognito.release(1000);
+    let mut answered = 0;
+    for call in calls {
+        if call.await.unwrap().is_ok() {
+            answered += 1;
+        }
+    }
+    assert!(answered >= 64, "{answered}");
+    drop(channels);
+    println!(
+        "largest requests: peak while held {} KiB",
+        peak_while_held / KIB
+    );
+    peak_within_bound_then_settles(service, idle, "largest requests").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_huge_upstream_bodies() {
+    let cognito = FakeCognito::start().await;
+    let (service, idle) = start(&cognito).await;
+    cognito.respond_with(|_| Reply::Huge(50 << 20));
+    let channel = Channel::from_shared(format!("http://{}", service.target))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let mut client = PasswordRecoveryClient::new(channel.clone());
+            tokio::spawn(async move { client.forgot_password(forgot(&format!("h{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        let status = call.await.unwrap().unwrap_err();
+        common::assert_error(
+            &status,
+            tonic::Code::Unavailable,
+            "UPSTREAM_INVALID_RESPONSE",
+        );
+    }
+
+    peak_within_bound_then_settles(service, idle, "huge upstream bodies").await;
+}
