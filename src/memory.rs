@@ -2,12 +2,47 @@
 //! process would stay at its peak. A background thread asks it to return free pages to the
 //! system every [`TRIM_INTERVAL`] (`malloc_trim`), so resident memory falls back near its idle
 //! level within seconds once load stops. Elsewhere than glibc, nothing is done.
+//!
+//! It also owns the worst-case bound of the process's memory ([`bound_bytes`]), the formula
+//! the README states, the memory tests hold the release binary to, and the Deployment's
+//! memory limit must cover with headroom.
 
 use std::sync::Once;
 use std::time::Duration;
 
 /// How often free heap pages are given back.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// The process with nothing to do (measured: 12–15 MiB), with room.
+pub const BASELINE_BYTES: u64 = 24 * MIB;
+/// One open connection at most: its HTTP/2 connection window of unread data (128 KiB), a
+/// header list (16 KiB), frame, read, write and TLS buffers.
+pub const PER_CONNECTION_BYTES: u64 = 192 * KIB;
+/// One per-username bucket (measured: 36 MiB for 1 000 000).
+pub const PER_BUCKET_BYTES: u64 = 40;
+
+/// One call in progress at most: its message (reserved whole by the decoder), the decoded
+/// request, the JSON sent to Cognito, and Cognito's answer (at most 64 KiB).
+pub fn per_call_bytes(max_request_bytes: u64) -> u64 {
+    4 * max_request_bytes + 64 * KIB
+}
+
+/// The worst case: baseline + connections × per connection + calls × per call + buckets ×
+/// per bucket.
+pub fn bound_bytes(
+    max_connections: u64,
+    max_concurrent_calls: u64,
+    max_request_bytes: u64,
+    max_buckets: u64,
+) -> u64 {
+    BASELINE_BYTES
+        + max_connections * PER_CONNECTION_BYTES
+        + max_concurrent_calls * per_call_bytes(max_request_bytes)
+        + max_buckets * PER_BUCKET_BYTES
+}
 
 /// Starts the trimming thread, once per process.
 pub fn spawn_trimmer() {

@@ -219,6 +219,40 @@ fn limits_and_drain_time_fit_together() {
 }
 
 #[test]
+fn the_memory_limit_covers_the_worst_case_bound_with_headroom() {
+    let configmap = load("configmap.yaml");
+    let setting = |key: &str| -> u64 {
+        configmap["data"][key]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| password_recovery::config::default_value(key))
+            .unwrap_or_else(|| panic!("{key}: neither set nor defaulted"))
+            .parse()
+            .unwrap()
+    };
+    let bound = password_recovery::memory::bound_bytes(
+        setting("MAX_CONNECTIONS"),
+        setting("MAX_CONCURRENT_CALLS"),
+        setting("MAX_REQUEST_BYTES"),
+        setting("USERNAME_RATE_LIMIT_MAX_KEYS"),
+    );
+    let deployment = load("deployment.yaml");
+    let limit = container(&deployment)["resources"]["limits"]["memory"]
+        .as_str()
+        .unwrap();
+    let limit: u64 = limit
+        .strip_suffix("Mi")
+        .expect("a limit in Mi")
+        .parse::<u64>()
+        .unwrap()
+        << 20;
+    assert!(
+        limit as f64 >= bound as f64 * 1.2,
+        "the memory limit {limit} leaves less than 20 % over the bound {bound}"
+    );
+}
+
+#[test]
 fn the_pod_runs_locked_down_as_the_images_user() {
     let deployment = load("deployment.yaml");
     let pod = &deployment["spec"]["template"]["spec"];

@@ -4,7 +4,7 @@
 //! RSS is held to the README's bound, and afterwards RSS falls back near the idle level within
 //! 30 s.
 //!
-//! The bound, at the shipped defaults (README "Memory"):
+//! The bound, at the shipped defaults (README "Memory", `memory::bound_bytes`):
 //!   baseline + MAX_CONNECTIONS × per connection + MAX_CONCURRENT_CALLS × per call
 //!   + USERNAME_RATE_LIMIT_MAX_KEYS × per bucket.
 
@@ -21,23 +21,6 @@ use tonic::transport::Channel;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-/// The process with nothing to do, generously.
-const BASELINE: u64 = 24 * MIB;
-/// One connection: its HTTP/2 connection window of unread data (128 KiB), header list
-/// (16 KiB), frame, read, write and TLS buffers.
-const PER_CONNECTION: u64 = 192 * KIB;
-/// One call in progress: its message (reserved whole by the decoder), the decoded request, the
-/// JSON sent to Cognito, and Cognito's answer (at most 64 KiB).
-fn per_call(max_request_bytes: u64) -> u64 {
-    4 * max_request_bytes + 64 * KIB
-}
-/// One per-username bucket (measured: 36 MiB for 1 000 000).
-const PER_BUCKET: u64 = 40;
-/// Near the idle level: within 4 MiB of it, or at least three quarters of the load's rise
-/// given back (live connections, such as the pool to Cognito, keep some buffers).
-fn settled_margin(idle: u64, peak: u64) -> u64 {
-    (4 * MIB).max(peak.saturating_sub(idle) / 4)
-}
 
 fn default_number(name: &str) -> u64 {
     default_value(name)
@@ -48,10 +31,18 @@ fn default_number(name: &str) -> u64 {
 
 /// The README's bound at the shipped defaults.
 fn bound() -> u64 {
-    BASELINE
-        + default_number("MAX_CONNECTIONS") * PER_CONNECTION
-        + default_number("MAX_CONCURRENT_CALLS") * per_call(default_number("MAX_REQUEST_BYTES"))
-        + default_number("USERNAME_RATE_LIMIT_MAX_KEYS") * PER_BUCKET
+    password_recovery::memory::bound_bytes(
+        default_number("MAX_CONNECTIONS"),
+        default_number("MAX_CONCURRENT_CALLS"),
+        default_number("MAX_REQUEST_BYTES"),
+        default_number("USERNAME_RATE_LIMIT_MAX_KEYS"),
+    )
+}
+
+/// Near the idle level: within 4 MiB of it, or at least three quarters of the load's rise
+/// given back (live connections, such as the pool to Cognito, keep some buffers).
+fn settled_margin(idle: u64, peak: u64) -> u64 {
+    (4 * MIB).max(peak.saturating_sub(idle) / 4)
 }
 
 /// VmRSS and VmHWM (peak) of `pid`, in bytes.
