@@ -259,6 +259,8 @@ pub enum Error {
     Cancelled,
     /// The call's own task failed: a fault of this service.
     Internal,
+    /// The shutdown grace period ended before the call did; its outcome is unknown.
+    ShuttingDown,
 }
 
 /// Who is to blame for a failure, which sets the level of its log line.
@@ -371,6 +373,15 @@ impl Error {
                     .into(),
                 Blame::Server,
             ),
+            Self::ShuttingDown => {
+                details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
+                (
+                    Code::Unavailable,
+                    "SHUTTING_DOWN",
+                    "this replica stopped before the call finished; its outcome is unknown".into(),
+                    Blame::Upstream,
+                )
+            }
             Self::RequestTooLarge { limit } => {
                 metadata.insert("limit".into(), limit.to_string());
                 (

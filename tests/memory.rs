@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::process::ServiceProcess;
-use common::{CLIENT_ID, FakeCognito, Reply, forgot};
+use common::{CLIENT_ID, FakeCognito, Reply, forgot, raw};
 use password_recovery::config::default_value;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use tokio::time::Instant;
@@ -145,14 +145,7 @@ async fn many_streams_holding_partial_messages() {
             let _ = connection.await;
         }));
         for _ in 0..32 {
-            let request = http::Request::post(format!(
-                "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
-                service.target
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+            let request = raw::http2_request(&service.target, "ForgotPassword");
             let Ok(mut ready) = h2.clone().ready().await else {
                 break;
             };

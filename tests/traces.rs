@@ -58,30 +58,37 @@ async fn a_call_the_caller_cancels_while_cognito_works_is_recorded_with_its_real
     cognito.script([Reply::Held(Box::new(Reply::Ok(json!({
         "CodeDeliveryDetails": {"Destination": "c***@e***", "DeliveryMedium": "EMAIL", "AttributeName": "email"}
     }))))]);
-    let mut service = start(&cognito, &[]).await;
+    let mut service = start(
+        &cognito,
+        &[("RUST_LOG", "info,password_recovery::api=debug")],
+    )
+    .await;
     let mut client = service.client().await;
     let call =
         tokio::spawn(async move { client.forgot_password(forgot("carol@example.com")).await });
     cognito.arrived(1).await;
 
     call.abort();
-    let _ = call.await;
+    service
+        .wait_for_line(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the caller went away"))
+        })
+        .await;
     cognito.release(1);
 
     let line = service
         .wait_for_line(|e| e["message"] == "call finished")
         .await;
     assert_eq!(line["caller_gone"], true, "{line}");
-    let metrics = service.scrape().await;
-    assert_eq!(
-        metric(
-            &metrics,
-            "grpc_server_handled_total",
-            &["grpc_method=\"ForgotPassword\"", "grpc_code=\"CANCELLED\""]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    wait_for_metric(
+        &service,
+        "grpc_server_handled_total",
+        &["grpc_method=\"ForgotPassword\"", "grpc_code=\"CANCELLED\""],
+        1.0,
+    )
+    .await;
     let (status, lines, _) = service.terminate().await;
     assert_eq!(status.code(), Some(0));
     let entries = entries(&lines);
@@ -350,14 +357,7 @@ async fn a_caller_gone_mid_message_is_recorded_as_cancelled() {
         .unwrap();
     let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
-        service.target
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
+    let request = raw::http2_request(&service.target, "ForgotPassword");
     let (response, mut stream) = h2.send_request(request, false).unwrap();
     // Half of a message: its prefix announces 100 bytes.
     stream

@@ -37,6 +37,14 @@ impl<T> Outcome<T> {
             masked: None,
         }
     }
+
+    /// The same outcome with the answer turned into `U`.
+    pub fn map<U>(self, answer: impl FnOnce(T) -> U) -> Outcome<U> {
+        Outcome {
+            result: self.result.map(answer),
+            masked: self.masked,
+        }
+    }
 }
 
 /// How a call ended for its caller.

@@ -162,6 +162,6 @@ where
 fn answer(result: Result<tonic::Response<()>, Status>) -> Answer {
     match result {
         Err(status) => status.into_http(),
-        Ok(_) => Status::internal("an intake refusal cannot succeed").into_http(),
+        Ok(_) => Status::from(Error::Internal).into_http(),
     }
 }

@@ -157,6 +157,7 @@ impl PasswordRecoveryService {
         let subject = shared.subject(request.username(), request.client_id());
         let caller_gone = CancellationToken::new();
         let span = call.span().clone();
+        let guard = CallerGone(Some((caller_gone.clone(), span.clone())));
         let abandon = shared.calls.abandon.clone();
         let task = {
             let caller_gone = caller_gone.clone();
@@ -174,19 +175,41 @@ impl PasswordRecoveryService {
                     () = abandon.cancelled() => {
                         call.abandon(Some(&subject));
                         shared.calls.abandoned.fetch_add(1, Ordering::SeqCst);
-                        Err(Status::unavailable("the service is shutting down"))
+                        Err(Error::ShuttingDown.into())
                     }
                 }
             }
             .instrument(span)
         };
-        let guard = caller_gone.drop_guard();
         let joined = self.shared.calls.tasks.spawn(task).await;
         guard.disarm();
         joined.unwrap_or_else(|err| {
             tracing::error!(error = %err, "a call's task failed");
             Err(Error::Internal.into())
         })
+    }
+}
+
+/// Dropped with the handler when the caller cancels or goes away before the answer: tells
+/// the call, which goes on to record its outcome.
+struct CallerGone(Option<(CancellationToken, tracing::Span)>);
+
+impl CallerGone {
+    /// The caller got its answer.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CallerGone {
+    fn drop(&mut self) {
+        if let Some((token, span)) = self.0.take() {
+            token.cancel();
+            tracing::debug!(
+                parent: &span,
+                "the caller went away; the call goes on to record its outcome"
+            );
+        }
     }
 }
 
@@ -310,12 +333,9 @@ impl PasswordRecovery for PasswordRecoveryService {
             parsed,
             |shared, request, budget, caller_gone| async move {
                 let outcome = shared.forgot_password(request, budget, caller_gone).await;
-                Outcome {
-                    result: outcome.result.map(|delivery| pb::ForgotPasswordResponse {
-                        code_delivery_details: Some(code_delivery_details(delivery)),
-                    }),
-                    masked: outcome.masked,
-                }
+                outcome.map(|delivery| pb::ForgotPasswordResponse {
+                    code_delivery_details: Some(code_delivery_details(delivery)),
+                })
             },
         )
         .await
@@ -334,12 +354,7 @@ impl PasswordRecovery for PasswordRecoveryService {
                 let outcome = shared
                     .confirm_forgot_password(request, budget, caller_gone)
                     .await;
-                Outcome {
-                    result: outcome
-                        .result
-                        .map(|()| pb::ConfirmForgotPasswordResponse {}),
-                    masked: outcome.masked,
-                }
+                outcome.map(|()| pb::ConfirmForgotPasswordResponse {})
             },
         )
         .await

@@ -45,6 +45,18 @@ impl Decoder for RawCodec {
     }
 }
 
+/// The headers of a gRPC call of `method` to `target`, for a raw HTTP/2 client that sends the
+/// message (or part of it) itself.
+pub fn http2_request(target: &str, method: &str) -> http::Request<()> {
+    http::Request::post(format!(
+        "http://{target}/passwordrecovery.v1.PasswordRecovery/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap()
+}
+
 /// Calls `/passwordrecovery.v1.PasswordRecovery/{method}` with `message` as the request bytes.
 pub async fn call(channel: Channel, method: &str, message: Vec<u8>) -> Result<Vec<u8>, Status> {
     let mut grpc = Grpc::new(channel);
