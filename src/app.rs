@@ -23,7 +23,7 @@ use crate::api::{InFlightCalls, Intake, IntakeSettings, PasswordRecoveryService}
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
 use crate::connections;
-use crate::limits::Limits;
+use crate::limits::{Limits, SharedLimits};
 use crate::masking::Masking;
 use crate::memory;
 use crate::metrics;
@@ -134,7 +134,25 @@ impl Application {
         );
 
         let (usernames, masking) = username_hashers(&config);
-        let limits = Arc::new(Limits::new(&config.limits));
+        let mut limits = Limits::new(&config.limits);
+        if let Some(redis) = &config.limits.redis {
+            // Config requires USERNAME_HASH_KEY_FILE with Redis: replicas must agree on keys.
+            let key = config.username_hash_key.as_ref().ok_or_else(|| {
+                ConfigError::setting(
+                    "USERNAME_HASH_KEY_FILE",
+                    "required with RATE_LIMIT_REDIS_URL",
+                )
+            })?;
+            let keys =
+                UsernameHasher::derived(key.expose_secret(), "password-recovery/rate-limit-keys");
+            limits = limits.with_shared(SharedLimits::start(redis, keys)?);
+            tracing::info!(
+                prefix = redis.prefix,
+                timeout = %humantime::format_duration(redis.timeout),
+                "abuse limits are shared by the fleet on Redis"
+            );
+        }
+        let limits = Arc::new(limits);
         tracing::info!(
             username_rate_limit = %config.limits.username,
             username_rate_limit_max_keys = config.limits.username_max_keys,

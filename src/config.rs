@@ -11,7 +11,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::domain::ClientId;
-use crate::limits::{LimitSettings, UsernameRateLimit};
+use crate::limits::{LimitSettings, RedisSettings, UsernameRateLimit};
 use crate::tls::TlsSettings;
 
 /// The whole configuration of one process.
@@ -233,6 +233,27 @@ struct Cli {
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value = "32", value_parser = clap::value_parser!(u32).range(1..))]
     grpc_max_concurrent_streams: u32,
 
+    /// Redis for limits shared by every replica: redis://host:port/db or rediss:// (no
+    /// password in it). Unset: each replica's own limits.
+    #[arg(long, env = "RATE_LIMIT_REDIS_URL")]
+    rate_limit_redis_url: Option<String>,
+
+    /// File holding the Redis password (one trailing newline is dropped).
+    #[arg(long, env = "RATE_LIMIT_REDIS_PASSWORD_FILE")]
+    rate_limit_redis_password_file: Option<PathBuf>,
+
+    /// Prefix of every Redis key.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_REDIS_PREFIX",
+        default_value = "password-recovery:"
+    )]
+    rate_limit_redis_prefix: String,
+
+    /// How long a Redis round trip may take before the replica's own limits judge the call.
+    #[arg(long, env = "RATE_LIMIT_REDIS_TIMEOUT", default_value = "50ms", value_parser = parse_positive_duration)]
+    rate_limit_redis_timeout: Duration,
+
     /// HTTP/2 keepalive ping interval.
     #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
     grpc_keepalive_interval: Duration,
@@ -345,6 +366,32 @@ impl Config {
             ));
         }
 
+        let redis = match cli.rate_limit_redis_url.filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                crate::limits::check_url(&url)?;
+                if username_hash_key.is_none() {
+                    return Err(ConfigError::setting(
+                        "USERNAME_HASH_KEY_FILE",
+                        "required with RATE_LIMIT_REDIS_URL: replicas must agree on the keys \
+                         of the shared limits",
+                    ));
+                }
+                let password = cli
+                    .rate_limit_redis_password_file
+                    .as_deref()
+                    .map(|path| read_secret_file("RATE_LIMIT_REDIS_PASSWORD_FILE", path))
+                    .transpose()?
+                    .map(SecretString::from);
+                Some(RedisSettings {
+                    url,
+                    password,
+                    prefix: cli.rate_limit_redis_prefix,
+                    timeout: cli.rate_limit_redis_timeout,
+                })
+            }
+        };
+
         let tls = tls_settings(
             cli.tls_cert_file,
             cli.tls_key_file,
@@ -377,6 +424,7 @@ impl Config {
                 username_max_keys: cli.username_rate_limit_max_keys,
                 global_rps: NonZeroU32::new(cli.global_rate_limit_rps),
                 max_concurrent_upstream: cli.max_concurrent_upstream,
+                redis,
             },
             max_request_bytes: cli.max_request_bytes.get(),
             keepalive_interval: cli.grpc_keepalive_interval,

@@ -100,6 +100,7 @@ async fn a_flood_of_new_usernames_does_not_forgive_a_spent_bucket() {
             username_max_keys: NonZeroUsize::new(50).unwrap(),
             global_rps: None::<NonZeroU32>,
             max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
+            redis: None,
         },
         ..Options::default()
     })

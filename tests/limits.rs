@@ -21,6 +21,7 @@ fn limits(username: &str, global_rps: u32, max_concurrent_upstream: usize) -> Op
             username_max_keys: NonZeroUsize::new(1000).unwrap(),
             global_rps: NonZeroU32::new(global_rps),
             max_concurrent_upstream: NonZeroUsize::new(max_concurrent_upstream).unwrap(),
+            redis: None,
         },
         ..Options::default()
     }

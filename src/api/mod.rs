@@ -230,15 +230,16 @@ impl Shared {
 
     /// In the order of the README: client allowlist, global limit, per-username limit, a
     /// place among the calls waiting on Cognito; then, unless the caller has gone, Cognito.
-    fn admit(
+    async fn admit(
         &self,
         rpc: Rpc,
-        request: &impl Addressed,
+        request: &(impl Addressed + Sync),
         caller_gone: &CancellationToken,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         self.check_client(request.client_id())?;
         self.limits
-            .check(rpc, request.username())
+            .admit(rpc, request.username())
+            .await
             .map_err(Error::RateLimited)?;
         let permit = self.limits.upstream_permit().ok_or(Error::Overloaded)?;
         if caller_gone.is_cancelled() {
@@ -253,7 +254,10 @@ impl Shared {
         budget: Budget,
         caller_gone: CancellationToken,
     ) -> Outcome<CodeDelivery> {
-        let permit = match self.admit(Rpc::ForgotPassword, &request, &caller_gone) {
+        let permit = match self
+            .admit(Rpc::ForgotPassword, &request, &caller_gone)
+            .await
+        {
             Ok(permit) => permit,
             Err(refused) => return Outcome::plain(Err(refused)),
         };
@@ -285,7 +289,10 @@ impl Shared {
         budget: Budget,
         caller_gone: CancellationToken,
     ) -> Outcome<()> {
-        let permit = match self.admit(Rpc::ConfirmForgotPassword, &request, &caller_gone) {
+        let permit = match self
+            .admit(Rpc::ConfirmForgotPassword, &request, &caller_gone)
+            .await
+        {
             Ok(permit) => permit,
             Err(refused) => return Outcome::plain(Err(refused)),
         };

@@ -8,6 +8,7 @@ pub mod fake_cognito;
 pub mod moto;
 pub mod process;
 pub mod raw;
+pub mod redis_server;
 pub mod tools;
 
 use std::net::SocketAddr;
@@ -68,6 +69,7 @@ impl Default for Options {
                 username_max_keys: NonZeroUsize::new(100_000).unwrap(),
                 global_rps: None,
                 max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
+                redis: None,
             },
             idle_timeout: Duration::from_secs(300),
             max_request_bytes: 1 << 16,

@@ -46,6 +46,8 @@ pub fn command_for(binary: &str, vars: &[(&str, &str)]) -> Command {
 pub struct ServiceProcess {
     child: Child,
     lines: Vec<String>,
+    /// Lines before this index were looked at by `wait_for_line`.
+    matched: usize,
     incoming: mpsc::UnboundedReceiver<String>,
     /// `127.0.0.1:PORT`, where it serves gRPC.
     pub target: String,
@@ -89,6 +91,7 @@ impl ServiceProcess {
         let mut process = Self {
             child,
             lines: Vec::new(),
+            matched: 0,
             incoming,
             target: String::new(),
             metrics_addr: String::new(),
@@ -149,10 +152,20 @@ impl ServiceProcess {
         assert!(sent.success(), "SIG{signal} not delivered");
     }
 
-    /// Waits (at most 30 s) for the next log line that `matches`, and returns it.
+    /// Waits (at most 30 s) for the next log line that `matches` (start-up's lines included),
+    /// and returns it; a line is matched at most once.
     pub async fn wait_for_line(&mut self, matches: impl Fn(&Value) -> bool) -> Value {
+        while self.matched < self.lines.len() {
+            self.matched += 1;
+            let entry: Value =
+                serde_json::from_str(&self.lines[self.matched - 1]).expect("JSON log line");
+            if matches(&entry) {
+                return entry;
+            }
+        }
         let wait = async {
             while let Some(line) = self.incoming.recv().await {
+                self.matched = self.lines.len() + 1;
                 self.lines.push(line.clone());
                 let entry: Value = serde_json::from_str(&line).expect("JSON log line");
                 if matches(&entry) {

@@ -24,8 +24,13 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod shared;
+
 pub use crate::domain::Rpc;
 use crate::domain::Username;
+pub use shared::{
+    BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, SharedLimits, check_url,
+};
 
 /// Rate-limited calls, by `limiter`.
 pub const RATE_LIMITED: &str = "rate_limited_total";
@@ -290,6 +295,8 @@ pub struct LimitSettings {
     pub global_rps: Option<NonZeroU32>,
     /// Calls that may wait on Cognito at once.
     pub max_concurrent_upstream: NonZeroUsize,
+    /// Fleet-wide limits on Redis; `None`: this replica's own.
+    pub redis: Option<RedisSettings>,
 }
 
 /// Every limit a call passes before Cognito.
@@ -297,6 +304,10 @@ pub struct Limits {
     clock: DefaultClock,
     global: Option<(GlobalLimiter, String)>,
     username: Option<(UsernameTable, String)>,
+    /// On Redis when configured: the in-process limiters then judge only while it fails.
+    shared: Option<SharedLimits>,
+    global_rps: Option<NonZeroU32>,
+    username_spec: Option<RateSpec>,
     upstream: Arc<Semaphore>,
 }
 
@@ -328,7 +339,83 @@ impl Limits {
             clock,
             global,
             username,
+            shared: None,
+            global_rps: settings.global_rps,
+            username_spec: match settings.username {
+                UsernameRateLimit::Off => None,
+                UsernameRateLimit::Limit(spec) => Some(spec),
+            },
             upstream: Arc::new(Semaphore::new(settings.max_concurrent_upstream.get())),
+        }
+    }
+
+    /// These limits, enforced fleet-wide on `shared`.
+    pub fn with_shared(mut self, shared: SharedLimits) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Charges the limits, fleet-wide on Redis when configured and answering, else this
+    /// replica's own.
+    pub async fn admit(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
+        if let Some(shared) = &self.shared {
+            // None: Redis is unavailable, and this replica's own limits judge.
+            if let Some(verdict) = self.check_shared(shared, rpc, username).await {
+                return verdict;
+            }
+        }
+        self.check(rpc, username)
+    }
+
+    async fn check_shared(
+        &self,
+        shared: &SharedLimits,
+        rpc: Rpc,
+        username: &Username,
+    ) -> Option<Result<(), RateLimited>> {
+        let username_limit = self.username.as_ref().map(|(_, limit)| limit.as_str());
+        let username_key = self
+            .username_spec
+            .map(|_| shared.username_key(rpc, username));
+        if let (Some(key), Some(limit)) = (&username_key, username_limit)
+            && let Some(wait) = shared.remembered_denial(key)
+        {
+            return Some(Err(refused(Limiter::Username, limit, wait)));
+        }
+        let mut buckets = Vec::with_capacity(2);
+        let mut limiters = Vec::with_capacity(2);
+        if let (Some(rps), Some((_, limit))) = (self.global_rps, &self.global) {
+            buckets.push(shared::Bucket {
+                key: shared.global_key(),
+                interval_us: 1_000_000 / u64::from(rps.get()),
+                burst: rps.get(),
+            });
+            limiters.push((Limiter::Global, limit.as_str()));
+        }
+        if let (Some(spec), Some(key), Some(limit)) =
+            (self.username_spec, username_key, username_limit)
+        {
+            buckets.push(shared::Bucket {
+                key,
+                interval_us: u64::try_from((spec.period / spec.burst.get()).as_micros())
+                    .unwrap_or(u64::MAX),
+                burst: spec.burst.get(),
+            });
+            limiters.push((Limiter::Username, limit));
+        }
+        if buckets.is_empty() {
+            return Some(Ok(()));
+        }
+        match shared.check(&buckets).await {
+            shared::Verdict::Admitted => Some(Ok(())),
+            shared::Verdict::Refused(index, wait) => {
+                let (limiter, limit) = limiters[index];
+                if limiter == Limiter::Username {
+                    shared.remember_denial(&buckets[index].key, wait);
+                }
+                Some(Err(refused(limiter, limit, wait)))
+            }
+            shared::Verdict::Unavailable => None,
         }
     }
 
@@ -390,6 +477,7 @@ mod tests {
             username_max_keys: NonZeroUsize::new(100).unwrap(),
             global_rps: NonZeroU32::new(global_rps),
             max_concurrent_upstream: NonZeroUsize::new(2).unwrap(),
+            redis: None,
         }
     }
 

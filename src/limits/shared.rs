@@ -1,0 +1,280 @@
+//! Limits shared by every replica, on Redis (`RATE_LIMIT_REDIS_URL`): the same GCRA with the
+//! same settings, run atomically by one Lua script (`gcra.lua`, after go-redis/redis_rate) on
+//! the server's clock, one round trip per call for both limiters. Keys are the prefix, the
+//! limiter and RPC, and a keyed hash of the normalised username (never the username); each
+//! expires when its bucket is full again.
+//!
+//! Redis never fails a call: on an error or a timeout the call is judged by the in-process
+//! limits, Redis is skipped for a backoff period, then probed again; a warn line marks each
+//! change of state. A replica remembers a username's denial until its retry time, without
+//! asking Redis again. Start-up does not wait for Redis: one multiplexed connection is made in
+//! the background and reconnects by itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::ConfigError;
+use crate::domain::{Rpc, Username};
+use crate::privacy::UsernameHasher;
+
+/// Calls judged by Redis, by outcome, and its latency.
+pub const BACKEND_SECONDS: &str = "rate_limit_backend_seconds";
+/// 1 while Redis answers, 0 while the in-process limits stand in.
+pub const BACKEND_UP: &str = "rate_limit_backend_up";
+/// Redis failures, by `kind` (`timeout`, `unconnected`, `error`).
+pub const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
+
+/// The first backoff after a failure; each further failure doubles it, up to the maximum.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Denials remembered at most (a full memo forgets the expired ones, else remembers no more).
+const MAX_REMEMBERED: usize = 100_000;
+
+/// `RATE_LIMIT_REDIS_*`.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `rediss://…`, without credentials (a username may be there).
+    pub url: String,
+    /// `RATE_LIMIT_REDIS_PASSWORD_FILE`'s secret.
+    pub password: Option<SecretString>,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// How long one round trip may take before the in-process limits judge the call.
+    pub timeout: Duration,
+}
+
+/// Checks the URL of `RATE_LIMIT_REDIS_URL`: its scheme, and no password in it.
+pub fn check_url(url: &str) -> Result<(), ConfigError> {
+    let invalid = |problem: &str| ConfigError::setting("RATE_LIMIT_REDIS_URL", problem);
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid("must start with redis:// or rediss://"));
+    }
+    let info = url
+        .into_connection_info()
+        .map_err(|_| invalid("is not a valid Redis URL"))?;
+    if info.redis_settings().password().is_some() {
+        return Err(invalid(
+            "must not hold a password: put it in RATE_LIMIT_REDIS_PASSWORD_FILE",
+        ));
+    }
+    Ok(())
+}
+
+/// What Redis said of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every limiter admitted it (and was charged).
+    Admitted,
+    /// The limiter at this index of the keys refused; a call passes after the wait.
+    Refused(usize, Duration),
+    /// Redis did not answer in time or failed: the in-process limits judge.
+    Unavailable,
+}
+
+/// One limiter as the script sees it.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    /// The key.
+    pub key: String,
+    /// One call's share of the period, in microseconds.
+    pub interval_us: u64,
+    /// The burst.
+    pub burst: u32,
+}
+
+/// The fleet-wide limits on Redis.
+pub struct SharedLimits {
+    connection: Arc<OnceLock<ConnectionManager>>,
+    script: Script,
+    prefix: String,
+    timeout: Duration,
+    keys: UsernameHasher,
+    epoch: Instant,
+    /// Nanoseconds since `epoch` before which Redis is not asked (a failure's backoff).
+    skip_until: AtomicU64,
+    backoff: Mutex<Duration>,
+    up: AtomicBool,
+    denials: Mutex<HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimits")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedLimits {
+    /// Limits on the Redis of `settings`, keyed by `keys`; connects in the background.
+    pub fn start(settings: &RedisSettings, keys: UsernameHasher) -> Result<Self, ConfigError> {
+        check_url(&settings.url)?;
+        let mut info = settings.url.as_str().into_connection_info().map_err(|_| {
+            ConfigError::setting("RATE_LIMIT_REDIS_URL", "is not a valid Redis URL")
+        })?;
+        if let Some(password) = &settings.password {
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose_secret());
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info)
+            .map_err(|e| ConfigError::setting("RATE_LIMIT_REDIS_URL", e.to_string()))?;
+        let connection = Arc::new(OnceLock::new());
+        tokio::spawn(connect(client, connection.clone()));
+        metrics::gauge!(BACKEND_UP).set(0.0);
+        Ok(Self {
+            connection,
+            script: Script::new(include_str!("gcra.lua")),
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            keys,
+            epoch: Instant::now(),
+            skip_until: AtomicU64::new(0),
+            backoff: Mutex::new(FIRST_BACKOFF),
+            up: AtomicBool::new(false),
+            denials: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The key of the global limiter.
+    pub fn global_key(&self) -> String {
+        format!("{}global", self.prefix)
+    }
+
+    /// The key of `username`'s bucket for `rpc`: a keyed hash, never the username.
+    pub fn username_key(&self, rpc: Rpc, username: &Username) -> String {
+        let digest = self.keys.digest(username);
+        let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}username:{}:{hash}", self.prefix, rpc.method())
+    }
+
+    /// How long `key` was refused for, if this replica remembers a denial still in force.
+    pub fn remembered_denial(&self, key: &str) -> Option<Duration> {
+        let denials = self.denials.lock().expect("denials lock");
+        let until = *denials.get(key)?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Remembers that `key` is refused for `wait`.
+    pub fn remember_denial(&self, key: &str, wait: Duration) {
+        let now = Instant::now();
+        let mut denials = self.denials.lock().expect("denials lock");
+        if denials.len() >= MAX_REMEMBERED {
+            denials.retain(|_, until| *until > now);
+            if denials.len() >= MAX_REMEMBERED {
+                return;
+            }
+        }
+        denials.insert(key.to_owned(), now + wait);
+    }
+
+    /// Charges `buckets` in order, atomically, on Redis.
+    pub async fn check(&self, buckets: &[Bucket]) -> Verdict {
+        let now = self.now();
+        if now < self.skip_until.load(Ordering::Relaxed) {
+            return Verdict::Unavailable;
+        }
+        let Some(connection) = self.connection.get() else {
+            self.failed("unconnected", "not connected yet");
+            return Verdict::Unavailable;
+        };
+        let mut connection = connection.clone();
+        let mut invocation = self.script.prepare_invoke();
+        for bucket in buckets {
+            invocation
+                .key(&bucket.key)
+                .arg(bucket.interval_us)
+                .arg(bucket.burst);
+        }
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<(usize, u64)>(&mut connection),
+        )
+        .await;
+        metrics::histogram!(BACKEND_SECONDS).record(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(Ok((0, _))) => {
+                self.answered();
+                Verdict::Admitted
+            }
+            Ok(Ok((index, wait_us))) => {
+                self.answered();
+                Verdict::Refused(index - 1, Duration::from_micros(wait_us))
+            }
+            Ok(Err(err)) => {
+                self.failed("error", &err.to_string());
+                Verdict::Unavailable
+            }
+            Err(_) => {
+                self.failed("timeout", "no answer within RATE_LIMIT_REDIS_TIMEOUT");
+                Verdict::Unavailable
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn answered(&self) {
+        *self.backoff.lock().expect("backoff lock") = FIRST_BACKOFF;
+        if !self.up.swap(true, Ordering::Relaxed) {
+            metrics::gauge!(BACKEND_UP).set(1.0);
+            tracing::warn!("rate-limit backend answers: limits are shared by the fleet again");
+        }
+    }
+
+    fn failed(&self, kind: &'static str, detail: &str) {
+        metrics::counter!(BACKEND_ERRORS, "kind" => kind).increment(1);
+        let backoff = {
+            let mut backoff = self.backoff.lock().expect("backoff lock");
+            let current = *backoff;
+            *backoff = (current * 2).min(MAX_BACKOFF);
+            current
+        };
+        let until = self.now() + u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX);
+        self.skip_until.store(until, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            metrics::gauge!(BACKEND_UP).set(0.0);
+            tracing::warn!(
+                kind,
+                detail,
+                retry_in = %humantime::format_duration(backoff),
+                "rate-limit backend failed: each replica's own limits judge calls until it \
+                 answers again"
+            );
+        }
+    }
+}
+
+/// Makes the one multiplexed connection, retrying until it succeeds; it then reconnects by
+/// itself.
+async fn connect(client: redis::Client, slot: Arc<OnceLock<ConnectionManager>>) {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2);
+    let mut pause = FIRST_BACKOFF;
+    loop {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(connection) => {
+                let _ = slot.set(connection);
+                tracing::info!("rate-limit backend connected");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot connect to the rate-limit backend yet; in-process limits meanwhile");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
