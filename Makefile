@@ -31,7 +31,7 @@ node_modules/.installed: package.json package-lock.json
 
 tools: $(VENV)/.installed node_modules/.installed
 
-bench:
+bench: $(VENV)/.installed
 	cargo bench --locked --bench load
 
 run: $(VENV)/.installed

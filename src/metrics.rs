@@ -11,6 +11,8 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::limits;
+
 /// Calls started, by `grpc_service` and `grpc_method`.
 pub const GRPC_STARTED: &str = "grpc_server_started_total";
 /// Calls finished, by `grpc_service`, `grpc_method` and `grpc_code`.
@@ -71,6 +73,31 @@ fn describe() {
     describe_counter!(COGNITO_REQUESTS, "Requests sent to Cognito, by outcome");
     describe_histogram!(COGNITO_SECONDS, Unit::Seconds, "Cognito request latency");
     describe_gauge!(CONNECTIONS_OPEN, "Connections open on the gRPC port");
+    describe_counter!(
+        limits::RATE_LIMITED,
+        "Calls refused by a rate limit, by limiter"
+    );
+    describe_gauge!(
+        limits::USERNAME_BUCKETS,
+        "Per-username buckets held by this replica"
+    );
+    describe_counter!(
+        limits::UPSTREAM_REJECTED,
+        "Calls refused before Cognito because too many were in progress or waiting"
+    );
+    describe_gauge!(
+        limits::BACKEND_UP,
+        "1 while the shared rate-limit backend (Redis) answers, else 0"
+    );
+    describe_counter!(
+        limits::BACKEND_ERRORS,
+        "Failures of the shared rate-limit backend, by kind"
+    );
+    describe_histogram!(
+        limits::BACKEND_SECONDS,
+        Unit::Seconds,
+        "Round trips to the shared rate-limit backend"
+    );
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed at once because MAX_CONNECTIONS were open"

@@ -285,20 +285,9 @@ fn the_pod_runs_locked_down_as_the_images_user() {
     );
 }
 
-#[tokio::test]
-async fn the_configmap_starts_the_real_server() {
-    let cognito = FakeCognito::start().await;
-    let dir = std::env::temp_dir().join(format!("pr-deploy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("client-secret"), "deploy-test-secret\n").unwrap();
-    std::fs::write(
-        dir.join("username-hash-key"),
-        "0123456789abcdef0123456789abcdef",
-    )
-    .unwrap();
-
-    let configmap = load("configmap.yaml");
-    let mut vars: Vec<(String, String)> = configmap["data"]
+/// The ConfigMap's settings as environment variables, listen addresses left to the test.
+fn configmap_vars(configmap: &Value) -> Vec<(String, String)> {
+    configmap["data"]
         .as_mapping()
         .unwrap()
         .iter()
@@ -310,17 +299,39 @@ async fn the_configmap_starts_the_real_server() {
         })
         // Loopback ports of the test's choosing instead of the pod's.
         .filter(|(k, _)| !k.ends_with("_LISTEN_ADDR"))
-        .collect();
-    for (name, file) in [
-        ("COGNITO_CLIENT_SECRET_FILE", "client-secret"),
-        ("USERNAME_HASH_KEY_FILE", "username-hash-key"),
-    ] {
-        vars.push((name.into(), dir.join(file).to_string_lossy().into_owned()));
+        .collect()
+}
+
+/// Starts the real binary with `vars`, the Secret's files written to a temporary directory
+/// standing in for the pod's mount, and the fake Cognito; once it has logged `ready` (if
+/// given), one call must succeed.
+async fn boots_and_serves(
+    mut vars: Vec<(String, String)>,
+    secret_files: &[(&str, &str, &str)],
+    ready: Option<&str>,
+) {
+    let cognito = FakeCognito::start().await;
+    let dir = std::env::temp_dir().join(format!(
+        "pr-deploy-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (setting, file, content) in secret_files {
+        std::fs::write(dir.join(file), content).unwrap();
+        vars.retain(|(k, _)| k != setting);
+        vars.push((
+            (*setting).to_owned(),
+            dir.join(file).to_string_lossy().into_owned(),
+        ));
     }
     vars.push(("AWS_ENDPOINT_URL".into(), cognito.url.clone()));
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
-    let service = ServiceProcess::start(&vars).await;
+    let mut service = ServiceProcess::start(&vars).await;
+    if let Some(ready) = ready {
+        service.wait_for_line(|e| e["message"] == ready).await;
+    }
     service
         .client()
         .await
@@ -330,4 +341,131 @@ async fn the_configmap_starts_the_real_server() {
     let (status, _, stderr) = service.terminate().await;
     assert!(status.success(), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+const POD_SECRET_FILES: [(&str, &str, &str); 2] = [
+    (
+        "COGNITO_CLIENT_SECRET_FILE",
+        "client-secret",
+        "deploy-test-secret\n",
+    ),
+    (
+        "USERNAME_HASH_KEY_FILE",
+        "username-hash-key",
+        "0123456789abcdef0123456789abcdef",
+    ),
+];
+
+#[tokio::test]
+async fn the_configmap_starts_the_real_server() {
+    boots_and_serves(
+        configmap_vars(&load("configmap.yaml")),
+        &POD_SECRET_FILES,
+        None,
+    )
+    .await;
+}
+
+fn load_component(name: &str) -> Value {
+    load(&format!("components/redis/{name}"))
+}
+
+#[test]
+fn the_redis_component_validates_and_sets_only_settings_the_server_reads() {
+    let dir = manifests_dir().join("components/redis");
+    let kustomization = load_component("kustomization.yaml");
+    assert_eq!(kustomization["kind"], "Component");
+    let mut files: Vec<String> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .chain(
+            kustomization["patches"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|p| &p["path"]),
+        )
+        .map(|f| f.as_str().unwrap().to_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["configmap.yaml", "networkpolicy.yaml"]);
+
+    let validate = tool("kubernetes-validate", "pip install kubernetes-validate");
+    for version in KUBERNETES_VERSIONS {
+        let output = Command::new(&validate)
+            .args(["--strict", "-k", version])
+            .args(files.iter().map(|f| dir.join(f)))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "Kubernetes {version}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+
+    let known = environment_variables();
+    let patch = load_component("configmap.yaml");
+    assert_eq!(
+        patch["metadata"]["name"],
+        load("configmap.yaml")["metadata"]["name"]
+    );
+    for (key, _) in patch["data"].as_mapping().unwrap() {
+        let key = key.as_str().unwrap();
+        assert!(
+            known.iter().any(|k| k == key),
+            "the component sets unknown {key}"
+        );
+    }
+    let rps: u64 = patch["data"]["GLOBAL_RATE_LIMIT_RPS"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        rps < 30,
+        "with Redis the fleet's total stays under Cognito's 30 RPS"
+    );
+    let password_file = patch["data"]["RATE_LIMIT_REDIS_PASSWORD_FILE"]
+        .as_str()
+        .unwrap();
+    let deployment = load("deployment.yaml");
+    let mount = container(&deployment)["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        Path::new(password_file).parent(),
+        Some(Path::new(mount)),
+        "the password is a key of the mounted Secret"
+    );
+}
+
+#[tokio::test]
+async fn the_configmap_with_the_redis_component_starts_the_real_server_on_redis() {
+    let redis = common::redis_server::RedisServer::start_with_password("deploy-redis-pw").await;
+    let mut vars = configmap_vars(&load("configmap.yaml"));
+    for (key, value) in configmap_vars(&load_component("configmap.yaml")) {
+        vars.retain(|(k, _)| *k != key);
+        let value = match key.as_str() {
+            "RATE_LIMIT_REDIS_URL" => redis.url.clone(),
+            _ => value,
+        };
+        vars.push((key, value));
+    }
+    let mut files = POD_SECRET_FILES.to_vec();
+    files.push((
+        "RATE_LIMIT_REDIS_PASSWORD_FILE",
+        "redis-password",
+        "deploy-redis-pw\n",
+    ));
+
+    boots_and_serves(vars, &files, Some("rate-limit backend connected")).await;
+
+    let keys = redis.keys().await;
+    assert!(
+        keys.iter()
+            .any(|(k, _)| k.starts_with("password-recovery:username:")),
+        "the call was limited on Redis: {keys:?}"
+    );
 }

@@ -127,6 +127,16 @@ async fn two_replicas_share_one_users_bucket_and_agree_on_the_wait() {
         "the refused calls never reached Cognito"
     );
 
+    // B remembers the denial until its retry time: no further round trip to Redis.
+    let scripts = redis.scripts_run().await;
+    let remembered = b_client
+        .forgot_password(forgot("VICTIM@example.com"))
+        .await
+        .unwrap_err();
+    assert_error(&remembered, Code::ResourceExhausted, "RATE_LIMITED");
+    assert!(retry_delay(&remembered) <= wait_b);
+    assert_eq!(redis.scripts_run().await, scripts, "Redis was asked again");
+
     // Keys hold no username and all expire; the refusal stands after a replica restarts.
     let keys = redis.keys().await;
     assert!(!keys.is_empty());

@@ -32,6 +32,7 @@ pub struct RedisServer {
     pub port: u16,
     /// `redis://127.0.0.1:PORT/0`.
     pub url: String,
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -47,7 +48,25 @@ impl RedisServer {
 
     /// Starts a server on `port` and waits until it answers.
     pub async fn start_on(port: u16) -> Self {
-        let child = Command::new(valkey_server())
+        Self::start_with(port, None).await
+    }
+
+    /// Starts a server that requires `password`, on a free port.
+    pub async fn start_with_password(password: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_with(port, Some(password)).await
+    }
+
+    async fn start_with(port: u16, password: Option<&str>) -> Self {
+        let mut command = Command::new(valkey_server());
+        if let Some(password) = password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -58,6 +77,7 @@ impl RedisServer {
             child: Some(child),
             port,
             url: format!("redis://127.0.0.1:{port}/0"),
+            password: password.map(str::to_owned),
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while server.connection().await.is_err() {
@@ -72,7 +92,11 @@ impl RedisServer {
 
     /// A connection to it.
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url.as_str())?
+        let url = match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
+            None => self.url.clone(),
+        };
+        redis::Client::open(url)?
             .get_multiplexed_async_connection()
             .await
     }
@@ -106,6 +130,24 @@ impl RedisServer {
             with_ttl.push((key, ttl));
         }
         with_ttl
+    }
+
+    /// How many scripts it has run (EVALSHA and EVAL), from its own command statistics.
+    pub async fn scripts_run(&self) -> u64 {
+        let mut connection = self.connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split([':', ','])
+                    .find_map(|field| field.strip_prefix("calls="))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum()
     }
 
     fn signal(&self, signal: &str) {
