@@ -27,7 +27,7 @@ use crate::privacy::UsernameHasher;
 pub const BACKEND_SECONDS: &str = "rate_limit_backend_seconds";
 /// 1 while Redis answers, 0 while the in-process limits stand in.
 pub const BACKEND_UP: &str = "rate_limit_backend_up";
-/// Redis failures, by `kind` (`timeout`, `unconnected`, `error`).
+/// Redis failures, by `kind` (`timeout`, `unconnected`: not connected yet, `error`).
 pub const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
 
 /// The first backoff after a failure; each further failure doubles it, up to the maximum.
@@ -183,7 +183,8 @@ impl SharedLimits {
             return Verdict::Unavailable;
         }
         let Some(connection) = self.connection.get() else {
-            self.failed("unconnected", "not connected yet");
+            // Still connecting: no backoff, so the connection is used as soon as it is made.
+            metrics::counter!(BACKEND_ERRORS, "kind" => "unconnected").increment(1);
             return Verdict::Unavailable;
         };
         let mut connection = connection.clone();
@@ -191,7 +192,7 @@ impl SharedLimits {
         for bucket in buckets {
             invocation
                 .key(&bucket.key)
-                .arg(bucket.interval_us)
+                .arg(bucket.interval_us.max(1))
                 .arg(bucket.burst);
         }
         let started = Instant::now();
@@ -206,9 +207,13 @@ impl SharedLimits {
                 self.answered();
                 Verdict::Admitted
             }
-            Ok(Ok((index, wait_us))) => {
+            Ok(Ok((index, wait_us))) if index <= buckets.len() => {
                 self.answered();
                 Verdict::Refused(index - 1, Duration::from_micros(wait_us))
+            }
+            Ok(Ok(_)) => {
+                self.failed("error", "an answer the script cannot give");
+                Verdict::Unavailable
             }
             Ok(Err(err)) => {
                 self.failed("error", &err.to_string());
