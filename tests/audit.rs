@@ -13,7 +13,6 @@ use serde_json::Value;
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-const SECRET: &str = "audit-test-client-secret";
 const USERNAME: &str = "Felicity.Private@example.com";
 const CODE: &str = "739184";
 const PASSWORD: &str = "Audit-Passw0rd!";
@@ -33,17 +32,6 @@ fn key_file() -> std::path::PathBuf {
     path
 }
 
-async fn start(cognito: &FakeCognito, extra: &[(&str, &str)]) -> ServiceProcess {
-    let mut vars = vec![
-        ("COGNITO_CLIENT_ID", CLIENT_ID),
-        ("COGNITO_CLIENT_SECRET", SECRET),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", cognito.url.as_str()),
-    ];
-    vars.extend_from_slice(extra);
-    ServiceProcess::start(&vars).await
-}
-
 fn audit_events(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
@@ -61,7 +49,7 @@ fn assert_private(lines: &[String]) {
         "Felicity",
         CODE,
         PASSWORD,
-        SECRET,
+        common::CLIENT_SECRET,
         "0123456789abcdef",
     ] {
         assert!(!text.contains(private), "{private:?} in the logs");
@@ -73,7 +61,7 @@ async fn every_reset_leaves_an_audit_event_without_private_data() {
     // Arrange
     let cognito = FakeCognito::start().await;
     let key = key_file();
-    let service = start(
+    let service = ServiceProcess::against(
         &cognito,
         &[
             ("USERNAME_RATE_LIMIT", "2/1h"),
@@ -161,7 +149,7 @@ async fn replicas_sharing_the_hash_key_name_a_user_alike() {
     let key = key_file();
     let mut hashes = Vec::new();
     for _ in 0..2 {
-        let service = start(
+        let service = ServiceProcess::against(
             &cognito,
             &[("USERNAME_HASH_KEY_FILE", key.to_str().unwrap())],
         )
@@ -204,7 +192,7 @@ async fn the_caller_is_named_by_its_certificates_uri_san_else_its_common_name() 
     let ca = Ca::new("callers CA");
     let mount = SecretMount::new(&ca.server("password-recovery"), Some(&ca.pem()));
     let (cert, key, client_ca) = (mount.cert(), mount.key(), mount.ca());
-    let service = start(
+    let service = ServiceProcess::against(
         &cognito,
         &[
             ("TLS_CERT_FILE", cert.to_str().unwrap()),

@@ -9,22 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::process::ServiceProcess;
-use common::{CLIENT_ID, FakeCognito, Reply, confirm, forgot, raw};
+use common::{FakeCognito, Reply, confirm, forgot, raw};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
-
-const SECRET: &str = "traces-test-client-secret";
-
-async fn start(cognito: &FakeCognito, extra: &[(&str, &str)]) -> ServiceProcess {
-    let mut vars = vec![
-        ("COGNITO_CLIENT_ID", CLIENT_ID),
-        ("COGNITO_CLIENT_SECRET", SECRET),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", cognito.url.as_str()),
-    ];
-    vars.extend_from_slice(extra);
-    ServiceProcess::start(&vars).await
-}
 
 fn entries(lines: &[String]) -> Vec<Value> {
     lines
@@ -58,7 +45,7 @@ async fn a_call_the_caller_cancels_while_cognito_works_is_recorded_with_its_real
     cognito.script([Reply::Held(Box::new(Reply::Ok(json!({
         "CodeDeliveryDetails": {"Destination": "c***@e***", "DeliveryMedium": "EMAIL", "AttributeName": "email"}
     }))))]);
-    let mut service = start(
+    let mut service = ServiceProcess::against(
         &cognito,
         &[("RUST_LOG", "info,password_recovery::api=debug")],
     )
@@ -108,7 +95,7 @@ async fn calls_in_flight_when_the_grace_period_ends_are_each_recorded_and_exit_i
         Reply::Held(Box::new(Reply::Ok(json!({})))),
         Reply::Held(Box::new(Reply::Ok(json!({})))),
     ]);
-    let service = start(&cognito, &[("SHUTDOWN_GRACE_PERIOD", "300ms")]).await;
+    let service = ServiceProcess::against(&cognito, &[("SHUTDOWN_GRACE_PERIOD", "300ms")]).await;
     let channel = Channel::from_shared(format!("http://{}", service.target))
         .unwrap()
         .connect()
@@ -154,7 +141,7 @@ async fn calls_in_flight_when_the_grace_period_ends_are_each_recorded_and_exit_i
 #[tokio::test]
 async fn a_second_stop_signal_ends_the_drain_at_once() {
     let cognito = FakeCognito::start().await;
-    let mut service = start(&cognito, &[("SHUTDOWN_DELAY", "60s")]).await;
+    let mut service = ServiceProcess::against(&cognito, &[("SHUTDOWN_DELAY", "60s")]).await;
 
     service.signal("TERM");
     service
@@ -177,7 +164,7 @@ async fn a_second_stop_signal_ends_the_drain_at_once() {
 #[tokio::test]
 async fn undecodable_and_oversized_requests_leave_a_warn_line_and_the_call_metrics() {
     let cognito = FakeCognito::start().await;
-    let service = start(&cognito, &[("MAX_REQUEST_BYTES", "1024")]).await;
+    let service = ServiceProcess::against(&cognito, &[("MAX_REQUEST_BYTES", "1024")]).await;
     let channel = Channel::from_shared(format!("http://{}", service.target))
         .unwrap()
         .connect()
@@ -243,7 +230,7 @@ async fn undecodable_and_oversized_requests_leave_a_warn_line_and_the_call_metri
 async fn an_attempt_cut_off_by_the_timeout_is_observed_in_the_latency_histogram() {
     let cognito = FakeCognito::start().await;
     cognito.script([Reply::Held(Box::new(Reply::Ok(json!({}))))]);
-    let service = start(&cognito, &[("COGNITO_TIMEOUT", "200ms")]).await;
+    let service = ServiceProcess::against(&cognito, &[("COGNITO_TIMEOUT", "200ms")]).await;
 
     let status = service
         .client()
@@ -277,7 +264,7 @@ async fn an_attempt_cut_off_by_the_timeout_is_observed_in_the_latency_histogram(
 async fn a_masked_answer_is_logged_with_what_cognito_really_said() {
     let cognito = FakeCognito::start().await;
     cognito.respond_with(|_| Reply::error("UserNotFoundException"));
-    let service = start(&cognito, &[]).await;
+    let service = ServiceProcess::against(&cognito, &[]).await;
     let mut client = service.client().await;
 
     client
@@ -315,7 +302,7 @@ async fn a_username_hash_key_of_any_bytes_is_accepted() {
     assert!(String::from_utf8(key).is_err(), "the key is not UTF-8");
     let cognito = FakeCognito::start().await;
 
-    let service = start(
+    let service = ServiceProcess::against(
         &cognito,
         &[("USERNAME_HASH_KEY_FILE", key_file.to_str().unwrap())],
     )
@@ -350,7 +337,7 @@ fn tempdir() -> std::path::PathBuf {
 #[tokio::test]
 async fn a_caller_gone_mid_message_is_recorded_as_cancelled() {
     let cognito = FakeCognito::start().await;
-    let service = start(&cognito, &[]).await;
+    let service = ServiceProcess::against(&cognito, &[]).await;
     // A request whose message never comes, on a raw HTTP/2 stream the test can reset.
     let tcp = tokio::net::TcpStream::connect(&service.target)
         .await

@@ -61,6 +61,19 @@ impl ServiceProcess {
         Self::start_binary(BINARY, vars).await
     }
 
+    /// Starts the binary as the test app client (`CLIENT_ID`, `CLIENT_SECRET`) against
+    /// `cognito`, with `extra` settings.
+    pub async fn against(cognito: &super::FakeCognito, extra: &[(&str, &str)]) -> Self {
+        let mut vars = vec![
+            ("COGNITO_CLIENT_ID", super::CLIENT_ID),
+            ("COGNITO_CLIENT_SECRET", super::CLIENT_SECRET),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", cognito.url.as_str()),
+        ];
+        vars.extend_from_slice(extra);
+        Self::start(&vars).await
+    }
+
     /// Starts the release build; fails, saying how to build it, when it is missing.
     pub async fn start_release(vars: &[(&str, &str)]) -> Self {
         assert!(
