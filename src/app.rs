@@ -1,6 +1,7 @@
 //! The application: builds the Cognito client, the gRPC services (PasswordRecovery, health,
 //! reflection v1 and v1alpha), the listeners (gRPC, plaintext health when TLS is on, metrics),
-//! then serves until told to stop, draining in-flight calls (DESIGN.md §5).
+//! then serves until told to stop, draining in-flight calls (`SHUTDOWN_DELAY`,
+//! `SHUTDOWN_GRACE_PERIOD` in the README's "Configuration").
 
 use std::future::Future;
 use std::net::SocketAddr;

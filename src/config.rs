@@ -1,6 +1,7 @@
-//! Configuration from the environment and command-line flags (DESIGN.md §6). Every setting is
-//! an environment variable and the `--kebab-case` flag of the same name, except secrets, which
-//! have no flag (it would show in `ps`). A bad setting is a [`ConfigError`] naming it.
+//! Configuration from the environment and command-line flags (README "Configuration"). Every
+//! setting is an environment variable and the `--kebab-case` flag of the same name, except
+//! secrets, which have no flag (it would show in `ps`). A bad setting is a [`ConfigError`]
+//! naming it.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -21,7 +22,7 @@ pub struct Config {
     pub grpc_listen_addr: SocketAddr,
     /// How to reach Cognito and as which app client.
     pub cognito: CognitoSettings,
-    /// Mask unknown users (DESIGN.md §4).
+    /// Mask unknown users (README "Errors": enumeration protection).
     pub enumeration_protection: bool,
     /// How long to keep serving, NOT_SERVING, after a stop signal.
     pub shutdown_delay: Duration,

@@ -1,6 +1,6 @@
 //! Validated request types: every value here already satisfies Cognito's documented limits,
 //! so a request that parses is one Cognito can accept, and one that does not never leaves the
-//! service. Limits and patterns follow Cognito's API reference (DESIGN.md §3).
+//! service. Limits and patterns follow Cognito's API reference (README "API").
 
 use std::collections::HashMap;
 use std::fmt;

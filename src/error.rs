@@ -1,6 +1,6 @@
 //! The one way a call fails: [`Error`], and its conversion to a `tonic::Status` carrying
 //! exactly one `google.rpc.ErrorInfo` (AIP-193). [`COGNITO_ERRORS`] is the table of
-//! DESIGN.md §4: every Cognito error code and the gRPC code, reason and details it becomes.
+//! README "Errors": every Cognito error code and the gRPC code, reason and details it becomes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -69,7 +69,7 @@ const fn row(
 const MISCONFIGURED: &str = "the password-recovery service is misconfigured; its operators \
                              have been told in its logs";
 
-/// Every Cognito error code this service knows, and what it becomes (DESIGN.md §4).
+/// Every Cognito error code this service knows, and what it becomes (README "Errors").
 pub const COGNITO_ERRORS: &[Row] = &[
     row(
         "CodeMismatchException",
@@ -566,7 +566,7 @@ mod tests {
         })
     }
 
-    /// DESIGN.md §4, row by row: Cognito code → (gRPC code, reason).
+    /// The README's error table, row by row: Cognito code → (gRPC code, reason).
     const EXPECTED: &[(&str, Code, &str)] = &[
         (
             "CodeMismatchException",
