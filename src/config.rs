@@ -8,6 +8,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
@@ -142,7 +143,7 @@ struct Cli {
     cognito_client_secret_file: Option<PathBuf>,
 
     /// Mask unknown users in answers (true or false).
-    #[arg(long, env = "ENUMERATION_PROTECTION", default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    #[arg(long, env = "ENUMERATION_PROTECTION", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     enumeration_protection: bool,
 
     /// How long to keep serving NOT_SERVING after SIGTERM, e.g. 5s.
@@ -298,14 +299,6 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     match parse_duration(value)? {
         Duration::ZERO => Err("must be longer than zero".to_owned()),
         duration => Ok(duration),
-    }
-}
-
-fn parse_bool(value: &str) -> Result<bool, String> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err("expected true or false".to_owned()),
     }
 }
 

@@ -69,163 +69,32 @@ const fn row(
 const MISCONFIGURED: &str = "the password-recovery service is misconfigured; its operators \
                              have been told in its logs";
 
-/// Every Cognito error code this service knows, and what it becomes (README "Errors").
+/// Every Cognito error code this service knows, and what it becomes (README "Errors"), one row
+/// per line like the README's table.
+#[rustfmt::skip]
 pub const COGNITO_ERRORS: &[Row] = &[
-    row(
-        "CodeMismatchException",
-        Code::InvalidArgument,
-        "CODE_MISMATCH",
-        "the confirmation code is not correct",
-        Extra::BadField("confirmation_code"),
-    ),
-    row(
-        "ExpiredCodeException",
-        Code::FailedPrecondition,
-        "EXPIRED_CODE",
-        "the confirmation code has expired; request a new one with ForgotPassword",
-        Extra::None,
-    ),
-    row(
-        "InvalidPasswordException",
-        Code::InvalidArgument,
-        "INVALID_PASSWORD",
-        "the password does not satisfy the user pool's password policy",
-        Extra::BadFieldCognitoMessage("password"),
-    ),
-    row(
-        "PasswordHistoryPolicyViolationException",
-        Code::InvalidArgument,
-        "PASSWORD_HISTORY_POLICY_VIOLATION",
-        "the password was used recently by this user; choose another",
-        Extra::BadField("password"),
-    ),
-    row(
-        "UserNotFoundException",
-        Code::NotFound,
-        "USER_NOT_FOUND",
-        "no such user",
-        Extra::None,
-    ),
-    row(
-        "UserNotConfirmedException",
-        Code::FailedPrecondition,
-        "USER_NOT_CONFIRMED",
-        "the user has not confirmed their account",
-        Extra::None,
-    ),
-    row(
-        "InvalidParameterException",
-        Code::FailedPrecondition,
-        "INVALID_PARAMETER",
-        "the account cannot be recovered in its current state (for example, it has no \
-         verified email or phone number)",
-        Extra::None,
-    ),
-    row(
-        "NotAuthorizedException",
-        Code::PermissionDenied,
-        "NOT_AUTHORIZED",
-        "Cognito refused the reset (admin-only recovery, a disabled user, or a bad secret hash)",
-        Extra::None,
-    ),
-    row(
-        "ForbiddenException",
-        Code::PermissionDenied,
-        "FORBIDDEN",
-        "the user pool's web ACL blocked the request",
-        Extra::None,
-    ),
-    row(
-        "LimitExceededException",
-        Code::ResourceExhausted,
-        "LIMIT_EXCEEDED",
-        "the attempt limit for this user was exceeded; try again later",
-        Extra::None,
-    ),
-    row(
-        "TooManyFailedAttemptsException",
-        Code::ResourceExhausted,
-        "TOO_MANY_FAILED_ATTEMPTS",
-        "too many failed attempts for this user; try again later",
-        Extra::None,
-    ),
-    row(
-        "TooManyRequestsException",
-        Code::ResourceExhausted,
-        "TOO_MANY_REQUESTS",
-        "Cognito is throttling requests; retry shortly",
-        Extra::RetryAfterThrottle,
-    ),
-    row(
-        "CodeDeliveryFailureException",
-        Code::Unavailable,
-        "CODE_DELIVERY_FAILURE",
-        "Cognito could not deliver the confirmation code",
-        Extra::None,
-    ),
-    row(
-        "UserLambdaValidationException",
-        Code::FailedPrecondition,
-        "USER_LAMBDA_VALIDATION",
-        "a user pool Lambda trigger refused the request",
-        Extra::CognitoMessage,
-    ),
-    row(
-        "OperationNotEnabledException",
-        Code::FailedPrecondition,
-        "OPERATION_NOT_ENABLED",
-        "this operation is not enabled for the user pool",
-        Extra::None,
-    ),
-    row(
-        "ResourceNotFoundException",
-        Code::Internal,
-        "RESOURCE_NOT_FOUND",
-        MISCONFIGURED,
-        Extra::Misconfiguration,
-    ),
-    row(
-        "InvalidEmailRoleAccessPolicyException",
-        Code::Internal,
-        "INVALID_EMAIL_ROLE_ACCESS_POLICY",
-        MISCONFIGURED,
-        Extra::Misconfiguration,
-    ),
-    row(
-        "InvalidSmsRoleAccessPolicyException",
-        Code::Internal,
-        "INVALID_SMS_ROLE_ACCESS_POLICY",
-        MISCONFIGURED,
-        Extra::Misconfiguration,
-    ),
-    row(
-        "InvalidSmsRoleTrustRelationshipException",
-        Code::Internal,
-        "INVALID_SMS_ROLE_TRUST_RELATIONSHIP",
-        MISCONFIGURED,
-        Extra::Misconfiguration,
-    ),
-    row(
-        "InvalidLambdaResponseException",
-        Code::Internal,
-        "INVALID_LAMBDA_RESPONSE",
-        MISCONFIGURED,
-        Extra::Misconfiguration,
-    ),
-    row(
-        "UnexpectedLambdaException",
-        Code::Internal,
-        "UNEXPECTED_LAMBDA",
-        MISCONFIGURED,
-        Extra::Misconfiguration,
-    ),
-    row(
-        "InternalErrorException",
-        Code::Unavailable,
-        "INTERNAL_ERROR",
-        "Cognito had an internal error; retry later",
-        Extra::None,
-    ),
+    row("CodeMismatchException", Code::InvalidArgument, "CODE_MISMATCH", "the confirmation code is not correct", Extra::BadField("confirmation_code")),
+    row("ExpiredCodeException", Code::FailedPrecondition, "EXPIRED_CODE", "the confirmation code has expired; request a new one with ForgotPassword", Extra::None),
+    row("InvalidPasswordException", Code::InvalidArgument, "INVALID_PASSWORD", "the password does not satisfy the user pool's password policy", Extra::BadFieldCognitoMessage("password")),
+    row("PasswordHistoryPolicyViolationException", Code::InvalidArgument, "PASSWORD_HISTORY_POLICY_VIOLATION", "the password was used recently by this user; choose another", Extra::BadField("password")),
+    row("UserNotFoundException", Code::NotFound, "USER_NOT_FOUND", "no such user", Extra::None),
+    row("UserNotConfirmedException", Code::FailedPrecondition, "USER_NOT_CONFIRMED", "the user has not confirmed their account", Extra::None),
+    row("InvalidParameterException", Code::FailedPrecondition, "INVALID_PARAMETER", "the account cannot be recovered in its current state (for example, it has no verified email or phone number)", Extra::None),
+    row("NotAuthorizedException", Code::PermissionDenied, "NOT_AUTHORIZED", "Cognito refused the reset (admin-only recovery, a disabled user, or a bad secret hash)", Extra::None),
+    row("ForbiddenException", Code::PermissionDenied, "FORBIDDEN", "the user pool's web ACL blocked the request", Extra::None),
+    row("LimitExceededException", Code::ResourceExhausted, "LIMIT_EXCEEDED", "the attempt limit for this user was exceeded; try again later", Extra::None),
+    row("TooManyFailedAttemptsException", Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS", "too many failed attempts for this user; try again later", Extra::None),
+    row("TooManyRequestsException", Code::ResourceExhausted, "TOO_MANY_REQUESTS", "Cognito is throttling requests; retry shortly", Extra::RetryAfterThrottle),
+    row("CodeDeliveryFailureException", Code::Unavailable, "CODE_DELIVERY_FAILURE", "Cognito could not deliver the confirmation code", Extra::None),
+    row("UserLambdaValidationException", Code::FailedPrecondition, "USER_LAMBDA_VALIDATION", "a user pool Lambda trigger refused the request", Extra::CognitoMessage),
+    row("OperationNotEnabledException", Code::FailedPrecondition, "OPERATION_NOT_ENABLED", "this operation is not enabled for the user pool", Extra::None),
+    row("ResourceNotFoundException", Code::Internal, "RESOURCE_NOT_FOUND", MISCONFIGURED, Extra::Misconfiguration),
+    row("InvalidEmailRoleAccessPolicyException", Code::Internal, "INVALID_EMAIL_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
+    row("InvalidSmsRoleAccessPolicyException", Code::Internal, "INVALID_SMS_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
+    row("InvalidSmsRoleTrustRelationshipException", Code::Internal, "INVALID_SMS_ROLE_TRUST_RELATIONSHIP", MISCONFIGURED, Extra::Misconfiguration),
+    row("InvalidLambdaResponseException", Code::Internal, "INVALID_LAMBDA_RESPONSE", MISCONFIGURED, Extra::Misconfiguration),
+    row("UnexpectedLambdaException", Code::Internal, "UNEXPECTED_LAMBDA", MISCONFIGURED, Extra::Misconfiguration),
+    row("InternalErrorException", Code::Unavailable, "INTERNAL_ERROR", "Cognito had an internal error; retry later", Extra::None),
 ];
 
 /// Looks up a Cognito error code in [`COGNITO_ERRORS`].
@@ -566,126 +435,135 @@ mod tests {
         })
     }
 
-    /// The README's error table, row by row: Cognito code → (gRPC code, reason).
-    const EXPECTED: &[(&str, Code, &str)] = &[
-        (
-            "CodeMismatchException",
-            Code::InvalidArgument,
-            "CODE_MISMATCH",
-        ),
-        (
-            "ExpiredCodeException",
-            Code::FailedPrecondition,
-            "EXPIRED_CODE",
-        ),
-        (
-            "InvalidPasswordException",
-            Code::InvalidArgument,
-            "INVALID_PASSWORD",
-        ),
-        (
-            "PasswordHistoryPolicyViolationException",
-            Code::InvalidArgument,
-            "PASSWORD_HISTORY_POLICY_VIOLATION",
-        ),
-        ("UserNotFoundException", Code::NotFound, "USER_NOT_FOUND"),
-        (
-            "UserNotConfirmedException",
-            Code::FailedPrecondition,
-            "USER_NOT_CONFIRMED",
-        ),
-        (
-            "InvalidParameterException",
-            Code::FailedPrecondition,
-            "INVALID_PARAMETER",
-        ),
-        (
-            "NotAuthorizedException",
-            Code::PermissionDenied,
-            "NOT_AUTHORIZED",
-        ),
-        ("ForbiddenException", Code::PermissionDenied, "FORBIDDEN"),
-        (
-            "LimitExceededException",
-            Code::ResourceExhausted,
-            "LIMIT_EXCEEDED",
-        ),
-        (
-            "TooManyFailedAttemptsException",
-            Code::ResourceExhausted,
-            "TOO_MANY_FAILED_ATTEMPTS",
-        ),
-        (
-            "TooManyRequestsException",
-            Code::ResourceExhausted,
-            "TOO_MANY_REQUESTS",
-        ),
-        (
-            "CodeDeliveryFailureException",
-            Code::Unavailable,
-            "CODE_DELIVERY_FAILURE",
-        ),
-        (
-            "UserLambdaValidationException",
-            Code::FailedPrecondition,
-            "USER_LAMBDA_VALIDATION",
-        ),
-        (
-            "OperationNotEnabledException",
-            Code::FailedPrecondition,
-            "OPERATION_NOT_ENABLED",
-        ),
-        (
-            "ResourceNotFoundException",
-            Code::Internal,
-            "RESOURCE_NOT_FOUND",
-        ),
-        (
-            "InvalidEmailRoleAccessPolicyException",
-            Code::Internal,
-            "INVALID_EMAIL_ROLE_ACCESS_POLICY",
-        ),
-        (
-            "InvalidSmsRoleAccessPolicyException",
-            Code::Internal,
-            "INVALID_SMS_ROLE_ACCESS_POLICY",
-        ),
-        (
-            "InvalidSmsRoleTrustRelationshipException",
-            Code::Internal,
-            "INVALID_SMS_ROLE_TRUST_RELATIONSHIP",
-        ),
-        (
-            "InvalidLambdaResponseException",
-            Code::Internal,
-            "INVALID_LAMBDA_RESPONSE",
-        ),
-        (
-            "UnexpectedLambdaException",
-            Code::Internal,
-            "UNEXPECTED_LAMBDA",
-        ),
-        (
-            "InternalErrorException",
-            Code::Unavailable,
-            "INTERNAL_ERROR",
-        ),
-    ];
+    /// The README's error table: (cause, gRPC code, reasons) per row.
+    fn readme_rows() -> Vec<(String, String, Vec<String>)> {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("\n## Errors\n")
+            .nth(1)
+            .and_then(|section| section.split("**Enumeration protection**").next())
+            .expect("the README's Errors section");
+        table
+            .lines()
+            .filter(|line| line.starts_with("| ") && !line.starts_with("| cause"))
+            .map(|line| {
+                let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+                let code = cells[1].split_whitespace().next().unwrap_or_default();
+                let reasons = cells[2]
+                    .split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_owned)
+                    .collect();
+                (cells[0].to_owned(), code.to_owned(), reasons)
+            })
+            .collect()
+    }
+
+    /// Every error the service can answer with, one of each kind.
+    fn every_kind_of_error() -> Vec<Error> {
+        let mut errors: Vec<Error> = COGNITO_ERRORS
+            .iter()
+            .map(|row| service_error(row.cognito_code, None))
+            .collect();
+        let http = |status| {
+            Error::Upstream(UpstreamError::Http {
+                status,
+                request_id: None,
+            })
+        };
+        errors.extend([
+            Error::InvalidRequest(vec![]),
+            Error::ClientNotAllowed,
+            service_error("BrandNewException", None),
+            http(503),
+            http(429),
+            http(418),
+            Error::Upstream(UpstreamError::Unreachable {
+                before_connecting: true,
+                detail: String::new(),
+            }),
+            Error::Upstream(UpstreamError::Timeout {
+                set_by_caller: false,
+            }),
+            Error::Upstream(UpstreamError::Construction {
+                detail: String::new(),
+            }),
+            Error::Upstream(UpstreamError::InvalidResponse(
+                crate::cognito::InvalidResponse {
+                    status: 200,
+                    content_type: String::new(),
+                    bytes: 0,
+                    problem: "",
+                },
+            )),
+            Error::MalformedRequest,
+            Error::RequestTooLarge { limit: 1 },
+            Error::RateLimited(RateLimited {
+                limiter: crate::limits::Limiter::Username,
+                limit: "5/15m".into(),
+                retry_after: Duration::from_secs(1),
+            }),
+            Error::Overloaded,
+            Error::Cancelled,
+            Error::Internal,
+            Error::ShuttingDown,
+        ]);
+        errors
+    }
 
     #[test]
-    fn every_row_of_the_design_table_maps_with_error_info() {
+    fn the_readmes_error_table_and_the_codes_agree() {
+        let rows = readme_rows();
+        for row in COGNITO_ERRORS {
+            let short = row.cognito_code.trim_end_matches("Exception");
+            let (_, code, reasons) = rows
+                .iter()
+                .find(|(cause, ..)| {
+                    cause
+                        .split([',', ' ', '('])
+                        .any(|word| word == row.cognito_code || word == short)
+                })
+                .unwrap_or_else(|| {
+                    panic!("the README's table has no row for {}", row.cognito_code)
+                });
+            assert_eq!(code, code_name(row.code), "{}", row.cognito_code);
+            assert!(
+                reasons.iter().any(|r| r == row.reason),
+                "{}",
+                row.cognito_code
+            );
+        }
+        let mut answered = std::collections::BTreeSet::new();
+        for error in every_kind_of_error() {
+            let classified = error.classify();
+            let (_, code, _) = rows
+                .iter()
+                .find(|(.., reasons)| reasons.iter().any(|r| r == classified.reason))
+                .unwrap_or_else(|| panic!("the README's table lacks {}", classified.reason));
+            assert_eq!(code, code_name(classified.code), "{}", classified.reason);
+            answered.insert(classified.reason.to_owned());
+        }
+        let documented: std::collections::BTreeSet<String> = rows
+            .into_iter()
+            .flat_map(|(.., reasons)| reasons)
+            .filter(|r| r.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
         assert_eq!(
-            EXPECTED.len(),
-            COGNITO_ERRORS.len(),
-            "the table has extra rows"
+            documented, answered,
+            "reasons documented but never answered, or the reverse"
         );
-        for &(cognito_code, code, reason) in EXPECTED {
-            let status: Status = service_error(cognito_code, Some("m")).into();
-            assert_eq!(status.code(), code, "{cognito_code}");
+    }
+
+    #[test]
+    fn every_row_of_the_table_answers_with_its_error_info() {
+        for row in COGNITO_ERRORS {
+            let status: Status = service_error(row.cognito_code, Some("m")).into();
+            assert_eq!(status.code(), row.code, "{}", row.cognito_code);
             let info = status.get_details_error_info().expect("ErrorInfo");
-            assert_eq!(info.reason, reason, "{cognito_code}");
+            assert_eq!(info.reason, row.reason, "{}", row.cognito_code);
             assert_eq!(info.domain, ERROR_DOMAIN);
-            assert_eq!(info.metadata["cognitoCode"], cognito_code);
+            assert_eq!(info.metadata["cognitoCode"], row.cognito_code);
             assert_eq!(info.metadata["awsRequestId"], "req-1");
         }
     }

@@ -23,16 +23,14 @@ use aws_sdk_cognitoidentityprovider::types::{
 };
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, Mac};
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
-use sha2::Sha256;
 use tokio::time::Instant;
 
 use crate::config::{CognitoSettings, ConfigError};
 use crate::domain::{
     ClientId, CodeDelivery, ConfirmForgotPassword, DeliveryMedium, ForgotPassword, PassThrough,
-    Username,
+    Rpc, Username,
 };
 use crate::metrics as m;
 
@@ -51,11 +49,10 @@ const MAX_DELIVERY_FIELD_CHARS: usize = 256;
 /// `Base64(HMAC_SHA256(key = client_secret, msg = username + client_id))`, the `SECRET_HASH`
 /// Cognito requires from app clients that have a secret.
 pub fn secret_hash(client_secret: &SecretString, username: &str, client_id: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(client_secret.expose_secret().as_bytes())
-        .expect("HMAC takes a key of any length");
-    mac.update(username.as_bytes());
-    mac.update(client_id.as_bytes());
-    BASE64.encode(mac.finalize().into_bytes())
+    BASE64.encode(crate::privacy::hmac(
+        client_secret.expose_secret().as_bytes(),
+        &[username.as_bytes(), client_id.as_bytes()],
+    ))
 }
 
 /// When the upstream call must have finished, retries included.
@@ -326,7 +323,7 @@ impl Cognito {
         let secret_hash = self.app_client.secret_hash(&request.username);
         let extra = SdkPassThrough::from(&request.pass_through);
         let output = self
-            .call("ForgotPassword", budget, || {
+            .call(Rpc::ForgotPassword.method(), budget, || {
                 self.sdk
                     .forgot_password()
                     .client_id(self.app_client.id.as_str())
@@ -356,7 +353,7 @@ impl Cognito {
     ) -> Result<(), UpstreamError> {
         let secret_hash = self.app_client.secret_hash(&request.username);
         let extra = SdkPassThrough::from(&request.pass_through);
-        self.call("ConfirmForgotPassword", budget, || {
+        self.call(Rpc::ConfirmForgotPassword.method(), budget, || {
             self.sdk
                 .confirm_forgot_password()
                 .client_id(self.app_client.id.as_str())
