@@ -251,12 +251,18 @@ async fn concurrent_largest_valid_requests() {
 async fn concurrent_huge_upstream_bodies() {
     let cognito = FakeCognito::start().await;
     let (service, idle) = start(&cognito).await;
-    cognito.respond_with(|_| Reply::Huge(50 << 20));
     let channel = Channel::from_shared(format!("http://{}", service.target))
         .unwrap()
         .connect()
         .await
         .unwrap();
+    // One call first, so the client has the server's SETTINGS (32 streams) before the burst:
+    // streams opened beyond it before then are refused (REFUSED_STREAM) by HTTP/2 itself.
+    PasswordRecoveryClient::new(channel.clone())
+        .forgot_password(forgot("settings"))
+        .await
+        .unwrap();
+    cognito.respond_with(|_| Reply::Huge(50 << 20));
 
     let calls: Vec<_> = (0..64)
         .map(|i| {
