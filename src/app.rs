@@ -137,16 +137,7 @@ impl Application {
         let (usernames, masking) = username_hashers(&config);
         let mut limits = Limits::new(&config.limits);
         if let Some(redis) = &config.limits.redis {
-            // Config requires USERNAME_HASH_KEY_FILE with Redis: replicas must agree on keys.
-            let key = config.username_hash_key.as_ref().ok_or_else(|| {
-                ConfigError::setting(
-                    "USERNAME_HASH_KEY_FILE",
-                    "required with RATE_LIMIT_REDIS_URL",
-                )
-            })?;
-            let keys =
-                UsernameHasher::derived(key.expose_secret(), "password-recovery/rate-limit-keys");
-            limits = limits.with_shared(SharedLimits::start(redis, keys)?);
+            limits = limits.with_shared(SharedLimits::start(redis)?);
             tracing::info!(
                 prefix = redis.prefix,
                 timeout = %humantime::format_duration(redis.timeout),

@@ -364,13 +364,13 @@ impl Config {
             None => None,
             Some(url) => {
                 crate::limits::check_url(&url)?;
-                if username_hash_key.is_none() {
-                    return Err(ConfigError::setting(
+                let username_hash_key = username_hash_key.clone().ok_or_else(|| {
+                    ConfigError::setting(
                         "USERNAME_HASH_KEY_FILE",
                         "required with RATE_LIMIT_REDIS_URL: replicas must agree on the keys \
                          of the shared limits",
-                    ));
-                }
+                    )
+                })?;
                 let password = cli
                     .rate_limit_redis_password_file
                     .as_deref()
@@ -382,6 +382,7 @@ impl Config {
                     password,
                     prefix: cli.rate_limit_redis_prefix,
                     timeout: cli.rate_limit_redis_timeout,
+                    username_hash_key,
                 })
             }
         };

@@ -115,12 +115,14 @@ pub struct Connection {
 
 /// One of the `MAX_CONNECTIONS` places, counted in `grpc_connections_open` while held.
 #[derive(Debug)]
-struct OpenConnection(#[allow(dead_code)] OwnedSemaphorePermit);
+struct OpenConnection {
+    _place: OwnedSemaphorePermit,
+}
 
 impl OpenConnection {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
+    fn new(place: OwnedSemaphorePermit) -> Self {
         metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
-        Self(permit)
+        Self { _place: place }
     }
 }
 

@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::process::ServiceProcess;
-use common::{CLIENT_ID, FakeCognito, Reply, forgot, raw};
+use common::{CLIENT_ID, FakeCognito, Reply, forgot, metric, raw};
 use password_recovery::config::default_value;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use tokio::time::Instant;
@@ -109,25 +109,6 @@ async fn peak_within_bound_then_settles(service: ServiceProcess, idle: u64, shap
     service.terminate().await;
 }
 
-/// The value of a Prometheus series, if present.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
-}
-
-async fn wait_for_metric(service: &ServiceProcess, name: &str, at_least: f64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = service.scrape().await;
-        if metric(&metrics, name).is_some_and(|v| v >= at_least) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} never reached {at_least}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_streams_holding_partial_messages() {
     let cognito = FakeCognito::start().await;
@@ -161,8 +142,12 @@ async fn many_streams_holding_partial_messages() {
             }));
         }
     }
-    wait_for_metric(&service, "grpc_server_in_flight", 128.0).await;
-    wait_for_metric(&service, "upstream_rejected_total", 1.0).await;
+    service
+        .wait_for_metric("grpc_server_in_flight", &[], |v| v >= 128.0)
+        .await;
+    service
+        .wait_for_metric("upstream_rejected_total", &[], |v| v >= 1.0)
+        .await;
 
     for task in held {
         task.abort();
@@ -185,10 +170,12 @@ async fn more_idle_connections_than_allowed() {
             held.push((client, tokio::spawn(connection)));
         }
     }
-    wait_for_metric(&service, "grpc_connections_refused_total", 100.0).await;
+    service
+        .wait_for_metric("grpc_connections_refused_total", &[], |v| v >= 100.0)
+        .await;
     let metrics = service.scrape().await;
     assert_eq!(
-        metric(&metrics, "grpc_connections_open"),
+        metric(&metrics, "grpc_connections_open", &[]),
         Some(max_connections as f64),
         "{metrics}"
     );

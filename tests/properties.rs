@@ -16,6 +16,15 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tonic_types::{ErrorDetail, StatusExt};
 
+/// A runner of `cases` cases that keeps no failure file in the tree.
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
 /// Every log line of this test process, whatever its level.
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
@@ -150,11 +159,7 @@ fn whatever_the_upstream_answers_ok_means_success_and_errors_are_well_formed() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let app = runtime.block_on(TestApp::spawn());
     let client = runtime.block_on(app.client());
-    let mut runner = TestRunner::new(Config {
-        cases: 200,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(200);
 
     runner
         .run(
@@ -231,11 +236,7 @@ fn whatever_a_caller_sends_the_answer_is_well_formed_and_keeps_secrets() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let app = runtime.block_on(TestApp::spawn_with(Options::default()));
     let channel = runtime.block_on(app.channel());
-    let mut runner = TestRunner::new(Config {
-        cases: 200,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(200);
     let fields = (
         text(),
         text(),
@@ -301,11 +302,7 @@ fn whatever_bytes_arrive_as_a_message_errors_carry_one_error_info() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let app = runtime.block_on(TestApp::spawn());
     let channel = runtime.block_on(app.channel());
-    let mut runner = TestRunner::new(Config {
-        cases: 500,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(500);
 
     runner
         .run(

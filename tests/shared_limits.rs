@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::process::ServiceProcess;
 use common::redis_server::RedisServer;
-use common::{CLIENT_ID, FakeCognito, assert_error, forgot};
+use common::{CLIENT_ID, FakeCognito, assert_error, forgot, metric};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -73,13 +73,6 @@ fn retry_delay(status: &tonic::Status) -> Duration {
         .expect("RetryInfo")
         .retry_delay
         .expect("a delay")
-}
-
-/// The value of a Prometheus series, if present.
-fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
 }
 
 #[tokio::test]
@@ -212,11 +205,11 @@ async fn redis_killed_mid_run_never_fails_a_call_and_is_used_again_when_back() {
         .await;
     let metrics = replica.scrape().await;
     assert_eq!(
-        metric(&metrics, "rate_limit_backend_up", ""),
+        metric(&metrics, "rate_limit_backend_up", &[]),
         Some(0.0),
         "{metrics}"
     );
-    assert!(metric(&metrics, "rate_limit_backend_errors_total", "").is_some_and(|n| n >= 1.0));
+    assert!(metric(&metrics, "rate_limit_backend_errors_total", &[]).is_some_and(|n| n >= 1.0));
 
     // Back on the same port: the next calls after the backoff use it again.
     let redis = RedisServer::start_on(port).await;
@@ -269,7 +262,7 @@ async fn a_frozen_redis_costs_each_call_at_most_its_timeout() {
         metric(
             &metrics,
             "rate_limit_backend_errors_total",
-            "kind=\"timeout\""
+            &["kind=\"timeout\""]
         )
         .is_some_and(|n| n >= 1.0),
         "{metrics}"

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::process::ServiceProcess;
-use common::{FakeCognito, Reply, confirm, forgot, raw};
+use common::{FakeCognito, Reply, confirm, forgot, metric, raw};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -29,14 +29,6 @@ fn call_lines(entries: &[Value]) -> Vec<&Value> {
 
 fn audit_events(entries: &[Value]) -> Vec<&Value> {
     entries.iter().filter(|e| e["target"] == "audit").collect()
-}
-
-/// The value of the Prometheus series whose line starts with `series` (name and labels in
-/// the order the exporter writes them), if present.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
 }
 
 #[tokio::test]
@@ -69,13 +61,13 @@ async fn a_call_the_caller_cancels_while_cognito_works_is_recorded_with_its_real
         .wait_for_line(|e| e["message"] == "call finished")
         .await;
     assert_eq!(line["caller_gone"], true, "{line}");
-    wait_for_metric(
-        &service,
-        "grpc_server_handled_total",
-        &["grpc_method=\"ForgotPassword\"", "grpc_code=\"CANCELLED\""],
-        1.0,
-    )
-    .await;
+    service
+        .wait_for_metric(
+            "grpc_server_handled_total",
+            &["grpc_method=\"ForgotPassword\"", "grpc_code=\"CANCELLED\""],
+            |v| v == 1.0,
+        )
+        .await;
     let (status, lines, _) = service.terminate().await;
     assert_eq!(status.code(), Some(0));
     let entries = entries(&lines);
@@ -353,39 +345,25 @@ async fn a_caller_gone_mid_message_is_recorded_as_cancelled() {
             false,
         )
         .unwrap();
-    wait_for_metric(&service, "grpc_server_in_flight", &[], 1.0).await;
+    service
+        .wait_for_metric("grpc_server_in_flight", &[], |v| v == 1.0)
+        .await;
 
     // The caller goes away: its connection breaks mid-message.
     connection.abort();
     drop((h2, response, stream));
 
-    wait_for_metric(
-        &service,
-        "grpc_server_handled_total",
-        &["grpc_code=\"CANCELLED\""],
-        1.0,
-    )
-    .await;
+    service
+        .wait_for_metric(
+            "grpc_server_handled_total",
+            &["grpc_code=\"CANCELLED\""],
+            |v| v == 1.0,
+        )
+        .await;
     let (_, lines, _) = service.terminate().await;
     let entries = entries(&lines);
     let calls = call_lines(&entries);
     assert_eq!(calls.len(), 1, "{lines:#?}");
     assert_eq!(calls[0]["reason"], "CANCELLED");
     assert!(cognito.recorded().is_empty());
-}
-
-/// Scrapes until the series reaches `value` (at most 10 s): a signal from the process itself.
-async fn wait_for_metric(service: &ServiceProcess, name: &str, labels: &[&str], value: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = service.scrape().await;
-        if metric(&metrics, name, labels) == Some(value) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} {labels:?} never reached {value}: {metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

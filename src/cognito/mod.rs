@@ -187,14 +187,9 @@ impl UpstreamError {
                 let raw = response.raw();
                 Self::InvalidResponse(InvalidResponse {
                     status: raw.status().as_u16(),
-                    content_type: raw
-                        .headers()
-                        .get("content-type")
-                        .unwrap_or_default()
-                        .chars()
-                        .filter(char::is_ascii_graphic)
-                        .take(64)
-                        .collect(),
+                    content_type: response::printable(
+                        raw.headers().get("content-type").unwrap_or_default(),
+                    ),
                     bytes: raw.body().bytes().map_or(0, <[u8]>::len),
                     problem: "an answer the SDK could not parse",
                 })

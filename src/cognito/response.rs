@@ -155,7 +155,7 @@ fn is_cognito_json(content_type: &str) -> bool {
 }
 
 /// At most 64 printable ASCII characters of an upstream-controlled header, for a log line.
-fn printable(value: &str) -> String {
+pub(super) fn printable(value: &str) -> String {
     value
         .chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')

@@ -57,6 +57,13 @@ pub struct RateSpec {
     pub period: Duration,
 }
 
+impl RateSpec {
+    /// One call's share of the period: the GCRA emission interval.
+    pub fn interval(self) -> Duration {
+        self.period / self.burst.get()
+    }
+}
+
 impl fmt::Display for RateSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -195,6 +202,11 @@ impl UsernameTable {
         self.capacity
     }
 
+    /// The limit of every bucket.
+    pub fn spec(&self) -> RateSpec {
+        self.spec
+    }
+
     fn key(&self, rpc: Rpc, username: &Username) -> u64 {
         self.keys.hash_one((rpc as u8, username.normalised()))
     }
@@ -210,8 +222,7 @@ impl UsernameTable {
     }
 
     fn check_key(&self, key: u64, now: u64) -> Verdict {
-        let interval = u64::try_from((self.spec.period / self.spec.burst.get()).as_nanos())
-            .unwrap_or(u64::MAX);
+        let interval = u64::try_from(self.spec.interval().as_nanos()).unwrap_or(u64::MAX);
         let tolerance = interval.saturating_mul(u64::from(self.spec.burst.get()));
         let mut guard = self.state.lock().expect("rate-limit lock");
         let state = &mut *guard;
@@ -302,19 +313,17 @@ pub struct LimitSettings {
 /// Every limit a call passes before Cognito.
 pub struct Limits {
     clock: DefaultClock,
-    global: Option<(GlobalLimiter, String)>,
+    global: Option<(GlobalLimiter, NonZeroU32, String)>,
     username: Option<(UsernameTable, String)>,
     /// On Redis when configured: the in-process limiters then judge only while it fails.
     shared: Option<SharedLimits>,
-    global_rps: Option<NonZeroU32>,
-    username_spec: Option<RateSpec>,
     upstream: Arc<Semaphore>,
 }
 
 impl fmt::Debug for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limits")
-            .field("global", &self.global.as_ref().map(|(_, limit)| limit))
+            .field("global", &self.global.as_ref().map(|(_, _, limit)| limit))
             .field("username", &self.username.as_ref().map(|(_, limit)| limit))
             .finish_non_exhaustive()
     }
@@ -326,7 +335,7 @@ impl Limits {
         let clock = DefaultClock::default();
         let global = settings.global_rps.map(|rps| {
             let limiter = RateLimiter::direct_with_clock(Quota::per_second(rps), clock.clone());
-            (limiter, format!("{rps}/1s"))
+            (limiter, rps, format!("{rps}/1s"))
         });
         let username = match settings.username {
             UsernameRateLimit::Off => None,
@@ -340,11 +349,6 @@ impl Limits {
             global,
             username,
             shared: None,
-            global_rps: settings.global_rps,
-            username_spec: match settings.username {
-                UsernameRateLimit::Off => None,
-                UsernameRateLimit::Limit(spec) => Some(spec),
-            },
             upstream: Arc::new(Semaphore::new(settings.max_concurrent_upstream.get())),
         }
     }
@@ -373,18 +377,18 @@ impl Limits {
         rpc: Rpc,
         username: &Username,
     ) -> Option<Result<(), RateLimited>> {
-        let username_limit = self.username.as_ref().map(|(_, limit)| limit.as_str());
-        let username_key = self
-            .username_spec
-            .map(|_| shared.username_key(rpc, username));
-        if let (Some(key), Some(limit)) = (&username_key, username_limit)
+        let username = self
+            .username
+            .as_ref()
+            .map(|(table, limit)| (table.spec(), shared.username_key(rpc, username), limit));
+        if let Some((_, key, limit)) = &username
             && let Some(wait) = shared.remembered_denial(key)
         {
             return Some(Err(refused(Limiter::Username, limit, wait)));
         }
         let mut buckets = Vec::with_capacity(2);
         let mut limiters = Vec::with_capacity(2);
-        if let (Some(rps), Some((_, limit))) = (self.global_rps, &self.global) {
+        if let Some((_, rps, limit)) = &self.global {
             buckets.push(shared::Bucket {
                 key: shared.global_key(),
                 interval_us: 1_000_000 / u64::from(rps.get()),
@@ -392,16 +396,13 @@ impl Limits {
             });
             limiters.push((Limiter::Global, limit.as_str()));
         }
-        if let (Some(spec), Some(key), Some(limit)) =
-            (self.username_spec, username_key, username_limit)
-        {
+        if let Some((spec, key, limit)) = username {
             buckets.push(shared::Bucket {
                 key,
-                interval_us: u64::try_from((spec.period / spec.burst.get()).as_micros())
-                    .unwrap_or(u64::MAX),
+                interval_us: u64::try_from(spec.interval().as_micros()).unwrap_or(u64::MAX),
                 burst: spec.burst.get(),
             });
-            limiters.push((Limiter::Username, limit));
+            limiters.push((Limiter::Username, limit.as_str()));
         }
         if buckets.is_empty() {
             return Some(Ok(()));
@@ -421,7 +422,7 @@ impl Limits {
 
     /// Charges the global limiter, then the per-username one; the first that refuses decides.
     pub fn check(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
-        if let Some((limiter, limit)) = &self.global {
+        if let Some((limiter, _, limit)) = &self.global {
             limiter.check().map_err(|not_until| {
                 refused(
                     Limiter::Global,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Script};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::ConfigError;
 use crate::domain::{Rpc, Username};
@@ -47,6 +47,9 @@ pub struct RedisSettings {
     pub prefix: String,
     /// How long one round trip may take before the in-process limits judge the call.
     pub timeout: Duration,
+    /// `USERNAME_HASH_KEY_FILE`'s key, which the keys of username buckets derive from, so
+    /// every replica names a bucket alike.
+    pub username_hash_key: SecretSlice<u8>,
 }
 
 /// Checks the URL of `RATE_LIMIT_REDIS_URL`: its scheme, and no password in it.
@@ -112,8 +115,8 @@ impl std::fmt::Debug for SharedLimits {
 }
 
 impl SharedLimits {
-    /// Limits on the Redis of `settings`, keyed by `keys`; connects in the background.
-    pub fn start(settings: &RedisSettings, keys: UsernameHasher) -> Result<Self, ConfigError> {
+    /// Limits on the Redis of `settings`; connects in the background.
+    pub fn start(settings: &RedisSettings) -> Result<Self, ConfigError> {
         check_url(&settings.url)?;
         let mut info = settings.url.as_str().into_connection_info().map_err(|_| {
             ConfigError::setting("RATE_LIMIT_REDIS_URL", "is not a valid Redis URL")
@@ -135,7 +138,10 @@ impl SharedLimits {
             script: Script::new(include_str!("gcra.lua")),
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
-            keys,
+            keys: UsernameHasher::derived(
+                settings.username_hash_key.expose_secret(),
+                "password-recovery/rate-limit-keys",
+            ),
             epoch: Instant::now(),
             skip_until: AtomicU64::new(0),
             backoff: Mutex::new(FIRST_BACKOFF),

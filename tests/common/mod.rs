@@ -220,6 +220,14 @@ pub async fn closed_port_url() -> String {
     format!("http://{addr}")
 }
 
+/// The value of the first Prometheus series named `name` (a prefix: `_total`, `_count`, … may
+/// follow) whose line holds every one of `labels`, if any.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
 /// `GET /metrics` over plain HTTP/1.1; returns the body.
 pub async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

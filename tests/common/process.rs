@@ -192,6 +192,28 @@ impl ServiceProcess {
             .expect("the log line within 30 s")
     }
 
+    /// Scrapes until the series `name` with `labels` has a value that `reached` accepts (at
+    /// most 30 s): a signal from the process itself.
+    pub async fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[&str],
+        reached: impl Fn(f64) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = self.scrape().await;
+            if super::metric(&metrics, name, labels).is_some_and(&reached) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} {labels:?} never reached the value awaited: {metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends SIGTERM and returns the exit status, every stdout line and stderr.
     pub async fn terminate(self) -> (ExitStatus, Vec<String>, String) {
         self.signal("TERM");
