@@ -3,17 +3,21 @@
 //! secrets, which have no flag (it would show in `ps`). A bad setting is a [`ConfigError`]
 //! naming it.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
+use crate::cognito::CognitoSettings;
 use crate::domain::ClientId;
 use crate::limits::{LimitSettings, RedisSettings, UsernameRateLimit};
+use crate::telemetry::{LogFormat, LogSettings};
 use crate::tls::TlsSettings;
 
 /// The whole configuration of one process.
@@ -55,39 +59,6 @@ pub struct Config {
     pub max_connections: NonZeroUsize,
     /// Streams one HTTP/2 connection may open at once (advertised).
     pub max_concurrent_streams: u32,
-}
-
-/// The upstream: region, endpoint, app client and time bound.
-#[derive(Debug)]
-pub struct CognitoSettings {
-    /// The only app client this server serves.
-    pub client_id: ClientId,
-    /// The app client's secret, when it has one.
-    pub client_secret: Option<SecretString>,
-    /// Bound on one upstream call, retries included.
-    pub timeout: Duration,
-    /// `AWS_REGION`; when absent the profile's region is used.
-    pub region: Option<String>,
-    /// `AWS_ENDPOINT_URL`: the SDK's standard endpoint override, e.g. an emulator.
-    pub endpoint_url: Option<String>,
-}
-
-/// Where and how log lines are written.
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    /// An `EnvFilter` directive, e.g. `info` or `password_recovery=debug`.
-    pub filter: String,
-    /// JSON lines or human-readable text.
-    pub format: LogFormat,
-}
-
-/// The shape of log lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
 }
 
 /// A setting that is missing or malformed. Displays as one line naming the setting.
@@ -305,24 +276,30 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 impl Config {
     /// Reads the process's command line and environment.
     pub fn load() -> Result<Command, ConfigError> {
-        Self::load_from(std::env::args_os(), |name| std::env::var(name).ok())
+        Self::load_from(std::env::args_os(), |name| std::env::var_os(name))
     }
 
-    /// Reads `args`, and the secrets through `secret_env` (clap reads the other variables from
-    /// the process environment itself).
+    /// Reads the command line `args` (program name first) and the environment `env`, a
+    /// variable's value by name. A flag wins over its variable. Nothing else is read from the
+    /// process environment, so tests inject theirs.
     pub fn load_from<I, T>(
         args: I,
-        secret_env: impl Fn(&str) -> Option<String>,
+        env: impl Fn(&str) -> Option<OsString>,
     ) -> Result<Command, ConfigError>
     where
         I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
+        T: Into<OsString>,
     {
-        let cli = match Cli::try_parse_from(args) {
+        let cli = match parse_cli(args, &env) {
             Ok(cli) => cli,
+            // Help as the operator needs it: each flag with its variable.
+            Err(err) if err.kind() == ErrorKind::DisplayHelp => {
+                return Ok(Command::Print(Cli::command().render_help().to_string()));
+            }
             Err(err) if !err.use_stderr() => return Ok(Command::Print(err.to_string())),
             Err(err) => return Err(ConfigError::Invalid(one_line(&err))),
         };
+        let secret_env = |name: &str| env(name).and_then(|value| value.into_string().ok());
 
         let client_id = cli
             .cognito_client_id
@@ -432,6 +409,42 @@ impl Config {
     }
 }
 
+/// Parses `args` with, for every setting `env` holds and the command line does not, its
+/// `--flag=value` added: a flag wins over its variable, as with clap's own environment
+/// reading, which is turned off so that nothing else is read.
+fn parse_cli(
+    args: impl IntoIterator<Item = impl Into<OsString>>,
+    env: &impl Fn(&str) -> Option<OsString>,
+) -> Result<Cli, clap::Error> {
+    let command = Cli::command();
+    let mut argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let given = |long: &str| {
+        argv.iter().skip(1).any(|arg| {
+            arg.to_str()
+                .and_then(|arg| arg.strip_prefix("--"))
+                .is_some_and(|arg| {
+                    arg == long || arg.strip_prefix(long).is_some_and(|v| v.starts_with('='))
+                })
+        })
+    };
+    let mut from_env = Vec::new();
+    for arg in command.get_arguments() {
+        let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        if let Some(value) = name.to_str().and_then(env).filter(|_| !given(long)) {
+            let mut flag = OsString::from(format!("--{long}="));
+            flag.push(value);
+            from_env.push(flag);
+        }
+    }
+    argv.extend(from_env);
+    let matches = command
+        .mut_args(|arg| arg.env(None))
+        .try_get_matches_from(argv)?;
+    Cli::from_arg_matches(&matches)
+}
+
 /// Clap's message, which names the flag and its variable, folded onto one line.
 fn one_line(err: &clap::Error) -> String {
     err.to_string()
@@ -532,10 +545,15 @@ fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
-    fn run(args: &[&str], secret: Option<&str>) -> Result<Config, ConfigError> {
+    /// The configuration from `args` and the environment `env`, and nothing else.
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let args = std::iter::once("password-recovery").chain(args.iter().copied());
-        let secret = secret.map(str::to_owned);
-        match Config::load_from(args, |_| secret.clone())? {
+        let env = |name: &str| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, value)| OsString::from(value))
+        };
+        match Config::load_from(args, env)? {
             Command::Run(config) => Ok(*config),
             Command::Print(text) => panic!("unexpected print: {text}"),
         }
@@ -570,7 +588,7 @@ mod tests {
     fn defaults_follow_the_contract() {
         let config = run(
             &["--cognito-client-id", "abc", "--aws-region", "eu-west-1"],
-            None,
+            &[],
         )
         .expect("valid");
         assert_eq!(config.grpc_listen_addr, "0.0.0.0:50051".parse().unwrap());
@@ -601,7 +619,7 @@ mod tests {
         let base = ["--cognito-client-id", "abc"];
         let with = |extra: &[&str]| {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-            run(&args, None)
+            run(&args, &[])
         };
         let err = with(&["--tls-cert-file", "c.pem"]).unwrap_err();
         assert!(err.to_string().starts_with("TLS_KEY_FILE"), "{err}");
@@ -621,7 +639,7 @@ mod tests {
     fn a_bad_flag_value_is_one_line_naming_the_flag() {
         let err = run(
             &["--cognito-client-id", "abc", "--cognito-timeout", "5"],
-            None,
+            &[],
         )
         .unwrap_err();
         let line = err.to_string();
@@ -632,15 +650,14 @@ mod tests {
 
     #[test]
     fn a_malformed_client_id_is_refused() {
-        let err = run(&["--cognito-client-id", "not valid"], None).unwrap_err();
+        let err = run(&["--cognito-client-id", "not valid"], &[]).unwrap_err();
         assert!(err.to_string().starts_with("COGNITO_CLIENT_ID:"), "{err}");
     }
 
     #[test]
     fn secret_from_env_and_file_together_is_refused() {
-        let dir = std::env::temp_dir().join(format!("pr-secret-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("secret");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
         std::fs::write(&file, "s3cret\n").unwrap();
         let file = file.to_str().unwrap();
 
@@ -651,7 +668,7 @@ mod tests {
                 "--cognito-client-secret-file",
                 file,
             ],
-            Some("other"),
+            &[("COGNITO_CLIENT_SECRET", "other")],
         )
         .unwrap_err();
         assert!(err.to_string().contains("not both"), "{err}");
@@ -664,7 +681,7 @@ mod tests {
                 "--cognito-client-secret-file",
                 file,
             ],
-            None,
+            &[],
         )
         .unwrap();
         let secret = config.cognito.client_secret.as_ref().expect("secret read");
@@ -674,7 +691,35 @@ mod tests {
             "one trailing newline dropped"
         );
         assert!(!format!("{:?}", config.cognito).contains("s3cret"));
-        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn settings_come_from_the_given_environment_and_a_flag_wins() {
+        let env = [
+            ("COGNITO_CLIENT_ID", "fromenv"),
+            ("COGNITO_TIMEOUT", "2s"),
+            ("ENUMERATION_PROTECTION", "off"),
+            ("AWS_REGION", "eu-north-1"),
+        ];
+        let config = run(&["--cognito-timeout", "3s"], &env).unwrap();
+        assert_eq!(config.cognito.client_id.as_str(), "fromenv");
+        assert_eq!(config.cognito.timeout, Duration::from_secs(3));
+        assert!(!config.enumeration_protection);
+        assert_eq!(config.cognito.region.as_deref(), Some("eu-north-1"));
+
+        // A malformed variable is not read when its flag is given, as with clap's own reading.
+        let config = run(
+            &["--cognito-timeout=4s"],
+            &[("COGNITO_TIMEOUT", "4"), env[0]],
+        )
+        .unwrap();
+        assert_eq!(config.cognito.timeout, Duration::from_secs(4));
+
+        // Only the given environment is read: `make test` itself sets AWS_REGION.
+        let config = run(&["--cognito-client-id", "abc"], &[]).unwrap();
+        assert_eq!(config.cognito.region, None);
+        let err = run(&[], &[]).unwrap_err();
+        assert!(err.to_string().starts_with("COGNITO_CLIENT_ID:"), "{err}");
     }
 
     #[test]

@@ -342,13 +342,21 @@ pub struct PassThrough {
     pub analytics_endpoint_id: Option<String>,
 }
 
+/// Whose password a request is about, and through which app client: what every RPC names,
+/// and what the client allowlist, the limits, logs and audit events look at.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// The user, as the caller typed the username or alias.
+    pub username: Username,
+    /// The app client the caller named, if any.
+    pub client_id: Option<ClientId>,
+}
+
 /// A valid ForgotPassword request.
 #[derive(Debug)]
 pub struct ForgotPassword {
     /// Whose password to reset.
-    pub username: Username,
-    /// The app client the caller named, if any.
-    pub client_id: Option<ClientId>,
+    pub account: Account,
     /// Fields passed through to Cognito.
     pub pass_through: PassThrough,
 }
@@ -357,15 +365,25 @@ pub struct ForgotPassword {
 #[derive(Debug)]
 pub struct ConfirmForgotPassword {
     /// Whose password to set.
-    pub username: Username,
+    pub account: Account,
     /// The code the user received.
     pub confirmation_code: ConfirmationCode,
     /// The new password.
     pub password: Password,
-    /// The app client the caller named, if any.
-    pub client_id: Option<ClientId>,
     /// Fields passed through to Cognito.
     pub pass_through: PassThrough,
+}
+
+impl AsRef<Account> for ForgotPassword {
+    fn as_ref(&self) -> &Account {
+        &self.account
+    }
+}
+
+impl AsRef<Account> for ConfirmForgotPassword {
+    fn as_ref(&self) -> &Account {
+        &self.account
+    }
 }
 
 /// How Cognito delivered a confirmation code.

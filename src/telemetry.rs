@@ -8,7 +8,25 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
-use crate::config::{ConfigError, LogFormat, LogSettings};
+use crate::config::ConfigError;
+
+/// Where and how log lines are written.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// An `EnvFilter` directive, e.g. `info` or `password_recovery=debug`.
+    pub filter: String,
+    /// JSON lines or human-readable text.
+    pub format: LogFormat,
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
 
 /// What must outlive logging: the trace exporter, flushed by [`Telemetry::shutdown`].
 #[must_use = "keep it until the process stops, then call shutdown"]

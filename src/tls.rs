@@ -32,6 +32,30 @@ pub struct TlsSettings {
     pub reload_interval: Duration,
 }
 
+/// A TLS file that cannot be read or does not load, at start-up or at a rotation. Displays
+/// as one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {problem}")]
+pub struct TlsError {
+    setting: &'static str,
+    problem: String,
+}
+
+impl TlsError {
+    fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl From<TlsError> for ConfigError {
+    fn from(err: TlsError) -> Self {
+        ConfigError::setting(err.setting, err.problem)
+    }
+}
+
 /// The raw contents of the files, compared to notice a rotation.
 #[derive(PartialEq, Eq)]
 struct Material {
@@ -40,13 +64,13 @@ struct Material {
     client_ca: Option<Vec<u8>>,
 }
 
-fn read(path: &Path, setting: &'static str) -> Result<Vec<u8>, ConfigError> {
+fn read(path: &Path, setting: &'static str) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path)
-        .map_err(|e| ConfigError::setting(setting, format!("cannot read {}: {e}", path.display())))
+        .map_err(|e| TlsError::new(setting, format!("cannot read {}: {e}", path.display())))
 }
 
 impl Material {
-    fn read(settings: &TlsSettings) -> Result<Self, ConfigError> {
+    fn read(settings: &TlsSettings) -> Result<Self, TlsError> {
         Ok(Self {
             cert: read(&settings.cert_file, "TLS_CERT_FILE")?,
             key: read(&settings.key_file, "TLS_KEY_FILE")?,
@@ -58,27 +82,24 @@ impl Material {
         })
     }
 
-    fn server_config(&self) -> Result<Arc<ServerConfig>, ConfigError> {
+    fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let certs = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::setting("TLS_CERT_FILE", format!("not PEM: {e}")))?;
+            .map_err(|e| TlsError::new("TLS_CERT_FILE", format!("not PEM: {e}")))?;
         if certs.is_empty() {
-            return Err(ConfigError::setting(
-                "TLS_CERT_FILE",
-                "holds no certificate",
-            ));
+            return Err(TlsError::new("TLS_CERT_FILE", "holds no certificate"));
         }
         let key = PrivateKeyDer::from_pem_slice(&self.key)
-            .map_err(|e| ConfigError::setting("TLS_KEY_FILE", format!("no private key: {e}")))?;
+            .map_err(|e| TlsError::new("TLS_KEY_FILE", format!("no private key: {e}")))?;
 
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::setting("TLS_CERT_FILE", e.to_string()))?;
+            .map_err(|e| TlsError::new("TLS_CERT_FILE", e.to_string()))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(pem) => {
-                let invalid = |e: String| ConfigError::setting("TLS_CLIENT_CA_FILE", e);
+                let invalid = |e: String| TlsError::new("TLS_CLIENT_CA_FILE", e);
                 let mut roots = RootCertStore::empty();
                 for cert in CertificateDer::pem_slice_iter(pem) {
                     let cert = cert.map_err(|e| invalid(format!("not PEM: {e}")))?;
@@ -94,7 +115,7 @@ impl Material {
             }
         };
         let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-            ConfigError::setting(
+            TlsError::new(
                 "TLS_KEY_FILE",
                 format!("does not match the certificate: {e}"),
             )

@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use crate::cognito::{Budget, Cognito, UpstreamError};
 use crate::domain::{
-    ClientId, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, Rpc, Username,
+    Account, ClientId, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, Rpc,
 };
 use crate::error::Error;
 use crate::limits::Limits;
@@ -141,7 +141,7 @@ impl PasswordRecoveryService {
         run: F,
     ) -> Result<Response<T>, Status>
     where
-        R: Addressed + Send + 'static,
+        R: AsRef<Account> + Send + 'static,
         T: Send + 'static,
         F: FnOnce(Arc<Shared>, R, Budget, CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = Outcome<T>> + Send + 'static,
@@ -155,7 +155,7 @@ impl PasswordRecoveryService {
             }
         };
         let shared = self.shared.clone();
-        let subject = shared.subject(request.username(), request.client_id());
+        let subject = shared.subject(request.as_ref());
         let caller_gone = CancellationToken::new();
         let span = call.span().clone();
         let guard = CallerGone(Some((caller_gone.clone(), span.clone())));
@@ -215,9 +215,10 @@ impl Drop for CallerGone {
 }
 
 impl Shared {
-    fn subject(&self, username: &Username, client_id: Option<&ClientId>) -> Subject {
+    fn subject(&self, account: &Account) -> Subject {
+        let client_id = account.client_id.as_ref();
         Subject {
-            user: self.usernames.pseudonym(username),
+            user: self.usernames.pseudonym(&account.username),
             client_id: client_id.unwrap_or(self.cognito.client_id()).to_string(),
         }
     }
@@ -234,12 +235,12 @@ impl Shared {
     async fn admit(
         &self,
         rpc: Rpc,
-        request: &(impl Addressed + Sync),
+        account: &Account,
         caller_gone: &CancellationToken,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        self.check_client(request.client_id())?;
+        self.check_client(account.client_id.as_ref())?;
         self.limits
-            .admit(rpc, request.username())
+            .admit(rpc, &account.username)
             .await
             .map_err(Error::RateLimited)?;
         let permit = self.limits.upstream_permit().ok_or(Error::Overloaded)?;
@@ -256,7 +257,7 @@ impl Shared {
         caller_gone: CancellationToken,
     ) -> Outcome<CodeDelivery> {
         let permit = match self
-            .admit(Rpc::ForgotPassword, &request, &caller_gone)
+            .admit(Rpc::ForgotPassword, &request.account, &caller_gone)
             .await
         {
             Ok(permit) => permit,
@@ -276,7 +277,7 @@ impl Shared {
                     .imitate(Imitated::Delivery, sent, budget.deadline)
                     .await;
                 Outcome {
-                    result: Ok(self.masking.simulated_delivery(&request.username)),
+                    result: Ok(self.masking.simulated_delivery(&request.account.username)),
                     masked: FORGOT_PASSWORD_MASKED.iter().copied().find(|c| *c == code),
                 }
             }
@@ -291,7 +292,7 @@ impl Shared {
         caller_gone: CancellationToken,
     ) -> Outcome<()> {
         let permit = match self
-            .admit(Rpc::ConfirmForgotPassword, &request, &caller_gone)
+            .admit(Rpc::ConfirmForgotPassword, &request.account, &caller_gone)
             .await
         {
             Ok(permit) => permit,
@@ -366,29 +367,5 @@ impl PasswordRecovery for PasswordRecoveryService {
             },
         )
         .await
-    }
-}
-
-/// A validated request: whom it is about and for which app client.
-trait Addressed {
-    fn username(&self) -> &Username;
-    fn client_id(&self) -> Option<&ClientId>;
-}
-
-impl Addressed for ForgotPassword {
-    fn username(&self) -> &Username {
-        &self.username
-    }
-    fn client_id(&self) -> Option<&ClientId> {
-        self.client_id.as_ref()
-    }
-}
-
-impl Addressed for ConfirmForgotPassword {
-    fn username(&self) -> &Username {
-        &self.username
-    }
-    fn client_id(&self) -> Option<&ClientId> {
-        self.client_id.as_ref()
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::domain::{
-    ClientMetadata, CodeDelivery, ConfirmForgotPassword, ConfirmationCode, DeliveryMedium,
+    Account, ClientMetadata, CodeDelivery, ConfirmForgotPassword, ConfirmationCode, DeliveryMedium,
     FieldViolation, ForgotPassword, PassThrough, Password, UserContext, Username, Violations,
     free_text, optional_client_id,
 };
@@ -46,8 +46,10 @@ pub fn parse_forgot_password(
     );
     violations.finish(|| {
         Some(ForgotPassword {
-            username: username?,
-            client_id: client_id?,
+            account: Account {
+                username: username?,
+                client_id: client_id?,
+            },
             pass_through,
         })
     })
@@ -73,10 +75,12 @@ pub fn parse_confirm_forgot_password(
     );
     violations.finish(|| {
         Some(ConfirmForgotPassword {
-            username: username?,
+            account: Account {
+                username: username?,
+                client_id: client_id?,
+            },
             confirmation_code: confirmation_code?,
             password: password?,
-            client_id: client_id?,
             pass_through,
         })
     })
@@ -141,7 +145,7 @@ mod tests {
             analytics_endpoint_id: "endpoint".into(),
         })
         .unwrap();
-        assert_eq!(request.client_id, None);
+        assert_eq!(request.account.client_id, None);
         assert_eq!(
             request.pass_through.analytics_endpoint_id.as_deref(),
             Some("endpoint")

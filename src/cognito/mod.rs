@@ -27,7 +27,7 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
-use crate::config::{CognitoSettings, ConfigError};
+use crate::config::ConfigError;
 use crate::domain::{
     ClientId, CodeDelivery, ConfirmForgotPassword, DeliveryMedium, ForgotPassword, PassThrough,
     Rpc, Username,
@@ -257,6 +257,21 @@ impl AppClient {
     }
 }
 
+/// The upstream: region, endpoint, app client and time bound.
+#[derive(Debug)]
+pub struct CognitoSettings {
+    /// The only app client this server serves.
+    pub client_id: ClientId,
+    /// The app client's secret, when it has one.
+    pub client_secret: Option<SecretString>,
+    /// Bound on one upstream call, retries included.
+    pub timeout: Duration,
+    /// `AWS_REGION`; when absent the profile's region is used.
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL`: the SDK's standard endpoint override, e.g. an emulator.
+    pub endpoint_url: Option<String>,
+}
+
 /// A Cognito client bound to one app client.
 #[derive(Debug, Clone)]
 pub struct Cognito {
@@ -315,14 +330,14 @@ impl Cognito {
         request: &ForgotPassword,
         budget: Budget,
     ) -> Result<CodeDelivery, UpstreamError> {
-        let secret_hash = self.app_client.secret_hash(&request.username);
+        let secret_hash = self.app_client.secret_hash(&request.account.username);
         let extra = SdkPassThrough::from(&request.pass_through);
         let output = self
             .call(Rpc::ForgotPassword.method(), budget, || {
                 self.sdk
                     .forgot_password()
                     .client_id(self.app_client.id.as_str())
-                    .username(request.username.as_str())
+                    .username(request.account.username.as_str())
                     .set_secret_hash(secret_hash.clone())
                     .set_client_metadata(extra.client_metadata.clone())
                     .set_user_context_data(extra.user_context.clone())
@@ -346,13 +361,13 @@ impl Cognito {
         request: &ConfirmForgotPassword,
         budget: Budget,
     ) -> Result<(), UpstreamError> {
-        let secret_hash = self.app_client.secret_hash(&request.username);
+        let secret_hash = self.app_client.secret_hash(&request.account.username);
         let extra = SdkPassThrough::from(&request.pass_through);
         self.call(Rpc::ConfirmForgotPassword.method(), budget, || {
             self.sdk
                 .confirm_forgot_password()
                 .client_id(self.app_client.id.as_str())
-                .username(request.username.as_str())
+                .username(request.account.username.as_str())
                 .confirmation_code(request.confirmation_code.expose())
                 .password(request.password.expose())
                 .set_secret_hash(secret_hash.clone())
@@ -490,6 +505,7 @@ fn code_delivery(details: &CodeDeliveryDetailsType) -> Result<CodeDelivery, Upst
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Account;
 
     #[test]
     fn secret_hash_matches_the_known_vector() {
@@ -568,8 +584,10 @@ mod tests {
         };
         let cognito = Cognito::connect(&settings).await.unwrap();
         let request = ForgotPassword {
-            username: Username::parse("username", "a".into()).unwrap(),
-            client_id: None,
+            account: Account {
+                username: Username::parse("username", "a".into()).unwrap(),
+                client_id: None,
+            },
             pass_through: PassThrough::default(),
         };
         let budget = Budget::new(Instant::now(), settings.timeout, None);

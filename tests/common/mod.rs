@@ -17,11 +17,13 @@ use std::time::Duration;
 
 pub use fake_cognito::{FakeCognito, REQUEST_ID, Recorded, Reply};
 use password_recovery::app::{Application, StartupError};
-use password_recovery::config::{CognitoSettings, Config, LogFormat, LogSettings};
+use password_recovery::cognito::CognitoSettings;
+use password_recovery::config::Config;
 use password_recovery::domain::ClientId;
 use password_recovery::limits::{LimitSettings, UsernameRateLimit};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
+use password_recovery::telemetry::{LogFormat, LogSettings};
 use password_recovery::tls::TlsSettings;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
