@@ -1,14 +1,12 @@
 //! The gRPC listener's connections: accepted over TCP, through TLS when it is configured, each
-//! carrying a [`ConnectionInfo`] into every request (the remote address, the mTLS client's
-//! identity, and the activity that drives the idle timeout). A connection with no call in
-//! progress and none started for `GRPC_IDLE_TIMEOUT` is closed; HTTP/2 keepalive pings do not
-//! count as activity, so idle clients do not pin connections forever. At most
-//! `MAX_CONNECTIONS` are open at once: one more is closed as soon as it is accepted, and
-//! counted.
+//! carrying a [`ConnectionInfo`] into every request (the mTLS client's identity, and the
+//! activity that drives the idle timeout). A connection with no call in progress and none
+//! started for `GRPC_IDLE_TIMEOUT` is closed; HTTP/2 keepalive pings do not count as activity,
+//! so idle clients do not pin connections forever. At most `MAX_CONNECTIONS` are open at once:
+//! one more is closed as soon as it is accepted, and counted.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 use tonic::transport::server::Connected;
 
 use crate::metrics as m;
@@ -34,8 +33,6 @@ const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(60);
 /// What every request on a connection can know about it.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
-    /// The peer's address.
-    pub remote_addr: Option<SocketAddr>,
     /// The mTLS client certificate's URI SAN, else its common name.
     pub peer_identity: Option<String>,
     activity: Arc<Activity>,
@@ -94,14 +91,8 @@ impl Activity {
     }
 }
 
-/// A connection's byte stream: plain TCP or TLS over it.
-#[derive(Debug)]
-pub enum Transport {
-    /// Plaintext.
-    Plain(TcpStream),
-    /// TLS.
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// A connection's byte stream: plain TCP, or TLS over it.
+type Transport = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// An accepted connection with its info and idle timer.
 #[derive(Debug)]
@@ -182,10 +173,7 @@ impl AsyncRead for Connection {
             // End of stream: the HTTP/2 server closes the connection.
             return Poll::Ready(Ok(()));
         }
-        match &mut self.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.transport).poll_read(cx, buf)
     }
 }
 
@@ -195,24 +183,27 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_write(cx, data),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, data),
-        }
+        Pin::new(&mut self.transport).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.transport).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.transport.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.transport).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.transport).poll_shutdown(cx)
     }
 }
 
@@ -261,7 +252,7 @@ pub fn incoming(
             let tls = tls.clone();
             tokio::spawn(async move {
                 let (transport, peer_identity) = match tls {
-                    None => (Transport::Plain(stream), None),
+                    None => (Either::Left(stream), None),
                     Some(tls) => {
                         let handshake = tls.acceptor().accept(stream);
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -272,7 +263,7 @@ pub fn incoming(
                                     .peer_certificates()
                                     .and_then(|certs| certs.first())
                                     .and_then(|cert| certificate_identity(cert));
-                                (Transport::Tls(Box::new(stream)), identity)
+                                (Either::Right(Box::new(stream)), identity)
                             }
                             Ok(Err(err)) => {
                                 tracing::info!(%peer, error = %err, "TLS handshake refused");
@@ -286,7 +277,6 @@ pub fn incoming(
                     }
                 };
                 let info = ConnectionInfo {
-                    remote_addr: Some(peer),
                     peer_identity,
                     activity: Arc::new(Activity::new()),
                 };
@@ -336,7 +326,6 @@ mod tests {
         );
 
         let info = ConnectionInfo {
-            remote_addr: None,
             peer_identity: None,
             activity: Arc::new(activity),
         };

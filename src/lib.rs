@@ -5,18 +5,18 @@
 //! (`cognito`) → answer, or an `error::Error` that becomes a `tonic::Status`. `app` builds and
 //! serves everything, with health, reflection and graceful shutdown.
 
-pub mod api;
+pub(crate) mod api;
 pub mod app;
 pub mod cognito;
 pub mod config;
-pub mod connections;
+pub(crate) mod connections;
 pub mod domain;
 pub mod error;
 pub mod limits;
-pub mod masking;
+pub(crate) mod masking;
 pub mod memory;
-pub mod metrics;
-pub mod privacy;
+pub(crate) mod metrics;
+pub(crate) mod privacy;
 pub mod proto;
 pub mod telemetry;
 pub mod tls;
