@@ -10,15 +10,15 @@ use regex::Regex;
 use secrecy::{ExposeSecret, SecretString};
 
 /// Longest username or alias Cognito accepts, in characters.
-pub const USERNAME_MAX_CHARS: usize = 128;
+pub(crate) const USERNAME_MAX_CHARS: usize = 128;
 /// Longest app client id, in characters.
-pub const CLIENT_ID_MAX_CHARS: usize = 128;
+pub(crate) const CLIENT_ID_MAX_CHARS: usize = 128;
 /// Longest confirmation code, in characters.
-pub const CONFIRMATION_CODE_MAX_CHARS: usize = 2048;
+pub(crate) const CONFIRMATION_CODE_MAX_CHARS: usize = 2048;
 /// Longest password, in characters.
-pub const PASSWORD_MAX_CHARS: usize = 256;
+pub(crate) const PASSWORD_MAX_CHARS: usize = 256;
 /// Largest client-metadata value or user-context field, in bytes.
-pub const FREE_TEXT_MAX_BYTES: usize = 131_072;
+pub(crate) const FREE_TEXT_MAX_BYTES: usize = 131_072;
 
 /// Cognito's username pattern `[\p{L}\p{M}\p{S}\p{N}\p{P}]+`: letters, marks, symbols,
 /// numbers and punctuation; no whitespace, no control characters.
@@ -28,7 +28,7 @@ static USERNAME_PATTERN: LazyLock<Regex> =
 /// The RPCs of the service. Everything that differs per RPC is decided by matching on this,
 /// never on strings, so a new RPC fails to compile until every place has decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rpc {
+pub(crate) enum Rpc {
     /// Starts a reset: Cognito sends the user a code.
     ForgotPassword,
     /// Finishes a reset with the code and a new password.
@@ -37,7 +37,7 @@ pub enum Rpc {
 
 impl Rpc {
     /// The gRPC method name, which is also Cognito's operation name.
-    pub fn method(self) -> &'static str {
+    pub(crate) fn method(self) -> &'static str {
         match self {
             Self::ForgotPassword => "ForgotPassword",
             Self::ConfirmForgotPassword => "ConfirmForgotPassword",
@@ -45,7 +45,7 @@ impl Rpc {
     }
 
     /// The RPC a gRPC path (`/package.Service/Method`) of `service` names, if any.
-    pub fn from_path(service: &str, path: &str) -> Option<Self> {
+    pub(crate) fn from_path(service: &str, path: &str) -> Option<Self> {
         let method = path
             .strip_prefix('/')?
             .strip_prefix(service)?
@@ -60,18 +60,18 @@ impl Rpc {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
     /// The proto field path, e.g. `username` or `user_context.ip_address`.
-    pub field: String,
+    pub(crate) field: String,
     /// What is wrong, never quoting the value.
-    pub description: String,
+    pub(crate) description: String,
 }
 
 /// Every violation found in one request.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Violations(Vec<FieldViolation>);
+pub(crate) struct Violations(Vec<FieldViolation>);
 
 impl Violations {
     /// Records the outcome of parsing one field and returns the value when it is valid.
-    pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
+    pub(crate) fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(violation) => {
@@ -81,13 +81,11 @@ impl Violations {
         }
     }
 
-    /// The violations in the order they were found.
-    pub fn into_vec(self) -> Vec<FieldViolation> {
-        self.0
-    }
-
     /// `Ok(value)` when nothing was violated, otherwise every violation.
-    pub fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> Result<T, Vec<FieldViolation>> {
+    pub(crate) fn finish<T>(
+        self,
+        value: impl FnOnce() -> Option<T>,
+    ) -> Result<T, Vec<FieldViolation>> {
         if self.0.is_empty() {
             // Every field parsed, so `value` has everything it needs.
             value().ok_or_else(Vec::new)
@@ -135,11 +133,11 @@ fn check_no_whitespace(field: &str, value: &str) -> Result<(), FieldViolation> {
 
 /// A username or alias (email, phone number) as Cognito accepts it.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Username(String);
+pub(crate) struct Username(String);
 
 impl Username {
     /// Parses `value` as the proto field `field`.
-    pub fn parse(field: &str, value: String) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse(field: &str, value: String) -> Result<Self, FieldViolation> {
         check_length(field, &value, USERNAME_MAX_CHARS)?;
         if !USERNAME_PATTERN.is_match(&value) {
             return Err(violation(
@@ -152,13 +150,13 @@ impl Username {
     }
 
     /// The username as the caller sent it.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The form under which one user is counted and hashed: Unicode lowercase, nothing
     /// trimmed (whitespace is invalid anyway). Cognito usernames are case-insensitive by default.
-    pub fn normalised(&self) -> String {
+    pub(crate) fn normalised(&self) -> String {
         self.0.to_lowercase()
     }
 }
@@ -191,7 +189,7 @@ impl ClientId {
     }
 
     /// The client id.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -203,11 +201,11 @@ impl fmt::Display for ClientId {
 }
 
 /// The code Cognito sent the user. Secret: never printed.
-pub struct ConfirmationCode(SecretString);
+pub(crate) struct ConfirmationCode(SecretString);
 
 impl ConfirmationCode {
     /// Parses `value` as the proto field `field`.
-    pub fn parse(field: &str, value: String) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse(field: &str, value: String) -> Result<Self, FieldViolation> {
         let value = SecretString::from(value);
         check_length(field, value.expose_secret(), CONFIRMATION_CODE_MAX_CHARS)?;
         check_no_whitespace(field, value.expose_secret())?;
@@ -215,7 +213,7 @@ impl ConfirmationCode {
     }
 
     /// The code itself, for the one place that sends it to Cognito.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         self.0.expose_secret()
     }
 }
@@ -227,11 +225,11 @@ impl fmt::Debug for ConfirmationCode {
 }
 
 /// A new password. Secret: never printed. Cognito applies the pool's policy itself.
-pub struct Password(SecretString);
+pub(crate) struct Password(SecretString);
 
 impl Password {
     /// Parses `value` as the proto field `field`.
-    pub fn parse(field: &str, value: String) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse(field: &str, value: String) -> Result<Self, FieldViolation> {
         let value = SecretString::from(value);
         check_length(field, value.expose_secret(), PASSWORD_MAX_CHARS)?;
         check_no_whitespace(field, value.expose_secret())?;
@@ -239,7 +237,7 @@ impl Password {
     }
 
     /// The password itself, for the one place that sends it to Cognito.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         self.0.expose_secret()
     }
 }
@@ -252,11 +250,14 @@ impl fmt::Debug for Password {
 
 /// Key-value pairs for the pool's Lambda triggers; each value at most 131072 bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientMetadata(HashMap<String, String>);
+pub(crate) struct ClientMetadata(HashMap<String, String>);
 
 impl ClientMetadata {
     /// Parses the proto map field `field`, naming the first key whose value is too long.
-    pub fn parse(field: &str, value: HashMap<String, String>) -> Result<Self, FieldViolation> {
+    pub(crate) fn parse(
+        field: &str,
+        value: HashMap<String, String>,
+    ) -> Result<Self, FieldViolation> {
         let mut oversized: Vec<&str> = value
             .iter()
             .filter(|(_, v)| v.len() > FREE_TEXT_MAX_BYTES)
@@ -278,23 +279,23 @@ impl ClientMetadata {
     }
 
     /// The pairs, or `None` when there are none (so nothing is sent).
-    pub fn into_map(self) -> Option<HashMap<String, String>> {
+    pub(crate) fn into_map(self) -> Option<HashMap<String, String>> {
         (!self.0.is_empty()).then_some(self.0)
     }
 }
 
 /// The end user's context for Cognito's threat protection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UserContext {
+pub(crate) struct UserContext {
     /// The end user's source IP address.
-    pub ip_address: Option<String>,
+    pub(crate) ip_address: Option<String>,
     /// The advanced-security SDK's encoded data.
-    pub encoded_data: Option<String>,
+    pub(crate) encoded_data: Option<String>,
 }
 
 impl UserContext {
     /// Parses the two fields of the proto message at `field`; `None` when both are empty.
-    pub fn parse(
+    pub(crate) fn parse(
         field: &str,
         ip_address: String,
         encoded_data: String,
@@ -312,7 +313,7 @@ impl UserContext {
 }
 
 /// An optional free-text field: empty means absent, longer than 131072 bytes is refused.
-pub fn free_text(field: &str, value: String) -> Result<Option<String>, FieldViolation> {
+pub(crate) fn free_text(field: &str, value: String) -> Result<Option<String>, FieldViolation> {
     if value.len() > FREE_TEXT_MAX_BYTES {
         return Err(violation(
             field,
@@ -323,7 +324,10 @@ pub fn free_text(field: &str, value: String) -> Result<Option<String>, FieldViol
 }
 
 /// The client id a request names: the configured one when empty.
-pub fn optional_client_id(field: &str, value: String) -> Result<Option<ClientId>, FieldViolation> {
+pub(crate) fn optional_client_id(
+    field: &str,
+    value: String,
+) -> Result<Option<ClientId>, FieldViolation> {
     if value.is_empty() {
         Ok(None)
     } else {
@@ -333,45 +337,45 @@ pub fn optional_client_id(field: &str, value: String) -> Result<Option<ClientId>
 
 /// What both operations pass through to Cognito untouched.
 #[derive(Debug, Clone, Default)]
-pub struct PassThrough {
+pub(crate) struct PassThrough {
     /// Pairs for the pool's Lambda triggers.
-    pub client_metadata: ClientMetadata,
+    pub(crate) client_metadata: ClientMetadata,
     /// The end user's context.
-    pub user_context: Option<UserContext>,
+    pub(crate) user_context: Option<UserContext>,
     /// The Pinpoint analytics endpoint id.
-    pub analytics_endpoint_id: Option<String>,
+    pub(crate) analytics_endpoint_id: Option<String>,
 }
 
 /// Whose password a request is about, and through which app client: what every RPC names,
 /// and what the client allowlist, the limits, logs and audit events look at.
 #[derive(Debug, Clone)]
-pub struct Account {
+pub(crate) struct Account {
     /// The user, as the caller typed the username or alias.
-    pub username: Username,
+    pub(crate) username: Username,
     /// The app client the caller named, if any.
-    pub client_id: Option<ClientId>,
+    pub(crate) client_id: Option<ClientId>,
 }
 
 /// A valid ForgotPassword request.
 #[derive(Debug)]
-pub struct ForgotPassword {
+pub(crate) struct ForgotPassword {
     /// Whose password to reset.
-    pub account: Account,
+    pub(crate) account: Account,
     /// Fields passed through to Cognito.
-    pub pass_through: PassThrough,
+    pub(crate) pass_through: PassThrough,
 }
 
 /// A valid ConfirmForgotPassword request.
 #[derive(Debug)]
-pub struct ConfirmForgotPassword {
+pub(crate) struct ConfirmForgotPassword {
     /// Whose password to set.
-    pub account: Account,
+    pub(crate) account: Account,
     /// The code the user received.
-    pub confirmation_code: ConfirmationCode,
+    pub(crate) confirmation_code: ConfirmationCode,
     /// The new password.
-    pub password: Password,
+    pub(crate) password: Password,
     /// Fields passed through to Cognito.
-    pub pass_through: PassThrough,
+    pub(crate) pass_through: PassThrough,
 }
 
 impl AsRef<Account> for ForgotPassword {
@@ -388,7 +392,7 @@ impl AsRef<Account> for ConfirmForgotPassword {
 
 /// How Cognito delivered a confirmation code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryMedium {
+pub(crate) enum DeliveryMedium {
     /// Cognito did not say, or said something this service does not know.
     Unspecified,
     /// By email.
@@ -399,13 +403,13 @@ pub enum DeliveryMedium {
 
 /// Where a confirmation code went.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CodeDelivery {
+pub(crate) struct CodeDelivery {
     /// The masked destination, e.g. `a***@e***`.
-    pub destination: String,
+    pub(crate) destination: String,
     /// The medium.
-    pub medium: DeliveryMedium,
+    pub(crate) medium: DeliveryMedium,
     /// The attribute the destination came from, e.g. `email`.
-    pub attribute_name: String,
+    pub(crate) attribute_name: String,
 }
 
 #[cfg(test)]
@@ -531,7 +535,7 @@ mod tests {
             context.and_then(|c| c.encoded_data),
             Some("data".to_owned())
         );
-        let violations = violations.into_vec();
+        let violations = violations.finish(|| Some(())).unwrap_err();
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].field, "user_context.ip_address");
 

@@ -13,10 +13,10 @@ use crate::domain::FieldViolation;
 use crate::limits::{OVERLOAD_RETRY_DELAY, RateLimited};
 
 /// The `domain` of every ErrorInfo this service sends.
-pub const ERROR_DOMAIN: &str = "password-recovery";
+pub(crate) const ERROR_DOMAIN: &str = "password-recovery";
 
 /// How long a throttled caller should wait before trying again.
-pub const THROTTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const THROTTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// What a status carries beyond its ErrorInfo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,7 @@ pub const COGNITO_ERRORS: &[Row] = &[
 ];
 
 /// Looks up a Cognito error code in [`COGNITO_ERRORS`].
-pub fn cognito_row(cognito_code: &str) -> Option<&'static Row> {
+pub(crate) fn cognito_row(cognito_code: &str) -> Option<&'static Row> {
     COGNITO_ERRORS
         .iter()
         .find(|r| r.cognito_code == cognito_code)
@@ -106,7 +106,7 @@ pub fn cognito_row(cognito_code: &str) -> Option<&'static Row> {
 
 /// Why a call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     /// The request broke Cognito's documented limits; Cognito was not called.
     InvalidRequest(Vec<FieldViolation>),
     /// The request named an app client this server does not serve.
@@ -134,7 +134,7 @@ pub enum Error {
 
 /// Who is to blame for a failure, which sets the level of its log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Blame {
+pub(crate) enum Blame {
     /// The caller or the end user (bad input, wrong code, limits).
     Caller,
     /// Cognito or the network, usually passing.
@@ -145,21 +145,21 @@ pub enum Blame {
 
 /// An [`Error`] decided: everything its status and log line need.
 #[derive(Debug, Clone)]
-pub struct Classified {
+pub(crate) struct Classified {
     /// The gRPC code.
-    pub code: Code,
+    pub(crate) code: Code,
     /// The ErrorInfo reason.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     /// The status message.
-    pub message: String,
+    pub(crate) message: String,
     /// Who is to blame.
-    pub blame: Blame,
+    pub(crate) blame: Blame,
     details: ErrorDetails,
 }
 
 impl Error {
     /// Decides the status, reason and details of this error.
-    pub fn classify(&self) -> Classified {
+    pub(crate) fn classify(&self) -> Classified {
         let mut metadata = HashMap::new();
         let mut details = ErrorDetails::new();
         let (code, reason, message, blame) = match self {
@@ -388,7 +388,7 @@ fn classify_upstream(
 
 /// The canonical name of a gRPC code, as Prometheus labels and logs show it (`OK`,
 /// `RESOURCE_EXHAUSTED`, …).
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -412,7 +412,7 @@ pub fn code_name(code: Code) -> &'static str {
 
 impl Classified {
     /// The status sent to the caller.
-    pub fn into_status(self) -> Status {
+    pub(crate) fn into_status(self) -> Status {
         Status::with_error_details(self.code, self.message, self.details)
     }
 }

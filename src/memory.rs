@@ -11,22 +11,22 @@ use std::sync::Once;
 use std::time::Duration;
 
 /// How often free heap pages are given back.
-pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 /// The process with nothing to do (measured: 12–15 MiB), with room.
-pub const BASELINE_BYTES: u64 = 24 * MIB;
+pub(crate) const BASELINE_BYTES: u64 = 24 * MIB;
 /// One open connection at most: its HTTP/2 connection window of unread data (128 KiB), a
 /// header list (16 KiB), frame, read, write and TLS buffers.
-pub const PER_CONNECTION_BYTES: u64 = 192 * KIB;
+pub(crate) const PER_CONNECTION_BYTES: u64 = 192 * KIB;
 /// One per-username bucket (measured: 36 MiB for 1 000 000).
-pub const PER_BUCKET_BYTES: u64 = 40;
+pub(crate) const PER_BUCKET_BYTES: u64 = 40;
 
 /// One call in progress at most: its message (reserved whole by the decoder), the decoded
 /// request, the JSON sent to Cognito, and Cognito's answer (at most 64 KiB).
-pub fn per_call_bytes(max_request_bytes: u64) -> u64 {
+pub(crate) fn per_call_bytes(max_request_bytes: u64) -> u64 {
     4 * max_request_bytes + 64 * KIB
 }
 
@@ -45,7 +45,7 @@ pub fn bound_bytes(
 }
 
 /// Starts the trimming thread, once per process.
-pub fn spawn_trimmer() {
+pub(crate) fn spawn_trimmer() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]

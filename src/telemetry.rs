@@ -106,7 +106,7 @@ mod otel {
     use crate::config::ConfigError;
 
     /// A layer exporting spans to the OTLP/gRPC collector at `endpoint`.
-    pub fn layer<S>(
+    pub(crate) fn layer<S>(
         endpoint: &str,
     ) -> Result<
         (
@@ -137,13 +137,13 @@ mod otel {
 }
 
 /// The request id header: taken from the call, or generated.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The longest caller-supplied request id kept; a longer or non-printable one is replaced.
 const REQUEST_ID_MAX_LEN: usize = 128;
 
 /// The caller's `x-request-id` if it is 1–128 printable ASCII characters, else a new UUID.
-pub fn request_id(supplied: Option<&str>) -> String {
+pub(crate) fn request_id(supplied: Option<&str>) -> String {
     supplied
         .filter(|id| {
             (1..=REQUEST_ID_MAX_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
@@ -154,18 +154,18 @@ pub fn request_id(supplied: Option<&str>) -> String {
 
 /// A W3C `traceparent` (version 00): the trace this call belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TraceParent {
+pub(crate) struct TraceParent {
     /// 32 lowercase hex digits, not all zero.
-    pub trace_id: String,
+    pub(crate) trace_id: String,
     /// The caller's span id: 16 lowercase hex digits, not all zero.
-    pub parent_id: String,
+    pub(crate) parent_id: String,
     /// The caller's sampling decision.
-    pub sampled: bool,
+    pub(crate) sampled: bool,
 }
 
 impl TraceParent {
     /// Parses a `traceparent` header; `None` when it is malformed, as the spec asks.
-    pub fn parse(value: &str) -> Option<Self> {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
         let mut parts = value.trim().split('-');
         let (version, trace_id, parent_id, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -196,11 +196,11 @@ impl TraceParent {
 
 /// Makes `span` a child of the caller's span in exported traces (with the `otel` feature).
 #[cfg(not(feature = "otel"))]
-pub fn link_remote_parent(_span: &tracing::Span, _trace: Option<&TraceParent>) {}
+pub(crate) fn link_remote_parent(_span: &tracing::Span, _trace: Option<&TraceParent>) {}
 
 /// Makes `span` a child of the caller's span in exported traces.
 #[cfg(feature = "otel")]
-pub fn link_remote_parent(span: &tracing::Span, trace: Option<&TraceParent>) {
+pub(crate) fn link_remote_parent(span: &tracing::Span, trace: Option<&TraceParent>) {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };

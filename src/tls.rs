@@ -36,7 +36,7 @@ pub struct TlsSettings {
 /// as one line naming the setting.
 #[derive(Debug, thiserror::Error)]
 #[error("{setting}: {problem}")]
-pub struct TlsError {
+pub(crate) struct TlsError {
     setting: &'static str,
     problem: String,
 }
@@ -127,14 +127,14 @@ impl Material {
 
 /// The current server config, replaced when the files change.
 #[derive(Clone)]
-pub struct ReloadingTls {
+pub(crate) struct ReloadingTls {
     settings: TlsSettings,
     current: Arc<RwLock<Arc<ServerConfig>>>,
 }
 
 impl ReloadingTls {
     /// Loads the files once; a missing or malformed file is a [`ConfigError`] naming it.
-    pub fn load(settings: TlsSettings) -> Result<Self, ConfigError> {
+    pub(crate) fn load(settings: TlsSettings) -> Result<Self, ConfigError> {
         let config = Material::read(&settings)?.server_config()?;
         Ok(Self {
             settings,
@@ -143,14 +143,14 @@ impl ReloadingTls {
     }
 
     /// An acceptor with the current config, for one new connection.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().expect("TLS config lock").clone())
     }
 
     /// Polls the files every `reload_interval` (until the task is aborted), swapping in a new
     /// config when they change. A rotation that fails to load keeps the old config
     /// and is logged at error, once per distinct content.
-    pub fn spawn_reloader(&self) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn spawn_reloader(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut last = Material::read(&this.settings).ok();

@@ -34,7 +34,7 @@ use crate::domain::{
 };
 use crate::metrics as m;
 
-pub use response::{InvalidResponse, MAX_BODY_BYTES};
+pub(crate) use response::InvalidResponse;
 
 /// At most this many attempts per call, the first included.
 const MAX_ATTEMPTS: u32 = 3;
@@ -57,17 +57,17 @@ pub fn secret_hash(client_secret: &SecretString, username: &str, client_id: &str
 
 /// When the upstream call must have finished, retries included.
 #[derive(Debug, Clone, Copy)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// The instant the call is abandoned.
-    pub deadline: Instant,
+    pub(crate) deadline: Instant,
     /// True when the caller's deadline, not `COGNITO_TIMEOUT`, set `deadline`.
-    pub set_by_caller: bool,
+    pub(crate) set_by_caller: bool,
 }
 
 impl Budget {
     /// The earlier of `now + timeout` and the caller's deadline less a margin of
     /// min(50 ms, 10 %), so the service answers before the caller's own deadline fires.
-    pub fn new(now: Instant, timeout: Duration, caller_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(now: Instant, timeout: Duration, caller_timeout: Option<Duration>) -> Self {
         let caller = caller_timeout
             .map(|t| t.saturating_sub(Duration::from_millis(50).min(t / 10)))
             .filter(|t| *t < timeout);
@@ -86,7 +86,7 @@ impl Budget {
 
 /// Why an upstream call failed, in terms independent of the SDK.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// Cognito answered with an error code, e.g. `CodeMismatchException`.
     Service {
         /// The exception name.
@@ -128,7 +128,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// True only when Cognito certainly did not process the call, so it is safe to send
     /// again: throttling, or a connection that was never made.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             Self::Service { code, .. } => code == TOO_MANY_REQUESTS,
             Self::Http { status: 429, .. } => true,
@@ -141,7 +141,7 @@ impl UpstreamError {
 
     /// The metrics label of this failure: Cognito's error code, or what went wrong without one.
     /// A code that is not a plain exception name is not used as a label.
-    pub fn outcome(&self) -> Cow<'static, str> {
+    pub(crate) fn outcome(&self) -> Cow<'static, str> {
         match self {
             Self::Service { code, .. }
                 if code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric()) =>
@@ -158,7 +158,7 @@ impl UpstreamError {
     }
 
     /// The Cognito exception name, if Cognito gave one.
-    pub fn cognito_code(&self) -> Option<&str> {
+    pub(crate) fn cognito_code(&self) -> Option<&str> {
         match self {
             Self::Service { code, .. } => Some(code),
             _ => None,
@@ -242,11 +242,11 @@ fn failed_to_connect(err: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The app client this server acts as.
 #[derive(Debug, Clone)]
-pub struct AppClient {
+pub(crate) struct AppClient {
     /// Its id.
-    pub id: ClientId,
+    pub(crate) id: ClientId,
     /// Its secret, when it has one.
-    pub secret: Option<SecretString>,
+    pub(crate) secret: Option<SecretString>,
 }
 
 impl AppClient {
@@ -274,7 +274,7 @@ pub struct CognitoSettings {
 
 /// A Cognito client bound to one app client.
 #[derive(Debug, Clone)]
-pub struct Cognito {
+pub(crate) struct Cognito {
     sdk: Client,
     app_client: AppClient,
 }
@@ -282,7 +282,7 @@ pub struct Cognito {
 impl Cognito {
     /// Builds the SDK client: region from the settings, `AWS_REGION` or the AWS profile (never
     /// the instance-metadata service), no credentials, no SDK retries (see [`Self::call`]).
-    pub async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
+    pub(crate) async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
         let region = RegionProviderChain::first_try(settings.region.clone().map(Region::new))
             .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new())
             .or_else(aws_config::profile::ProfileFileRegionProvider::new())
@@ -315,17 +315,17 @@ impl Cognito {
     }
 
     /// The region the client calls.
-    pub fn region(&self) -> &str {
+    pub(crate) fn region(&self) -> &str {
         self.sdk.config().region().map_or("", |r| r.as_ref())
     }
 
     /// The app client this server serves.
-    pub fn client_id(&self) -> &ClientId {
+    pub(crate) fn client_id(&self) -> &ClientId {
         &self.app_client.id
     }
 
     /// Starts a reset: Cognito sends the user a code.
-    pub async fn forgot_password(
+    pub(crate) async fn forgot_password(
         &self,
         request: &ForgotPassword,
         budget: Budget,
@@ -356,7 +356,7 @@ impl Cognito {
     }
 
     /// Finishes a reset: sets the new password if the code is right.
-    pub async fn confirm_forgot_password(
+    pub(crate) async fn confirm_forgot_password(
         &self,
         request: &ConfirmForgotPassword,
         budget: Budget,

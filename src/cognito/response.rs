@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 /// The largest answer body read from Cognito. Its answers are a few hundred bytes; the
 /// longest (a Lambda trigger's message) stays far below this.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The content type of Cognito's answers (JSON 1.1 protocol).
 const COGNITO_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
@@ -29,15 +29,15 @@ const COGNITO_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 /// An answer that is not a well-formed Cognito answer. Holds what an operator needs to see
 /// (status, content type, byte count), never the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidResponse {
+pub(crate) struct InvalidResponse {
     /// The HTTP status.
-    pub status: u16,
+    pub(crate) status: u16,
     /// The content type, cut to printable ASCII and at most 64 characters.
-    pub content_type: String,
+    pub(crate) content_type: String,
     /// Bytes read before giving up: the whole body, or the cap.
-    pub bytes: usize,
+    pub(crate) bytes: usize,
     /// What is wrong with it.
-    pub problem: &'static str,
+    pub(crate) problem: &'static str,
 }
 
 impl fmt::Display for InvalidResponse {
@@ -54,7 +54,7 @@ impl std::error::Error for InvalidResponse {}
 
 /// The SDK's default HTTPS client (hyper 1, rustls on aws-lc-rs, proxy from the environment)
 /// behind the guard.
-pub fn guarded_https_client() -> SharedHttpClient {
+pub(crate) fn guarded_https_client() -> SharedHttpClient {
     let inner = Builder::new().build_with_connector_fn(|settings, components| {
         let mut builder =
             ConnectorBuilder::default().tls_provider(Provider::Rustls(CryptoMode::AwsLc));

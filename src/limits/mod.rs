@@ -26,16 +26,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod shared;
 
-pub use crate::domain::Rpc;
+pub(crate) use crate::domain::Rpc;
 use crate::domain::Username;
-pub use shared::{
+pub(crate) use shared::{
     BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, SharedLimits, check_url,
 };
 
 /// Rate-limited calls, by `limiter`.
-pub const RATE_LIMITED: &str = "rate_limited_total";
+pub(crate) const RATE_LIMITED: &str = "rate_limited_total";
 /// Per-username buckets held.
-pub const USERNAME_BUCKETS: &str = "rate_limit_username_buckets";
+pub(crate) const USERNAME_BUCKETS: &str = "rate_limit_username_buckets";
 
 /// A full table is swept for buckets that are full again at most this often, so a flood of new
 /// usernames against a full table cannot turn every call into a sweep.
@@ -43,23 +43,23 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A full table is logged at warn at most this often.
 const CAPACITY_WARN_INTERVAL: Duration = Duration::from_secs(60);
 /// Calls refused before reaching Cognito, by `reason`.
-pub const UPSTREAM_REJECTED: &str = "upstream_rejected_total";
+pub(crate) const UPSTREAM_REJECTED: &str = "upstream_rejected_total";
 
 /// How long an overloaded replica asks callers to wait.
-pub const OVERLOAD_RETRY_DELAY: Duration = Duration::from_millis(500);
+pub(crate) const OVERLOAD_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// `N/D`: a burst of `N` calls, refilled at one every `D/N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateSpec {
     /// The burst.
-    pub burst: NonZeroU32,
+    pub(crate) burst: NonZeroU32,
     /// The time in which the whole burst refills.
-    pub period: Duration,
+    pub(crate) period: Duration,
 }
 
 impl RateSpec {
     /// One call's share of the period: the GCRA emission interval.
-    pub fn interval(self) -> Duration {
+    pub(crate) fn interval(self) -> Duration {
         self.period / self.burst.get()
     }
 }
@@ -116,7 +116,7 @@ impl fmt::Display for UsernameRateLimit {
 
 /// Which limiter refused a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limiter {
+pub(crate) enum Limiter {
     /// `GLOBAL_RATE_LIMIT_RPS`.
     Global,
     /// `USERNAME_RATE_LIMIT`.
@@ -127,7 +127,7 @@ pub enum Limiter {
 
 impl Limiter {
     /// The name in metrics, ErrorInfo metadata and QuotaFailure.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Global => "global",
             Self::Username => "username",
@@ -138,20 +138,20 @@ impl Limiter {
 
 /// A call refused by a limiter: which, its limit, and when a retry can pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateLimited {
+pub(crate) struct RateLimited {
     /// The limiter.
-    pub limiter: Limiter,
+    pub(crate) limiter: Limiter,
     /// Its limit, e.g. `5/15m`.
-    pub limit: String,
+    pub(crate) limit: String,
     /// How long until a call would pass.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 /// The per-username GCRA buckets: a keyed 64-bit hash of (RPC, normalised username) to the
 /// bucket's theoretical arrival time (TAT, nanoseconds since the table was made). The key is
 /// SipHash under a random per-process key, so callers can neither read usernames back nor
 /// aim collisions at a victim. Each bucket costs about 36 bytes of memory.
-pub struct UsernameTable {
+pub(crate) struct UsernameTable {
     spec: RateSpec,
     capacity: usize,
     keys: RandomState,
@@ -171,7 +171,7 @@ struct TableState {
 
 /// What the table decided for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Admitted and charged.
     Admitted,
     /// The bucket has no token: retry after this long.
@@ -182,7 +182,7 @@ pub enum Verdict {
 
 impl UsernameTable {
     /// A table for `spec` holding at most `capacity` buckets.
-    pub fn new(spec: RateSpec, capacity: NonZeroUsize) -> Self {
+    pub(crate) fn new(spec: RateSpec, capacity: NonZeroUsize) -> Self {
         Self {
             spec,
             capacity: capacity.get(),
@@ -198,12 +198,12 @@ impl UsernameTable {
     }
 
     /// At most this many buckets.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The limit of every bucket.
-    pub fn spec(&self) -> RateSpec {
+    pub(crate) fn spec(&self) -> RateSpec {
         self.spec
     }
 
@@ -216,7 +216,7 @@ impl UsernameTable {
     }
 
     /// Charges the bucket of (`rpc`, `username`), making it if the table has room.
-    pub fn check(&self, rpc: Rpc, username: &Username) -> Verdict {
+    pub(crate) fn check(&self, rpc: Rpc, username: &Username) -> Verdict {
         let key = self.key(rpc, username);
         self.check_key(key, self.now())
     }
@@ -266,13 +266,9 @@ impl UsernameTable {
     }
 
     /// How many buckets it holds.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.state.lock().expect("rate-limit lock").buckets.len()
-    }
-
-    /// True when it holds no bucket.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -311,7 +307,7 @@ pub struct LimitSettings {
 }
 
 /// Every limit a call passes before Cognito.
-pub struct Limits {
+pub(crate) struct Limits {
     clock: DefaultClock,
     global: Option<(GlobalLimiter, NonZeroU32, String)>,
     username: Option<(UsernameTable, String)>,
@@ -331,7 +327,7 @@ impl fmt::Debug for Limits {
 
 impl Limits {
     /// Limits as `settings` says.
-    pub fn new(settings: &LimitSettings) -> Self {
+    pub(crate) fn new(settings: &LimitSettings) -> Self {
         let clock = DefaultClock::default();
         let global = settings.global_rps.map(|rps| {
             let limiter = RateLimiter::direct_with_clock(Quota::per_second(rps), clock.clone());
@@ -354,14 +350,14 @@ impl Limits {
     }
 
     /// These limits, enforced fleet-wide on `shared`.
-    pub fn with_shared(mut self, shared: SharedLimits) -> Self {
+    pub(crate) fn with_shared(mut self, shared: SharedLimits) -> Self {
         self.shared = Some(shared);
         self
     }
 
     /// Charges the limits, fleet-wide on Redis when configured and answering, else this
     /// replica's own.
-    pub async fn admit(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
+    pub(crate) async fn admit(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
         if let Some(shared) = &self.shared {
             // None: Redis is unavailable, and this replica's own limits judge.
             if let Some(verdict) = self.check_shared(shared, rpc, username).await {
@@ -421,7 +417,7 @@ impl Limits {
     }
 
     /// Charges the global limiter, then the per-username one; the first that refuses decides.
-    pub fn check(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
+    pub(crate) fn check(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
         if let Some((limiter, _, limit)) = &self.global {
             limiter.check().map_err(|not_until| {
                 refused(
@@ -446,7 +442,7 @@ impl Limits {
 
     /// A place among the calls waiting on Cognito, or `None` when all are taken: the caller
     /// is refused at once rather than queued.
-    pub fn upstream_permit(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn upstream_permit(&self) -> Option<OwnedSemaphorePermit> {
         let permit = self.upstream.clone().try_acquire_owned().ok();
         if permit.is_none() {
             metrics::counter!(UPSTREAM_REJECTED, "reason" => "overloaded").increment(1);

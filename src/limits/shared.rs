@@ -24,11 +24,11 @@ use crate::domain::{Rpc, Username};
 use crate::privacy::UsernameHasher;
 
 /// Calls judged by Redis, by outcome, and its latency.
-pub const BACKEND_SECONDS: &str = "rate_limit_backend_seconds";
+pub(crate) const BACKEND_SECONDS: &str = "rate_limit_backend_seconds";
 /// 1 while Redis answers, 0 while the in-process limits stand in.
-pub const BACKEND_UP: &str = "rate_limit_backend_up";
+pub(crate) const BACKEND_UP: &str = "rate_limit_backend_up";
 /// Redis failures, by `kind` (`timeout`, `unconnected`: not connected yet, `error`).
-pub const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
+pub(crate) const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
 
 /// The first backoff after a failure; each further failure doubles it, up to the maximum.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -40,20 +40,20 @@ const MAX_REMEMBERED: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     /// `redis://host:port/db` or `rediss://…`, without credentials (a username may be there).
-    pub url: String,
+    pub(crate) url: String,
     /// `RATE_LIMIT_REDIS_PASSWORD_FILE`'s secret.
-    pub password: Option<SecretString>,
+    pub(crate) password: Option<SecretString>,
     /// Prefix of every key.
-    pub prefix: String,
+    pub(crate) prefix: String,
     /// How long one round trip may take before the in-process limits judge the call.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// `USERNAME_HASH_KEY_FILE`'s key, which the keys of username buckets derive from, so
     /// every replica names a bucket alike.
-    pub username_hash_key: SecretSlice<u8>,
+    pub(crate) username_hash_key: SecretSlice<u8>,
 }
 
 /// Checks the URL of `RATE_LIMIT_REDIS_URL`: its scheme, and no password in it.
-pub fn check_url(url: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_url(url: &str) -> Result<(), ConfigError> {
     let invalid = |problem: &str| ConfigError::setting("RATE_LIMIT_REDIS_URL", problem);
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         return Err(invalid("must start with redis:// or rediss://"));
@@ -71,7 +71,7 @@ pub fn check_url(url: &str) -> Result<(), ConfigError> {
 
 /// What Redis said of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Every limiter admitted it (and was charged).
     Admitted,
     /// The limiter at this index of the keys refused; a call passes after the wait.
@@ -82,17 +82,17 @@ pub enum Verdict {
 
 /// One limiter as the script sees it.
 #[derive(Debug, Clone)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     /// The key.
-    pub key: String,
+    pub(crate) key: String,
     /// One call's share of the period, in microseconds.
-    pub interval_us: u64,
+    pub(crate) interval_us: u64,
     /// The burst.
-    pub burst: u32,
+    pub(crate) burst: u32,
 }
 
 /// The fleet-wide limits on Redis.
-pub struct SharedLimits {
+pub(crate) struct SharedLimits {
     connection: Arc<OnceLock<ConnectionManager>>,
     script: Script,
     prefix: String,
@@ -116,7 +116,7 @@ impl std::fmt::Debug for SharedLimits {
 
 impl SharedLimits {
     /// Limits on the Redis of `settings`; connects in the background.
-    pub fn start(settings: &RedisSettings) -> Result<Self, ConfigError> {
+    pub(crate) fn start(settings: &RedisSettings) -> Result<Self, ConfigError> {
         check_url(&settings.url)?;
         let mut info = settings.url.as_str().into_connection_info().map_err(|_| {
             ConfigError::setting("RATE_LIMIT_REDIS_URL", "is not a valid Redis URL")
@@ -151,26 +151,26 @@ impl SharedLimits {
     }
 
     /// The key of the global limiter.
-    pub fn global_key(&self) -> String {
+    pub(crate) fn global_key(&self) -> String {
         format!("{}global", self.prefix)
     }
 
     /// The key of `username`'s bucket for `rpc`: a keyed hash, never the username.
-    pub fn username_key(&self, rpc: Rpc, username: &Username) -> String {
+    pub(crate) fn username_key(&self, rpc: Rpc, username: &Username) -> String {
         let digest = self.keys.digest(username);
         let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         format!("{}username:{}:{hash}", self.prefix, rpc.method())
     }
 
     /// How long `key` was refused for, if this replica remembers a denial still in force.
-    pub fn remembered_denial(&self, key: &str) -> Option<Duration> {
+    pub(crate) fn remembered_denial(&self, key: &str) -> Option<Duration> {
         let denials = self.denials.lock().expect("denials lock");
         let until = *denials.get(key)?;
         until.checked_duration_since(Instant::now())
     }
 
     /// Remembers that `key` is refused for `wait`.
-    pub fn remember_denial(&self, key: &str, wait: Duration) {
+    pub(crate) fn remember_denial(&self, key: &str, wait: Duration) {
         let now = Instant::now();
         let mut denials = self.denials.lock().expect("denials lock");
         if denials.len() >= MAX_REMEMBERED {
@@ -183,7 +183,7 @@ impl SharedLimits {
     }
 
     /// Charges `buckets` in order, atomically, on Redis.
-    pub async fn check(&self, buckets: &[Bucket]) -> Verdict {
+    pub(crate) async fn check(&self, buckets: &[Bucket]) -> Verdict {
         let now = self.now();
         if now < self.skip_until.load(Ordering::Relaxed) {
             return Verdict::Unavailable;
