@@ -36,6 +36,9 @@ pub(crate) enum Rpc {
 }
 
 impl Rpc {
+    /// Every RPC, in the proto's order (a test holds the two together).
+    pub(crate) const ALL: [Self; 2] = [Self::ForgotPassword, Self::ConfirmForgotPassword];
+
     /// The gRPC method name, which is also Cognito's operation name.
     pub(crate) fn method(self) -> &'static str {
         match self {
@@ -50,7 +53,7 @@ impl Rpc {
             .strip_prefix('/')?
             .strip_prefix(service)?
             .strip_prefix('/')?;
-        [Self::ForgotPassword, Self::ConfirmForgotPassword]
+        Self::ALL
             .into_iter()
             .find(|rpc| rpc.method() == method)
     }
@@ -415,6 +418,28 @@ pub(crate) struct CodeDelivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rpcs_are_the_services_methods() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let methods: Vec<&str> = set
+            .file
+            .iter()
+            .flat_map(|file| file.service.iter().map(move |s| (file.package(), s)))
+            .filter(|(package, service)| {
+                format!("{package}.{}", service.name()) == crate::api::SERVICE_NAME
+            })
+            .flat_map(|(_, service)| service.method.iter().map(|m| m.name()))
+            .collect();
+        let ours: Vec<&str> = Rpc::ALL.iter().map(|rpc| rpc.method()).collect();
+        assert_eq!(methods, ours);
+        for rpc in Rpc::ALL {
+            let path = format!("/{}/{}", crate::api::SERVICE_NAME, rpc.method());
+            assert_eq!(Rpc::from_path(crate::api::SERVICE_NAME, &path), Some(rpc));
+        }
+    }
 
     fn username(value: &str) -> Result<Username, FieldViolation> {
         Username::parse("username", value.to_owned())
