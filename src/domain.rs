@@ -53,9 +53,7 @@ impl Rpc {
             .strip_prefix('/')?
             .strip_prefix(service)?
             .strip_prefix('/')?;
-        Self::ALL
-            .into_iter()
-            .find(|rpc| rpc.method() == method)
+        Self::ALL.into_iter().find(|rpc| rpc.method() == method)
     }
 }
 

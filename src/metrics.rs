@@ -30,6 +30,9 @@ pub const CONNECTIONS_OPEN: &str = "grpc_connections_open";
 /// Connections closed at once because `MAX_CONNECTIONS` were open.
 pub const CONNECTIONS_REFUSED: &str = "grpc_connections_refused_total";
 
+/// TLS rotations noticed, by `result`: `reloaded`, or `failed` (the previous certificate stays).
+pub const TLS_RELOADS: &str = "tls_certificate_reloads_total";
+
 /// Latency buckets (seconds), from a fast local answer to `COGNITO_TIMEOUT`'s default and past.
 const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -97,6 +100,10 @@ fn describe() {
         limits::BACKEND_SECONDS,
         Unit::Seconds,
         "Round trips to the shared rate-limit backend"
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Changed TLS files loaded (reloaded) or refused (failed: the previous certificate stays)"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

@@ -17,6 +17,7 @@ use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ConfigError;
+use crate::metrics as m;
 
 /// Where the certificate, key and (for mTLS) client CA come from.
 #[derive(Debug, Clone)]
@@ -172,9 +173,11 @@ impl ReloadingTls {
                 match material.server_config() {
                     Ok(config) => {
                         *this.current.write().expect("TLS config lock") = config;
+                        metrics::counter!(m::TLS_RELOADS, "result" => "reloaded").increment(1);
                         tracing::info!("TLS certificate reloaded");
                     }
                     Err(err) => {
+                        metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
                         tracing::error!(error = %err, "TLS files changed but do not load; keeping the previous certificate")
                     }
                 }

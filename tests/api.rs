@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    CLIENT_ID, CLIENT_SECRET, Options, REQUEST_ID, Reply, TestApp, assert_error, closed_port_url,
-    confirm, error_info, forgot,
+    CLIENT_ID, CLIENT_SECRET, REQUEST_ID, Reply, TestApp, assert_error, closed_port_url, confirm,
+    error_info, forgot,
 };
 use password_recovery::cognito::secret_hash;
 use password_recovery::error::COGNITO_ERRORS;
@@ -106,11 +106,7 @@ async fn confirm_forgot_password_translates_every_field() {
 
 #[tokio::test]
 async fn an_app_client_without_a_secret_sends_no_secret_hash() {
-    let app = TestApp::spawn_with(Options {
-        client_secret: None,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("COGNITO_CLIENT_SECRET", "")]).await;
     app.client()
         .await
         .forgot_password(forgot("carol"))
@@ -176,11 +172,7 @@ async fn a_client_id_this_server_does_not_serve_is_refused_before_cognito() {
 
 #[tokio::test]
 async fn every_cognito_error_maps_end_to_end_with_its_details() {
-    let app = TestApp::spawn_with(Options {
-        enumeration_protection: false,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("ENUMERATION_PROTECTION", "false")]).await;
     let mut client = app.client().await;
 
     for row in COGNITO_ERRORS {
@@ -339,11 +331,7 @@ async fn confirm_for_unknown_user_is_indistinguishable_from_a_wrong_code() {
 
 #[tokio::test]
 async fn unknown_user_is_not_found_with_enumeration_protection_off() {
-    let app = TestApp::spawn_with(Options {
-        enumeration_protection: false,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("ENUMERATION_PROTECTION", "false")]).await;
     let mut client = app.client().await;
     app.cognito.script([Reply::error("UserNotFoundException")]);
     let status = client.forgot_password(forgot("nobody")).await.unwrap_err();
@@ -450,11 +438,8 @@ async fn an_unknown_cognito_code_is_unknown_and_named() {
 
 #[tokio::test]
 async fn an_unreachable_cognito_is_unavailable() {
-    let app = TestApp::spawn_with(Options {
-        endpoint_url: Some(closed_port_url().await),
-        ..Options::default()
-    })
-    .await;
+    let closed = closed_port_url().await;
+    let app = TestApp::spawn_with(&[("AWS_ENDPOINT_URL", &closed)]).await;
     let status = app
         .client()
         .await
@@ -491,11 +476,7 @@ async fn a_hung_cognito_is_answered_before_the_callers_deadline() {
 
 #[tokio::test]
 async fn cognito_timeout_bounds_the_upstream_call() {
-    let app = TestApp::spawn_with(Options {
-        cognito_timeout: Duration::from_millis(300),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("COGNITO_TIMEOUT", "300ms")]).await;
     app.cognito.script([Reply::Hang]);
     let status = app
         .client()

@@ -8,12 +8,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Options, Reply, TestApp, assert_error, confirm, forgot, raw};
-use password_recovery::limits::LimitSettings;
+use common::{Reply, TestApp, assert_error, confirm, forgot, raw};
 use serde_json::json;
 use tokio::time::Instant;
 use tonic::Code;
@@ -94,16 +92,10 @@ async fn an_unknown_user_gets_byte_for_byte_the_answer_a_known_user_gets() {
 
 #[tokio::test]
 async fn a_flood_of_new_usernames_does_not_forgive_a_spent_bucket() {
-    let app = TestApp::spawn_with(Options {
-        limits: LimitSettings {
-            username: "5/15m".parse().unwrap(),
-            username_max_keys: NonZeroUsize::new(50).unwrap(),
-            global_rps: None::<NonZeroU32>,
-            max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
-            redis: None,
-        },
-        ..Options::default()
-    })
+    let app = TestApp::spawn_with(&[
+        ("USERNAME_RATE_LIMIT", "5/15m"),
+        ("USERNAME_RATE_LIMIT_MAX_KEYS", "50"),
+    ])
     .await;
     app.cognito
         .respond_with(|_| Reply::error("CodeMismatchException"));
@@ -301,11 +293,7 @@ async fn a_request_that_cannot_be_decoded_is_malformed_request() {
 
 #[tokio::test]
 async fn calls_beyond_max_concurrent_calls_are_refused_unread() {
-    let app = TestApp::spawn_with(Options {
-        max_concurrent_calls: 2,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("MAX_CONCURRENT_CALLS", "2")]).await;
     app.cognito.script([
         Reply::Held(Box::new(Reply::Ok(json!({})))),
         Reply::Held(Box::new(Reply::Ok(json!({})))),

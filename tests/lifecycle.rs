@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Options, Reply, TestApp, forgot};
+use common::{Reply, TestApp, forgot};
 use password_recovery::app::StartupError;
 use prost::Message;
 use tonic::transport::Channel;
@@ -168,37 +168,48 @@ async fn reflection_v1alpha_answers_for_grpcurl() {
 
 #[tokio::test]
 async fn shutdown_turns_health_not_serving_and_drains_the_call_in_flight() {
-    // Arrange: a call that takes 800 ms upstream, and 300 ms of NOT_SERVING before closing.
-    let mut app = TestApp::spawn_with(Options {
-        shutdown_delay: Duration::from_millis(300),
-        ..Options::default()
-    })
-    .await;
+    // Arrange: a call whose answer Cognito holds, and 300 ms of NOT_SERVING before closing.
+    let mut app = TestApp::spawn_with(&[("SHUTDOWN_DELAY", "300ms")]).await;
     let channel = app.channel().await;
-    app.cognito.script([Reply::After(
-        Duration::from_millis(800),
-        Box::new(Reply::Ok(serde_json::json!({}))),
-    )]);
+    app.cognito
+        .script([Reply::Held(Box::new(Reply::Ok(serde_json::json!({}))))]);
     let mut client =
         password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient::new(
             channel.clone(),
         );
     let in_flight = tokio::spawn(async move { client.forgot_password(forgot("rita")).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.cognito.arrived(1).await;
 
     // Act
     app.request_stop();
-    tokio::time::sleep(Duration::from_millis(50)).await;
 
-    // Assert: probes see NOT_SERVING during the delay, the call completes, the app exits.
-    assert_eq!(health(channel.clone(), "").await, ServingStatus::NotServing);
+    // Assert: probes see NOT_SERVING during the delay; then the listener closes while the
+    // call is still held; released, the call completes, and the app exits.
+    let not_serving = async {
+        while health(channel.clone(), "").await != ServingStatus::NotServing {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), not_serving)
+        .await
+        .expect("health turned NOT_SERVING");
     assert_eq!(
         health(channel.clone(), SERVICE).await,
         ServingStatus::NotServing
     );
+    let addr = app.addr;
+    let closed = async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the listener closed after the delay");
+    assert!(!in_flight.is_finished(), "the held call ended early");
+    app.cognito.release(1);
     let answer = in_flight.await.unwrap();
     assert!(answer.is_ok(), "the in-flight call was dropped: {answer:?}");
-    let addr = app.addr;
     tokio::time::timeout(Duration::from_secs(5), app.stop())
         .await
         .expect("drained in time")
@@ -212,11 +223,7 @@ async fn shutdown_turns_health_not_serving_and_drains_the_call_in_flight() {
 
 #[tokio::test]
 async fn calls_that_outlast_the_grace_period_are_abandoned_and_counted() {
-    let mut app = TestApp::spawn_with(Options {
-        shutdown_grace_period: Duration::from_millis(200),
-        ..Options::default()
-    })
-    .await;
+    let mut app = TestApp::spawn_with(&[("SHUTDOWN_GRACE_PERIOD", "200ms")]).await;
     app.cognito
         .script([Reply::Held(Box::new(Reply::Ok(serde_json::json!({}))))]);
     let mut client = app.client().await;

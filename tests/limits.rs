@@ -5,31 +5,29 @@
 
 mod common;
 
-use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, Instant};
 
-use common::{Options, Reply, TestApp, assert_error, confirm, forgot};
-use password_recovery::limits::LimitSettings;
+use common::{Reply, TestApp, assert_error, confirm, forgot};
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-fn limits(username: &str, global_rps: u32, max_concurrent_upstream: usize) -> Options {
-    Options {
-        limits: LimitSettings {
-            username: username.parse().unwrap(),
-            username_max_keys: NonZeroUsize::new(1000).unwrap(),
-            global_rps: NonZeroU32::new(global_rps),
-            max_concurrent_upstream: NonZeroUsize::new(max_concurrent_upstream).unwrap(),
-            redis: None,
-        },
-        ..Options::default()
-    }
+/// An application with these limits.
+async fn limited(username: &str, global_rps: u32, max_concurrent_upstream: usize) -> TestApp {
+    TestApp::spawn_with(&[
+        ("USERNAME_RATE_LIMIT", username),
+        ("GLOBAL_RATE_LIMIT_RPS", &global_rps.to_string()),
+        (
+            "MAX_CONCURRENT_UPSTREAM",
+            &max_concurrent_upstream.to_string(),
+        ),
+    ])
+    .await
 }
 
 #[tokio::test]
 async fn the_per_username_limit_refuses_with_its_details_and_true_wait() {
-    let app = TestApp::spawn_with(limits("2/1h", 0, 64)).await;
+    let app = limited("2/1h", 0, 64).await;
     let mut client = app.client().await;
     for _ in 0..2 {
         client
@@ -72,7 +70,7 @@ async fn the_per_username_limit_refuses_with_its_details_and_true_wait() {
 
 #[tokio::test]
 async fn case_variants_of_a_username_share_one_bucket() {
-    let app = TestApp::spawn_with(limits("1/1h", 0, 64)).await;
+    let app = limited("1/1h", 0, 64).await;
     let mut client = app.client().await;
     client
         .forgot_password(forgot("Zoë@Example.COM"))
@@ -88,7 +86,7 @@ async fn case_variants_of_a_username_share_one_bucket() {
 
 #[tokio::test]
 async fn wrong_code_guesses_use_up_the_confirm_bucket() {
-    let app = TestApp::spawn_with(limits("3/15m", 0, 64)).await;
+    let app = limited("3/15m", 0, 64).await;
     let mut client = app.client().await;
     client
         .forgot_password(forgot("abel"))
@@ -113,7 +111,7 @@ async fn wrong_code_guesses_use_up_the_confirm_bucket() {
 
 #[tokio::test]
 async fn the_global_limit_sheds_bursts_across_users() {
-    let app = TestApp::spawn_with(limits("off", 2, 64)).await;
+    let app = limited("off", 2, 64).await;
     let mut client = app.client().await;
     client.forgot_password(forgot("u1")).await.unwrap();
     client.confirm_forgot_password(confirm("u2")).await.unwrap();
@@ -141,7 +139,7 @@ async fn the_global_limit_sheds_bursts_across_users() {
 
 #[tokio::test]
 async fn invalid_requests_and_foreign_clients_are_refused_before_any_limit() {
-    let app = TestApp::spawn_with(limits("1/1h", 1, 64)).await;
+    let app = limited("1/1h", 1, 64).await;
     let mut client = app.client().await;
     for _ in 0..3 {
         let status = client.forgot_password(forgot(" padded")).await.unwrap_err();
@@ -159,15 +157,10 @@ async fn invalid_requests_and_foreign_clients_are_refused_before_any_limit() {
 
 #[tokio::test]
 async fn a_call_past_max_concurrent_upstream_is_refused_at_once() {
-    // Arrange: two calls hold both places for 700 ms.
-    let app = TestApp::spawn_with(limits("off", 0, 2)).await;
-    let slow = || {
-        Reply::After(
-            Duration::from_millis(700),
-            Box::new(Reply::Ok(serde_json::json!({}))),
-        )
-    };
-    app.cognito.script([slow(), slow()]);
+    // Arrange: two calls hold both places, their answers held by Cognito.
+    let app = limited("off", 0, 2).await;
+    let held = || Reply::Held(Box::new(Reply::Ok(serde_json::json!({}))));
+    app.cognito.script([held(), held()]);
     let mut waiting = Vec::new();
     for name in ["w1", "w2"] {
         let mut client = app.client().await;
@@ -175,20 +168,20 @@ async fn a_call_past_max_concurrent_upstream_is_refused_at_once() {
             client.forgot_password(forgot(name)).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.cognito.arrived(2).await;
 
-    // Act
-    let mut third = app.client().await;
-    let started = Instant::now();
-    let status = third.forgot_password(forgot("w3")).await.unwrap_err();
+    // Act: a third call while both are still held.
+    let status = app
+        .client()
+        .await
+        .forgot_password(forgot("w3"))
+        .await
+        .unwrap_err();
 
-    // Assert
-    assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "it was queued"
-    );
+    // Assert: answered while the places are still taken, so it was not queued behind them.
     assert_error(&status, Code::Unavailable, "OVERLOADED");
     assert!(status.get_details_retry_info().is_some());
+    app.cognito.release(2);
     for call in waiting {
         call.await
             .unwrap()
@@ -204,11 +197,7 @@ async fn a_call_past_max_concurrent_upstream_is_refused_at_once() {
 
 #[tokio::test]
 async fn a_request_over_max_request_bytes_is_refused() {
-    let app = TestApp::spawn_with(Options {
-        max_request_bytes: 4096,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("MAX_REQUEST_BYTES", "4096")]).await;
     let mut request = forgot("dora");
     request
         .client_metadata
@@ -227,26 +216,18 @@ async fn a_request_over_max_request_bytes_is_refused() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_but_not_during_a_call() {
-    let app = TestApp::spawn_with(Options {
-        idle_timeout: Duration::from_millis(300),
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(&[("GRPC_IDLE_TIMEOUT", "300ms")]).await;
 
-    // A call that outlasts the idle timeout completes on its connection.
-    app.cognito.script([Reply::After(
-        Duration::from_millis(700),
-        Box::new(Reply::Ok(serde_json::json!({}))),
-    )]);
-    app.client()
-        .await
-        .forgot_password(forgot("eve"))
-        .await
-        .expect("a long call is not idle");
-
-    // A connection that never calls is closed after the timeout.
+    // A call whose answer Cognito holds, and a connection that never calls.
+    app.cognito
+        .script([Reply::Held(Box::new(Reply::Ok(serde_json::json!({}))))]);
+    let mut client = app.client().await;
+    let call = tokio::spawn(async move { client.forgot_password(forgot("eve")).await });
+    app.cognito.arrived(1).await;
     let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let started = Instant::now();
+
+    // The connection that never calls is closed after the timeout...
     let mut sink = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut sink))
         .await
@@ -257,4 +238,9 @@ async fn idle_connections_are_closed_but_not_during_a_call() {
         "{:?}",
         started.elapsed()
     );
+
+    // ...while the call, which has now outlasted the timeout, completes on its connection.
+    assert!(!call.is_finished(), "the call ended early");
+    app.cognito.release(1);
+    call.await.unwrap().expect("a long call is not idle");
 }

@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use common::{CLIENT_SECRET, Options, Reply, TestApp, raw};
+use common::{CLIENT_SECRET, Reply, TestApp, raw};
 use password_recovery::proto::v1::{
     ConfirmForgotPasswordRequest, ForgotPasswordRequest, UserContext,
 };
@@ -234,7 +234,7 @@ fn text() -> impl Strategy<Value = String> {
 fn whatever_a_caller_sends_the_answer_is_well_formed_and_keeps_secrets() {
     let _ = captured_logs();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let app = runtime.block_on(TestApp::spawn_with(Options::default()));
+    let app = runtime.block_on(TestApp::spawn());
     let channel = runtime.block_on(app.channel());
     let mut runner = runner(200);
     let fields = (

@@ -7,9 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::certs::{Ca, Leaf, SecretMount, handshake};
-use common::{Options, TestApp, forgot};
+use common::{TestApp, forgot, metric, scrape};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
-use password_recovery::tls::TlsSettings;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -17,21 +16,17 @@ use tonic_health::pb::health_client::HealthClient;
 
 const RELOAD: Duration = Duration::from_millis(100);
 
-fn settings(mount: &SecretMount, mtls: bool) -> TlsSettings {
-    TlsSettings {
-        cert_file: mount.cert(),
-        key_file: mount.key(),
-        client_ca_file: mtls.then(|| mount.ca()),
-        reload_interval: RELOAD,
-    }
-}
-
 async fn spawn_tls(mount: &SecretMount, mtls: bool) -> TestApp {
-    TestApp::spawn_with(Options {
-        tls: Some(settings(mount, mtls)),
-        ..Options::default()
-    })
-    .await
+    let (cert, key, ca) = (mount.cert(), mount.key(), mount.ca());
+    let mut settings = vec![
+        ("TLS_CERT_FILE", cert.to_str().unwrap()),
+        ("TLS_KEY_FILE", key.to_str().unwrap()),
+        ("TLS_RELOAD_INTERVAL", "100ms"),
+    ];
+    if mtls {
+        settings.push(("TLS_CLIENT_CA_FILE", ca.to_str().unwrap()));
+    }
+    TestApp::spawn_with(&settings).await
 }
 
 async fn tls_channel(app: &TestApp, ca: &Ca, identity: Option<&Leaf>) -> Result<Channel, String> {
@@ -148,13 +143,42 @@ async fn a_broken_rotation_keeps_the_previous_certificate() {
         cert_pem: "not a certificate".into(),
         key_pem: v1.key_pem.clone(),
     };
+    let metrics_addr = app.metrics_addr.to_string();
+    let failed = || async {
+        let text = scrape(&metrics_addr).await;
+        metric(
+            &text,
+            "tls_certificate_reloads_total",
+            &["result=\"failed\""],
+        )
+        .unwrap_or(0.0)
+    };
+    // Only this test writes broken files, so the process-wide count moves only for it.
+    let before = failed().await;
     mount.rotate(&broken, None);
-    tokio::time::sleep(RELOAD * 5).await;
 
+    // The reloader counts the broken files it read; the previous certificate is still served.
+    let noticed = async {
+        while failed().await <= before {
+            tokio::time::sleep(RELOAD).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), noticed)
+        .await
+        .expect("the reloader never read the broken files");
     assert_eq!(
         handshake(app.addr, &ca.pem(), None).await.unwrap(),
         v1.der()
     );
+
+    // And the reloader is alive after it: a good rotation still applies.
+    let v2 = ca.server("server v2");
+    mount.rotate(&v2, None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while handshake(app.addr, &ca.pem(), None).await.unwrap() != v2.der() {
+        assert!(tokio::time::Instant::now() < deadline, "v2 never served");
+        tokio::time::sleep(RELOAD).await;
+    }
 }
 
 #[tokio::test]

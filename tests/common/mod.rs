@@ -11,20 +11,16 @@ pub mod raw;
 pub mod redis_server;
 pub mod tools;
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::time::Duration;
 
 pub use fake_cognito::{FakeCognito, REQUEST_ID, Recorded, Reply};
 use password_recovery::app::{Application, StartupError};
-use password_recovery::cognito::CognitoSettings;
-use password_recovery::config::Config;
-use password_recovery::domain::ClientId;
-use password_recovery::limits::{LimitSettings, UsernameRateLimit};
+use password_recovery::config::{Command, Config};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
-use password_recovery::telemetry::{LogFormat, LogSettings};
-use password_recovery::tls::TlsSettings;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -35,51 +31,21 @@ pub const CLIENT_ID: &str = "testclient123";
 /// Its secret.
 pub const CLIENT_SECRET: &str = "test-client-secret";
 
-/// How to start the application under test.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub enumeration_protection: bool,
-    pub cognito_timeout: Duration,
-    pub client_secret: Option<&'static str>,
-    pub shutdown_delay: Duration,
-    pub shutdown_grace_period: Duration,
-    /// Point at this URL instead of the fake Cognito.
-    pub endpoint_url: Option<String>,
-    /// TLS on the gRPC port.
-    pub tls: Option<TlsSettings>,
-    /// Rate limits and load shedding (off unless a test turns them on).
-    pub limits: LimitSettings,
-    pub idle_timeout: Duration,
-    pub max_request_bytes: usize,
-    pub max_concurrent_calls: usize,
-    pub max_connections: usize,
-    pub username_hash_key: Option<&'static [u8]>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            enumeration_protection: true,
-            cognito_timeout: Duration::from_secs(5),
-            client_secret: Some(CLIENT_SECRET),
-            shutdown_delay: Duration::ZERO,
-            shutdown_grace_period: Duration::from_secs(10),
-            endpoint_url: None,
-            tls: None,
-            limits: LimitSettings {
-                username: UsernameRateLimit::Off,
-                username_max_keys: NonZeroUsize::new(100_000).unwrap(),
-                global_rps: None,
-                max_concurrent_upstream: NonZeroUsize::new(64).unwrap(),
-                redis: None,
-            },
-            idle_timeout: Duration::from_secs(300),
-            max_request_bytes: 1 << 16,
-            max_concurrent_calls: 128,
-            max_connections: 256,
-            username_hash_key: None,
-        }
-    }
+/// What every in-process test application has on top of the service's own defaults: the fake
+/// Cognito's app client, loopback ports on 0, text logs, and no per-username limit (tests call
+/// the same usernames many times). Tests override any setting by its environment variable.
+fn test_settings(cognito_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("COGNITO_CLIENT_ID", CLIENT_ID.into()),
+        ("COGNITO_CLIENT_SECRET", CLIENT_SECRET.into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT_URL", cognito_url.into()),
+        ("GRPC_LISTEN_ADDR", "127.0.0.1:0".into()),
+        ("HEALTH_LISTEN_ADDR", "127.0.0.1:0".into()),
+        ("METRICS_LISTEN_ADDR", "127.0.0.1:0".into()),
+        ("LOG_FORMAT", "text".into()),
+        ("USERNAME_RATE_LIMIT", "off".into()),
+    ]
 }
 
 /// The application, serving on a free loopback port in this process.
@@ -94,42 +60,26 @@ pub struct TestApp {
 }
 
 impl TestApp {
-    /// Starts the application with the default options.
+    /// Starts the application with the test settings.
     pub async fn spawn() -> Self {
-        Self::spawn_with(Options::default()).await
+        Self::spawn_with(&[]).await
     }
 
-    /// Starts the application with `options` against a fresh fake Cognito.
-    pub async fn spawn_with(options: Options) -> Self {
+    /// Starts the application against a fresh fake Cognito, configured as the binary is (the
+    /// same parsing of the same settings): the service's defaults, the test settings, then
+    /// `overrides`, each named by its environment variable.
+    pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
         let cognito = FakeCognito::start().await;
-        let config = Config {
-            grpc_listen_addr: "127.0.0.1:0".parse().unwrap(),
-            cognito: CognitoSettings {
-                client_id: ClientId::parse("COGNITO_CLIENT_ID", CLIENT_ID.into()).unwrap(),
-                client_secret: options.client_secret.map(Into::into),
-                timeout: options.cognito_timeout,
-                region: Some("us-east-1".into()),
-                endpoint_url: Some(options.endpoint_url.unwrap_or_else(|| cognito.url.clone())),
-            },
-            enumeration_protection: options.enumeration_protection,
-            shutdown_delay: options.shutdown_delay,
-            shutdown_grace_period: options.shutdown_grace_period,
-            log: LogSettings {
-                filter: "info".into(),
-                format: LogFormat::Text,
-            },
-            tls: options.tls,
-            health_listen_addr: "127.0.0.1:0".parse().unwrap(),
-            metrics_listen_addr: "127.0.0.1:0".parse().unwrap(),
-            otlp_endpoint: None,
-            limits: options.limits,
-            max_request_bytes: options.max_request_bytes,
-            keepalive_interval: Duration::from_secs(30),
-            idle_timeout: options.idle_timeout,
-            username_hash_key: options.username_hash_key.map(|key| key.to_vec().into()),
-            max_concurrent_calls: NonZeroUsize::new(options.max_concurrent_calls).unwrap(),
-            max_connections: NonZeroUsize::new(options.max_connections).unwrap(),
-            max_concurrent_streams: 32,
+        let mut settings: HashMap<&str, String> = test_settings(&cognito.url).into_iter().collect();
+        for (name, value) in overrides {
+            settings.insert(name, (*value).to_owned());
+        }
+        let loaded = Config::load_from(["password-recovery"], |name| {
+            settings.get(name).map(OsString::from)
+        });
+        let config = match loaded.expect("valid test settings") {
+            Command::Run(config) => *config,
+            Command::Print(text) => panic!("the settings asked to print {text}"),
         };
         let app = Application::build(config)
             .await
