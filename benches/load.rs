@@ -199,9 +199,8 @@ async fn main() {
 
     // The Redis round trip: one call at a time, the default limits in process, then on Redis.
     let redis = redis_server::RedisServer::start().await;
-    let key_dir = std::env::temp_dir().join(format!("pr-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&key_dir).unwrap();
-    let key_file = key_dir.join("hash-key");
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("hash-key");
     std::fs::write(&key_file, "bench-username-hash-key-0123456789").unwrap();
     let key_file = key_file.to_str().unwrap().to_owned();
     println!(
@@ -234,7 +233,6 @@ async fn main() {
         "  Redis round trip adds:    {:>7.3} ms at p50",
         (p50s[1].as_secs_f64() - p50s[0].as_secs_f64()) * 1e3
     );
-    let _ = std::fs::remove_dir_all(key_dir);
 }
 
 async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

@@ -26,10 +26,11 @@ fn confirm() -> ConfirmForgotPasswordRequest {
     }
 }
 
-fn key_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("pr-audit-key-{}", std::process::id()));
-    std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").unwrap();
-    path
+/// A username hash key file, removed when dropped.
+fn key_file() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), "0123456789abcdef0123456789abcdef\n").unwrap();
+    file
 }
 
 fn audit_events(lines: &[String]) -> Vec<Value> {
@@ -65,7 +66,7 @@ async fn every_reset_leaves_an_audit_event_without_private_data() {
         &cognito,
         &[
             ("USERNAME_RATE_LIMIT", "2/1h"),
-            ("USERNAME_HASH_KEY_FILE", key.to_str().unwrap()),
+            ("USERNAME_HASH_KEY_FILE", key.path().to_str().unwrap()),
         ],
     )
     .await;
@@ -151,7 +152,7 @@ async fn replicas_sharing_the_hash_key_name_a_user_alike() {
     for _ in 0..2 {
         let service = ServiceProcess::against(
             &cognito,
-            &[("USERNAME_HASH_KEY_FILE", key.to_str().unwrap())],
+            &[("USERNAME_HASH_KEY_FILE", key.path().to_str().unwrap())],
         )
         .await;
         service

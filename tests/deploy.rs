@@ -311,12 +311,8 @@ async fn boots_and_serves(
     ready: Option<&str>,
 ) {
     let cognito = FakeCognito::start().await;
-    let dir = std::env::temp_dir().join(format!(
-        "pr-deploy-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
     for (setting, file, content) in secret_files {
         std::fs::write(dir.join(file), content).unwrap();
         vars.retain(|(k, _)| k != setting);
@@ -340,7 +336,6 @@ async fn boots_and_serves(
         .expect("serves with the manifests' settings");
     let (status, _, stderr) = service.terminate().await;
     assert!(status.success(), "{stderr}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 const POD_SECRET_FILES: [(&str, &str, &str); 2] = [

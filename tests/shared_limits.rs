@@ -16,31 +16,18 @@ use tonic_types::StatusExt;
 const HASH_KEY: &[u8] = b"shared-limits-test-username-hash-key";
 
 struct Fleet {
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
     key_file: String,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl Fleet {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "password-recovery-shared-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key_file = dir.join("hash-key");
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("hash-key");
         std::fs::write(&key_file, HASH_KEY).unwrap();
         Self {
             key_file: key_file.to_str().unwrap().to_owned(),
-            _dir: TempDir(dir),
+            _dir: dir,
         }
     }
 

@@ -287,8 +287,8 @@ async fn a_masked_answer_is_logged_with_what_cognito_really_said() {
 
 #[tokio::test]
 async fn a_username_hash_key_of_any_bytes_is_accepted() {
-    let dir = tempdir();
-    let key_file = dir.join("key");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
     let key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x80).collect();
     std::fs::write(&key_file, &key).unwrap();
     assert!(String::from_utf8(key).is_err(), "the key is not UTF-8");
@@ -313,17 +313,6 @@ async fn a_username_hash_key_of_any_bytes_is_accepted() {
             .iter()
             .any(|l| l.contains("USERNAME_HASH_KEY_FILE is not set"))
     );
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "password-recovery-traces-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[tokio::test]

@@ -112,18 +112,18 @@ impl Ca {
 pub struct SecretMount {
     pub dir: PathBuf,
     generation: u32,
+    _removed_on_drop: tempfile::TempDir,
 }
 
 impl SecretMount {
     /// A fresh mount holding `server` and, if given, the client CA `client_ca`.
     pub fn new(server: &Leaf, client_ca: Option<&str>) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "password-recovery-tls-{}-{}",
-            std::process::id(),
-            uuid_like()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut mount = Self { dir, generation: 0 };
+        let temp = tempfile::tempdir().unwrap();
+        let mut mount = Self {
+            dir: temp.path().to_owned(),
+            generation: 0,
+            _removed_on_drop: temp,
+        };
         mount.write_generation(server, client_ca);
         for name in ["tls.crt", "tls.key", "ca.crt"] {
             std::os::unix::fs::symlink(Path::new("..data").join(name), mount.dir.join(name))
@@ -165,18 +165,6 @@ impl SecretMount {
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
-}
-
-impl Drop for SecretMount {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn uuid_like() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Completes a TLS handshake with `addr` trusting `ca_pem`, presenting `client` if given, and
