@@ -39,10 +39,10 @@ fn bound() -> u64 {
     )
 }
 
-/// Near the idle level: within 4 MiB of it, or at least three quarters of the load's rise
+/// Near the idle level: within 4 MiB of it, or at least two thirds of the load's rise
 /// given back (live connections, such as the pool to Cognito, keep some buffers).
 fn settled_margin(idle: u64, peak: u64) -> u64 {
-    (4 * MIB).max(peak.saturating_sub(idle) / 4)
+    (4 * MIB).max(peak.saturating_sub(idle) / 3)
 }
 
 /// VmRSS and VmHWM (peak) of `pid`, in bytes.
