@@ -182,7 +182,15 @@ impl UpstreamError {
                     request_id,
                 },
             },
-            // An answer the SDK could not parse.
+            // An error status whose body the SDK could not parse (SDK 1.144 and later; earlier
+            // ones gave a service error without a code): judged by its status alone.
+            SdkError::ResponseError(response) if !response.raw().status().is_success() => {
+                Self::Http {
+                    status: response.raw().status().as_u16(),
+                    request_id,
+                }
+            }
+            // A success the SDK could not parse.
             SdkError::ResponseError(response) => {
                 let raw = response.raw();
                 Self::InvalidResponse(InvalidResponse {
