@@ -1,71 +1,425 @@
-//! Memory and throughput of the release binary under a bounded loopback load: the figures
-//! the Kubernetes resource requests and limits are sized from (README "Deploying on
-//! Kubernetes"). Prints numbers; asserts nothing about speed.
+//! What the service costs next to calling Cognito directly (README "Performance"). Prints a
+//! table and writes `target/bench/results.json`; asserts nothing about speed.
 //!
-//! `make bench` (or `cargo bench --bench load`). The load is bounded in count and time and
-//! goes to 127.0.0.1 only: a fake Cognito in this process, the service as a child process,
-//! and for the shared limits a Valkey server from `.venv` (`make tools` installs it).
+//! `make bench` (or `cargo bench --bench load`). Everything runs on 127.0.0.1, and every run is
+//! bounded in time and in calls. One fast stand-in for Cognito (canned JSON, in this process)
+//! answers every scenario:
+//! - `service`: the load generator → the release binary at its default settings and log level
+//!   → the stand-in; `service_redis`: the same with its limits on Redis (Valkey from `.venv`);
+//! - `direct_sdk`: a caller process calling the stand-in through the AWS SDK itself, the same
+//!   SDK version the service uses, configured as a careful caller would be (no retries, no
+//!   credentials);
+//! - `bare_grpc`: a tonic server of the same proto answering at once: the floor of a gRPC hop.
+//!
+//! Each at 64 calls in flight (throughput) and at 1 (latency). CPU per call is the server's
+//! (or the SDK caller's) user + system time from /proc over the calls it made. With 4 or more
+//! cores the processes under test and the load generator are pinned to separate cores; with
+//! fewer they share them, and the CPU-per-call ratio is the figure to trust.
+//!
+//! The same executable plays the two helper processes, chosen by `BENCH_ROLE`. To try a
+//! setting, `BENCH_SERVICE_<NAME>=<value>` passes `<NAME>=<value>` to the service, e.g.
+//! `BENCH_SERVICE_RUST_LOG=warn make bench`.
 
-#[allow(dead_code)]
-#[path = "../tests/common/fake_cognito.rs"]
-mod fake_cognito;
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use password_recovery::proto::v1::ForgotPasswordRequest;
+use password_recovery::proto::v1 as pb;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
+use password_recovery::proto::v1::password_recovery_server::{
+    PasswordRecovery, PasswordRecoveryServer,
+};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-const CALLS: usize = 20_000;
-const CONCURRENCY: usize = 64;
-const CONNECTIONS: usize = 8;
-const TIME_LIMIT: Duration = Duration::from_secs(60);
-/// Calls one at a time, for the Redis round trip's latency.
-const LATENCY_CALLS: usize = 2_000;
+/// How long each throughput run (64 in flight) and each latency run (1 in flight) lasts.
+const THROUGHPUT_RUN: Duration = Duration::from_secs(4);
+const LATENCY_RUN: Duration = Duration::from_secs(3);
+/// No run makes more calls than this, however fast it goes.
+const MAX_CALLS: usize = 400_000;
+/// Calls before each measured run, so connections and pools are warm.
+const WARM_UP_CALLS: usize = 200;
+/// The load generator's HTTP/2 connections (fewer when fewer calls are in flight).
+const CONNECTIONS: usize = 4;
 
-/// VmRSS and VmHWM (peak) of `pid`, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+const CLIENT_ID: &str = "benchclient";
+const CLIENT_SECRET: &str = "bench-client-secret";
+const FORGOT_PASSWORD_ANSWER: &str = r#"{"CodeDeliveryDetails":{"Destination":"b***@e***","DeliveryMedium":"EMAIL","AttributeName":"email"}}"#;
+
+/// One scenario at one concurrency.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    calls: usize,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    /// CPU time of the process under test over the run.
+    cpu: Duration,
 }
 
-/// A service process and what it needs.
+impl Measured {
+    fn rps(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn cpu_per_call(&self) -> Duration {
+        self.cpu / self.calls.max(1) as u32
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "rps": self.rps().round(),
+            "p50_us": self.p50.as_micros() as u64,
+            "p99_us": self.p99.as_micros() as u64,
+            "cpu_us_per_call": self.cpu_per_call().as_micros() as u64,
+        })
+    }
+
+    fn from_latencies(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Duration) -> Self {
+        latencies.sort_unstable();
+        let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+        Self {
+            calls: latencies.len(),
+            elapsed,
+            p50: at(0.5),
+            p99: at(0.99),
+            cpu,
+        }
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    match std::env::var("BENCH_ROLE").as_deref() {
+        Ok("bare_grpc") => runtime.block_on(bare_grpc_server()),
+        Ok("direct_sdk") => runtime.block_on(direct_sdk_caller()),
+        _ => runtime.block_on(bench()),
+    }
+}
+
+// ---- The measurements ------------------------------------------------------------------
+
+async fn bench() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let pinning = Pinning::for_cores(cores);
+    pinning.pin_self();
+    let standin = start_standin().await;
+    let binary = env!("CARGO_BIN_EXE_password-recovery");
+
+    let mut results: BTreeMap<&str, BTreeMap<&str, Measured>> = BTreeMap::new();
+    let mut record = |concurrency: &'static str, scenario: &'static str, measured: Measured| {
+        results
+            .entry(concurrency)
+            .or_default()
+            .insert(scenario, measured);
+    };
+
+    // The service at its defaults: start-up, memory, then both loads.
+    let started = Instant::now();
+    let service = Service::start(binary, &standin, &[], &pinning).await;
+    let startup = started.elapsed();
+    let idle_rss_kib = rss_kib(service.pid);
+    record(
+        "c64",
+        "service",
+        grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await,
+    );
+    let loaded_rss_kib = rss_kib(service.pid);
+    record(
+        "c1",
+        "service",
+        grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await,
+    );
+    service.stop().await;
+
+    // The same with its limits on Redis.
+    let redis = redis_server::RedisServer::start().await;
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), "bench-username-hash-key-0123456789").unwrap();
+    let redis_settings = [
+        ("RATE_LIMIT_REDIS_URL", redis.url.as_str()),
+        ("USERNAME_HASH_KEY_FILE", key.path().to_str().unwrap()),
+    ];
+    let service = Service::start(binary, &standin, &redis_settings, &pinning).await;
+    let (c64, c1) = (
+        grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await,
+        grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await,
+    );
+    record("c64", "service_redis", c64);
+    record("c1", "service_redis", c1);
+    service.stop().await;
+
+    // The AWS SDK called directly, in a process of its own.
+    for (concurrency, label, run) in [(64, "c64", THROUGHPUT_RUN), (1, "c1", LATENCY_RUN)] {
+        record(
+            label,
+            "direct_sdk",
+            direct_sdk(&standin, concurrency, run, &pinning).await,
+        );
+    }
+
+    // The floor: a gRPC hop to a server that answers at once.
+    let mut bare = Helper::start("bare_grpc", &[], &pinning).await;
+    let addr = bare.first_line.clone();
+    record(
+        "c64",
+        "bare_grpc",
+        grpc_load(&addr, 64, THROUGHPUT_RUN, bare.pid).await,
+    );
+    record(
+        "c1",
+        "bare_grpc",
+        grpc_load(&addr, 1, LATENCY_RUN, bare.pid).await,
+    );
+    bare.child.kill().await.ok();
+
+    let binary_bytes = stripped_size(binary);
+    print_table(&results, cores, &pinning);
+    println!();
+    println!(
+        "exec to serving gRPC: {:.1} ms",
+        startup.as_secs_f64() * 1e3
+    );
+    println!("RSS idle / after the c=64 run: {idle_rss_kib} / {loaded_rss_kib} KiB");
+    match binary_bytes {
+        Some(bytes) => println!("stripped binary: {:.1} MiB", bytes as f64 / 1048576.0),
+        None => println!("stripped binary: `strip` (binutils) is not installed"),
+    }
+    let ratios = |c: &str| {
+        let of = |s: &str| results[c][s];
+        (of("service"), of("direct_sdk"))
+    };
+    let (service64, sdk64) = ratios("c64");
+    let (service1, sdk1) = ratios("c1");
+    println!(
+        "service / direct SDK: throughput {:.2}×, CPU per call {:.2}× (c=64); p50 {:+} µs (c=1)",
+        service64.rps() / sdk64.rps(),
+        service64.cpu_per_call().as_secs_f64() / sdk64.cpu_per_call().as_secs_f64(),
+        service1.p50.as_micros() as i64 - sdk1.p50.as_micros() as i64,
+    );
+
+    let mut json = serde_json::Map::new();
+    for (concurrency, scenarios) in &results {
+        let scenarios: serde_json::Map<String, Value> = scenarios
+            .iter()
+            .map(|(name, measured)| ((*name).to_owned(), measured.json()))
+            .collect();
+        json.insert((*concurrency).to_owned(), Value::Object(scenarios));
+    }
+    json.insert("startup_ms".into(), json!(startup.as_secs_f64() * 1e3));
+    json.insert("idle_rss_kib".into(), json!(idle_rss_kib));
+    json.insert("loaded_rss_kib".into(), json!(loaded_rss_kib));
+    json.insert("binary_bytes".into(), json!(binary_bytes));
+    json.insert("cores".into(), json!(cores));
+    json.insert("pinned".into(), json!(pinning.is_on()));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("written: {}", path.display());
+}
+
+fn print_table(
+    results: &BTreeMap<&str, BTreeMap<&str, Measured>>,
+    cores: usize,
+    pinning: &Pinning,
+) {
+    println!(
+        "{cores} cores, {}; loopback; a stand-in Cognito answering at once",
+        if pinning.is_on() {
+            "the process under test and the load generator pinned apart"
+        } else {
+            "every process sharing every core"
+        }
+    );
+    println!(
+        "{:<5} {:<14} {:>10} {:>9} {:>9} {:>14}",
+        "", "scenario", "calls/s", "p50 µs", "p99 µs", "CPU µs/call"
+    );
+    for concurrency in ["c64", "c1"] {
+        for scenario in ["service", "service_redis", "direct_sdk", "bare_grpc"] {
+            let m = results[concurrency][scenario];
+            println!(
+                "{:<5} {:<14} {:>10.0} {:>9} {:>9} {:>14}",
+                concurrency,
+                scenario,
+                m.rps(),
+                m.p50.as_micros(),
+                m.p99.as_micros(),
+                m.cpu_per_call().as_micros()
+            );
+        }
+    }
+}
+
+/// Calls ForgotPassword on `addr` with `concurrency` calls in flight for `run` (at most
+/// `MAX_CALLS`), after a warm-up, measuring `pid`'s CPU time over the measured calls.
+async fn grpc_load(addr: &str, concurrency: usize, run: Duration, pid: u32) -> Measured {
+    let connections = concurrency.clamp(1, CONNECTIONS);
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+        channels.push(endpoint.connect().await.expect("connects"));
+    }
+    let clients: Vec<_> = (0..concurrency)
+        .map(|i| PasswordRecoveryClient::new(channels[i % connections].clone()))
+        .collect();
+    let run_id: u64 = rand::random();
+    let call = move |mut client: PasswordRecoveryClient<Channel>, n: usize| async move {
+        let request = pb::ForgotPasswordRequest {
+            username: format!("u{run_id:x}-{n}@example.com"),
+            ..Default::default()
+        };
+        client
+            .forgot_password(request)
+            .await
+            .expect("OK under load");
+    };
+    for n in 0..WARM_UP_CALLS {
+        call(clients[n % concurrency].clone(), n).await;
+    }
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let deadline = started + run;
+    let per_worker = MAX_CALLS / concurrency;
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(worker, client)| {
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(4096);
+                for i in 0..per_worker {
+                    let sent = Instant::now();
+                    if sent >= deadline {
+                        break;
+                    }
+                    let n = WARM_UP_CALLS + worker * per_worker + i;
+                    call(client.clone(), n).await;
+                    latencies.push(sent.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time(pid) - cpu_before;
+    Measured::from_latencies(latencies, elapsed, cpu)
+}
+
+/// The `direct_sdk` scenario: a caller process of its own, which reports its figures.
+async fn direct_sdk(
+    standin: &str,
+    concurrency: usize,
+    run: Duration,
+    pinning: &Pinning,
+) -> Measured {
+    let settings = [
+        ("STANDIN_URL", standin.to_owned()),
+        ("CONCURRENCY", concurrency.to_string()),
+        ("RUN_MS", run.as_millis().to_string()),
+    ];
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut caller = Helper::start("direct_sdk", &settings, pinning).await;
+    let report: Value = serde_json::from_str(&caller.first_line).expect("the caller's report");
+    let _ = caller.child.wait().await;
+    let micros = |field: &str| Duration::from_micros(report[field].as_u64().unwrap());
+    Measured {
+        calls: report["calls"].as_u64().unwrap() as usize,
+        elapsed: micros("elapsed_us"),
+        p50: micros("p50_us"),
+        p99: micros("p99_us"),
+        cpu: micros("cpu_us"),
+    }
+}
+
+// ---- The processes ---------------------------------------------------------------------
+
+/// Where processes run: apart when there are cores enough, else wherever the kernel likes.
+struct Pinning {
+    /// `(cores for the process under test, cores for this load generator)`.
+    split: Option<(String, Vec<usize>)>,
+}
+
+impl Pinning {
+    fn for_cores(cores: usize) -> Self {
+        if cores < 4 {
+            return Self { split: None };
+        }
+        let half = cores / 2;
+        Self {
+            split: Some((format!("0-{}", half - 1), (half..cores).collect())),
+        }
+    }
+
+    fn is_on(&self) -> bool {
+        self.split.is_some()
+    }
+
+    /// Pins this process (the load generator and the stand-in) to its cores.
+    fn pin_self(&self) {
+        let Some((_, mine)) = &self.split else {
+            return;
+        };
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for core in mine {
+                libc::CPU_SET(*core, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+        }
+    }
+
+    /// `program` as a command, pinned to the cores of the process under test.
+    fn command(&self, program: &str) -> Command {
+        match &self.split {
+            Some((cores, _)) => {
+                let mut command = Command::new("taskset");
+                command.args(["--cpu-list", cores, program]);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+}
+
+/// The service's release binary, its log lines drained.
 struct Service {
-    child: tokio::process::Child,
+    child: Child,
     pid: u32,
     addr: String,
 }
 
 impl Service {
-    async fn start(cognito_url: &str, extra: &[(&str, &str)]) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_password-recovery"))
+    /// Starts it at its defaults plus `extra`; returns once it serves gRPC.
+    async fn start(binary: &str, standin: &str, extra: &[(&str, &str)], pinning: &Pinning) -> Self {
+        let mut child = pinning
+            .command(binary)
             .env_clear()
             .envs([
-                ("COGNITO_CLIENT_ID", "benchclient"),
-                ("COGNITO_CLIENT_SECRET", "bench-secret"),
+                ("COGNITO_CLIENT_ID", CLIENT_ID),
+                ("COGNITO_CLIENT_SECRET", CLIENT_SECRET),
                 ("AWS_REGION", "us-east-1"),
-                ("AWS_ENDPOINT_URL", cognito_url),
+                ("AWS_ENDPOINT_URL", standin),
                 ("AWS_EC2_METADATA_DISABLED", "true"),
                 ("GRPC_LISTEN_ADDR", "127.0.0.1:0"),
+                ("HEALTH_LISTEN_ADDR", "127.0.0.1:0"),
                 ("METRICS_LISTEN_ADDR", "127.0.0.1:0"),
-                (
-                    "RUST_LOG",
-                    "warn,password_recovery::app=info,password_recovery::limits=info",
-                ),
             ])
             .envs(extra.iter().copied())
+            .envs(std::env::vars().filter_map(|(name, value)| {
+                Some((name.strip_prefix("BENCH_SERVICE_")?.to_owned(), value))
+            }))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -77,12 +431,13 @@ impl Service {
         let (mut addr, mut connected) = (None, !wants_redis);
         while addr.is_none() || !connected {
             let line = lines.next_line().await.unwrap().expect("a log line");
-            let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let entry: Value = serde_json::from_str(&line).unwrap();
             if entry["message"] == "serving gRPC" {
-                addr = Some(entry["addr"].as_str().unwrap().to_owned());
+                addr = entry["addr"].as_str().map(str::to_owned);
             }
             connected |= entry["message"] == "rate-limit backend connected";
         }
+        // Every call writes a log line and an audit event, read here as a collector would.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
             child,
@@ -92,153 +447,212 @@ impl Service {
     }
 
     async fn stop(mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
     }
 }
 
-/// `calls` ForgotPassword calls, `concurrency` at a time over `connections`, within the time
-/// limit; returns each call's latency and the time taken. Usernames are unique per run.
-async fn load(
-    addr: &str,
-    run: &str,
-    calls: usize,
-    concurrency: usize,
-    connections: usize,
-) -> (Vec<Duration>, Duration) {
-    let mut channels = Vec::new();
-    for _ in 0..connections {
-        channels.push(
-            Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
+/// This executable in one of its helper roles, with the first line it printed.
+struct Helper {
+    child: Child,
+    pid: u32,
+    first_line: String,
+}
+
+impl Helper {
+    async fn start(role: &str, settings: &[(&str, &str)], pinning: &Pinning) -> Self {
+        let me = std::env::current_exe().unwrap();
+        let mut child = pinning
+            .command(me.to_str().unwrap())
+            .env("BENCH_ROLE", role)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(settings.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the helper starts");
+        let pid = child.id().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first_line = lines.next_line().await.unwrap().expect("the helper's line");
+        Self {
+            child,
+            pid,
+            first_line,
+        }
+    }
+}
+
+/// The stand-in for Cognito: every request gets the canned ForgotPassword answer.
+async fn start_standin() -> String {
+    let router = axum::Router::new().fallback(|| async {
+        (
+            [
+                ("content-type", "application/x-amz-json-1.1"),
+                ("x-amzn-requestid", "bench-request-id"),
+            ],
+            FORGOT_PASSWORD_ANSWER,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+/// User + system CPU time of `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / per_second)
+}
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The size of `binary` once stripped of symbols, if `strip` is installed.
+fn stripped_size(binary: &str) -> Option<u64> {
+    let copy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(binary, copy.path()).unwrap();
+    let stripped = std::process::Command::new("strip")
+        .arg(copy.path())
+        .status()
+        .ok()?
+        .success();
+    stripped.then(|| std::fs::metadata(copy.path()).unwrap().len())
+}
+
+// ---- The helper roles ------------------------------------------------------------------
+
+/// `bare_grpc`: the service's proto, answered at once; prints its address.
+async fn bare_grpc_server() {
+    struct Bare;
+
+    #[tonic::async_trait]
+    impl PasswordRecovery for Bare {
+        async fn forgot_password(
+            &self,
+            _: tonic::Request<pb::ForgotPasswordRequest>,
+        ) -> Result<tonic::Response<pb::ForgotPasswordResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::ForgotPasswordResponse {
+                code_delivery_details: Some(pb::CodeDeliveryDetails {
+                    destination: "b***@e***".into(),
+                    delivery_medium: pb::DeliveryMedium::Email.into(),
+                    attribute_name: "email".into(),
+                }),
+            }))
+        }
+
+        async fn confirm_forgot_password(
+            &self,
+            _: tonic::Request<pb::ConfirmForgotPasswordRequest>,
+        ) -> Result<tonic::Response<pb::ConfirmForgotPasswordResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::ConfirmForgotPasswordResponse {}))
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    tonic::transport::Server::builder()
+        .add_service(PasswordRecoveryServer::new(Bare))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .unwrap();
+}
+
+/// `direct_sdk`: ForgotPassword through the AWS SDK, `CONCURRENCY` in flight for `RUN_MS`,
+/// after a warm-up; prints one JSON line with its figures and its own CPU time.
+async fn direct_sdk_caller() {
+    use aws_config::BehaviorVersion;
+    use aws_config::retry::RetryConfig;
+    use aws_sdk_cognitoidentityprovider::Client;
+
+    let setting = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    let concurrency: usize = setting("CONCURRENCY").parse().unwrap();
+    let run = Duration::from_millis(setting("RUN_MS").parse().unwrap());
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .no_credentials()
+        .retry_config(RetryConfig::disabled())
+        .endpoint_url(setting("STANDIN_URL"))
+        .load()
+        .await;
+    let client = Client::new(&config);
+    let secret = secrecy::SecretString::from(CLIENT_SECRET);
+    let run_id: u64 = rand::random();
+    let call = move |client: Client, n: usize| {
+        let username = format!("u{run_id:x}-{n}@example.com");
+        let hash = password_recovery::cognito::secret_hash(&secret, &username, CLIENT_ID);
+        async move {
+            client
+                .forgot_password()
+                .client_id(CLIENT_ID)
+                .username(username)
+                .secret_hash(hash)
+                .send()
                 .await
-                .unwrap(),
-        );
-    }
-    let started = Instant::now();
-    let deadline = started + TIME_LIMIT;
-    let mut workers = Vec::new();
-    for worker in 0..concurrency {
-        let mut client = PasswordRecoveryClient::new(channels[worker % connections].clone());
-        let run = run.to_owned();
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            for i in (worker..calls).step_by(concurrency) {
-                if Instant::now() > deadline {
-                    break;
-                }
-                let sent = Instant::now();
-                client
-                    .forgot_password(ForgotPasswordRequest {
-                        username: format!("{run}-{i}@example.com"),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("OK under load");
-                latencies.push(sent.elapsed());
-            }
-            latencies
-        }));
-    }
-    let mut latencies: Vec<Duration> = futures_join(workers).await.into_iter().flatten().collect();
-    latencies.sort();
-    (latencies, started.elapsed())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p) as usize]
-}
-
-#[tokio::main]
-async fn main() {
-    let cognito = fake_cognito::FakeCognito::start().await;
-
-    // Memory and throughput, the limits in process.
-    let service = Service::start(&cognito.url, &[("USERNAME_RATE_LIMIT", "off")]).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (idle_rss, _) = memory_kib(service.pid);
-    let pid = service.pid;
-    let mut peak_rss_under_load = 0;
-    let sampler = async {
-        loop {
-            peak_rss_under_load = peak_rss_under_load.max(memory_kib(pid).0);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+                .expect("OK under load");
         }
     };
-    let (latencies, elapsed) = tokio::select! {
-        () = sampler => unreachable!(),
-        done = load(&service.addr, "user", CALLS, CONCURRENCY, CONNECTIONS) => done,
-    };
-    let (after_rss, high_water) = memory_kib(pid);
-    service.stop().await;
-
-    println!("password-recovery release binary, loopback, fake Cognito answering at once");
-    println!("  idle RSS:                 {:>7} KiB", idle_rss);
-    println!(
-        "  load: {} ForgotPassword calls, {CONCURRENCY} concurrent over {CONNECTIONS} connections",
-        latencies.len()
-    );
-    println!(
-        "  throughput:               {:>7.0} calls/s",
-        latencies.len() as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "  latency p50 / p99:        {:>7.2} / {:.2} ms",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
-    );
-    println!(
-        "  peak RSS under load:      {:>7} KiB",
-        peak_rss_under_load.max(after_rss)
-    );
-    println!("  high-water RSS (VmHWM):   {:>7} KiB", high_water);
-    println!("  RSS after load:           {:>7} KiB", after_rss);
-
-    // The Redis round trip: one call at a time, the default limits in process, then on Redis.
-    let redis = redis_server::RedisServer::start().await;
-    let key_dir = tempfile::tempdir().unwrap();
-    let key_file = key_dir.path().join("hash-key");
-    std::fs::write(&key_file, "bench-username-hash-key-0123456789").unwrap();
-    let key_file = key_file.to_str().unwrap().to_owned();
-    println!(
-        "limits in process vs on Redis (Valkey on loopback), {LATENCY_CALLS} calls one at a time:"
-    );
-    let mut p50s = Vec::new();
-    for (name, extra) in [
-        ("in process", vec![]),
-        (
-            "on Redis",
-            vec![
-                ("RATE_LIMIT_REDIS_URL", redis.url.as_str()),
-                ("USERNAME_HASH_KEY_FILE", key_file.as_str()),
-            ],
-        ),
-    ] {
-        let service = Service::start(&cognito.url, &extra).await;
-        let run = name.replace(' ', "-");
-        let (latencies, _) = load(&service.addr, &run, LATENCY_CALLS, 1, 1).await;
-        service.stop().await;
-        let p50 = percentile(&latencies, 0.5);
-        println!(
-            "  {name:<12} p50 / p99:   {:>7.3} / {:.3} ms",
-            p50.as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3
-        );
-        p50s.push(p50);
+    for n in 0..WARM_UP_CALLS {
+        call(client.clone(), n).await;
     }
-    println!(
-        "  Redis round trip adds:    {:>7.3} ms at p50",
-        (p50s[1].as_secs_f64() - p50s[0].as_secs_f64()) * 1e3
-    );
-}
-
-async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut results = Vec::with_capacity(handles.len());
-    for handle in handles {
-        results.push(handle.await.expect("worker"));
+    let pid = std::process::id();
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let deadline = started + run;
+    let per_worker = MAX_CALLS / concurrency;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let (client, call) = (client.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(4096);
+                for i in 0..per_worker {
+                    let sent = Instant::now();
+                    if sent >= deadline {
+                        break;
+                    }
+                    call(client.clone(), WARM_UP_CALLS + worker * per_worker + i).await;
+                    latencies.push(sent.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
     }
-    results
+    let elapsed = started.elapsed();
+    let measured = Measured::from_latencies(latencies, elapsed, cpu_time(pid) - cpu_before);
+    let report = json!({
+        "calls": measured.calls,
+        "elapsed_us": measured.elapsed.as_micros() as u64,
+        "p50_us": measured.p50.as_micros() as u64,
+        "p99_us": measured.p99.as_micros() as u64,
+        "cpu_us": measured.cpu.as_micros() as u64,
+    });
+    println!("{report}");
 }
