@@ -397,12 +397,15 @@ fn unexpected_end(
 /// at once (exit code 1).
 fn stop_signals() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
+    // Installed now, before anything is served, so that from the first "serving gRPC" line on
+    // a stop signal is never the default action (exit at once, mid-call).
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
     let (first, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (mut terminate, mut interrupt) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        let (mut terminate, mut interrupt) = match handlers {
             (Ok(terminate), Ok(interrupt)) => (terminate, interrupt),
             (Err(err), _) | (_, Err(err)) => {
                 tracing::error!(error = %err, "cannot listen for stop signals");
