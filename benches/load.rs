@@ -45,6 +45,8 @@ const LATENCY_RUN: Duration = Duration::from_secs(3);
 const MAX_CALLS: usize = 400_000;
 /// Calls before each measured run, so connections and pools are warm.
 const WARM_UP_CALLS: usize = 200;
+/// Every scenario runs once per round; the report gives the medians.
+const ROUNDS: usize = 3;
 /// The load generator's HTTP/2 connections (fewer when fewer calls are in flight).
 const CONNECTIONS: usize = 4;
 
@@ -72,15 +74,6 @@ impl Measured {
         self.cpu / self.calls.max(1) as u32
     }
 
-    fn json(&self) -> Value {
-        json!({
-            "rps": self.rps().round(),
-            "p50_us": self.p50.as_micros() as u64,
-            "p99_us": self.p99.as_micros() as u64,
-            "cpu_us_per_call": self.cpu_per_call().as_micros() as u64,
-        })
-    }
-
     fn from_latencies(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Duration) -> Self {
         latencies.sort_unstable();
         let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
@@ -92,6 +85,40 @@ impl Measured {
             cpu,
         }
     }
+}
+
+/// One scenario at one concurrency over the rounds: the median of each figure.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_call: Duration,
+}
+
+impl Summary {
+    fn of(runs: &[Measured]) -> Self {
+        Self {
+            rps: median(runs.iter().map(|r| r.rps() as u64).collect()) as f64,
+            p50: median(runs.iter().map(|r| r.p50).collect()),
+            p99: median(runs.iter().map(|r| r.p99).collect()),
+            cpu_per_call: median(runs.iter().map(Measured::cpu_per_call).collect()),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "rps": self.rps.round(),
+            "p50_us": self.p50.as_micros() as u64,
+            "p99_us": self.p99.as_micros() as u64,
+            "cpu_us_per_call": self.cpu_per_call.as_micros() as u64,
+        })
+    }
+}
+
+fn median<T: Ord + Copy>(mut values: Vec<T>) -> T {
+    values.sort_unstable();
+    values[values.len() / 2]
 }
 
 fn main() {
@@ -112,33 +139,15 @@ async fn bench() {
     let standin = start_standin().await;
     let binary = env!("CARGO_BIN_EXE_password-recovery");
 
-    let mut results: BTreeMap<&str, BTreeMap<&str, Measured>> = BTreeMap::new();
+    let mut runs: BTreeMap<&str, BTreeMap<&str, Vec<Measured>>> = BTreeMap::new();
     let mut record = |concurrency: &'static str, scenario: &'static str, measured: Measured| {
-        results
-            .entry(concurrency)
+        runs.entry(concurrency)
             .or_default()
-            .insert(scenario, measured);
+            .entry(scenario)
+            .or_default()
+            .push(measured);
     };
-
-    // The service at its defaults: start-up, memory, then both loads.
-    let started = Instant::now();
-    let service = Service::start(binary, &standin, &[], &pinning).await;
-    let startup = started.elapsed();
-    let idle_rss_kib = rss_kib(service.pid);
-    record(
-        "c64",
-        "service",
-        grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await,
-    );
-    let loaded_rss_kib = rss_kib(service.pid);
-    record(
-        "c1",
-        "service",
-        grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await,
-    );
-    service.stop().await;
-
-    // The same with its limits on Redis.
+    let (mut startups, mut idle_rss, mut loaded_rss) = (Vec::new(), Vec::new(), Vec::new());
     let redis = redis_server::RedisServer::start().await;
     let key = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key.path(), "bench-username-hash-key-0123456789").unwrap();
@@ -146,38 +155,64 @@ async fn bench() {
         ("RATE_LIMIT_REDIS_URL", redis.url.as_str()),
         ("USERNAME_HASH_KEY_FILE", key.path().to_str().unwrap()),
     ];
-    let service = Service::start(binary, &standin, &redis_settings, &pinning).await;
-    let (c64, c1) = (
-        grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await,
-        grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await,
-    );
-    record("c64", "service_redis", c64);
-    record("c1", "service_redis", c1);
-    service.stop().await;
 
-    // The AWS SDK called directly, in a process of its own.
-    for (concurrency, label, run) in [(64, "c64", THROUGHPUT_RUN), (1, "c1", LATENCY_RUN)] {
+    // Every scenario once per round, the rounds reported by their medians: on a shared
+    // machine one run of a few seconds can be off by half.
+    for _ in 0..ROUNDS {
+        // The service at its defaults: start-up, memory, then both loads.
+        let started = Instant::now();
+        let service = Service::start(binary, &standin, &[], &pinning).await;
+        startups.push(started.elapsed());
+        idle_rss.push(rss_kib(service.pid));
+        let c64 = grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await;
+        loaded_rss.push(rss_kib(service.pid));
+        let c1 = grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await;
+        record("c64", "service", c64);
+        record("c1", "service", c1);
+        service.stop().await;
+
+        // The same with its limits on Redis.
+        let service = Service::start(binary, &standin, &redis_settings, &pinning).await;
+        let c64 = grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await;
+        let c1 = grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await;
+        record("c64", "service_redis", c64);
+        record("c1", "service_redis", c1);
+        service.stop().await;
+
+        // The AWS SDK called directly, in a process of its own.
+        for (concurrency, label, run) in [(64, "c64", THROUGHPUT_RUN), (1, "c1", LATENCY_RUN)] {
+            let measured = direct_sdk(&standin, concurrency, run, &pinning).await;
+            record(label, "direct_sdk", measured);
+        }
+
+        // The floor: a gRPC hop to a server that answers at once.
+        let mut bare = Helper::start("bare_grpc", &[], &pinning).await;
+        let addr = bare.first_line.clone();
         record(
-            label,
-            "direct_sdk",
-            direct_sdk(&standin, concurrency, run, &pinning).await,
+            "c64",
+            "bare_grpc",
+            grpc_load(&addr, 64, THROUGHPUT_RUN, bare.pid).await,
         );
+        record(
+            "c1",
+            "bare_grpc",
+            grpc_load(&addr, 1, LATENCY_RUN, bare.pid).await,
+        );
+        bare.child.kill().await.ok();
     }
-
-    // The floor: a gRPC hop to a server that answers at once.
-    let mut bare = Helper::start("bare_grpc", &[], &pinning).await;
-    let addr = bare.first_line.clone();
-    record(
-        "c64",
-        "bare_grpc",
-        grpc_load(&addr, 64, THROUGHPUT_RUN, bare.pid).await,
-    );
-    record(
-        "c1",
-        "bare_grpc",
-        grpc_load(&addr, 1, LATENCY_RUN, bare.pid).await,
-    );
-    bare.child.kill().await.ok();
+    let results: BTreeMap<&str, BTreeMap<&str, Summary>> = runs
+        .into_iter()
+        .map(|(c, scenarios)| {
+            let scenarios = scenarios
+                .into_iter()
+                .map(|(name, runs)| (name, Summary::of(&runs)))
+                .collect();
+            (c, scenarios)
+        })
+        .collect();
+    let startup = median(startups);
+    let idle_rss_kib = median(idle_rss);
+    let loaded_rss_kib = median(loaded_rss);
 
     let binary_bytes = stripped_size(binary);
     print_table(&results, cores, &pinning);
@@ -199,8 +234,8 @@ async fn bench() {
     let (service1, sdk1) = ratios("c1");
     println!(
         "service / direct SDK: throughput {:.2}×, CPU per call {:.2}× (c=64); p50 {:+} µs (c=1)",
-        service64.rps() / sdk64.rps(),
-        service64.cpu_per_call().as_secs_f64() / sdk64.cpu_per_call().as_secs_f64(),
+        service64.rps / sdk64.rps,
+        service64.cpu_per_call.as_secs_f64() / sdk64.cpu_per_call.as_secs_f64(),
         service1.p50.as_micros() as i64 - sdk1.p50.as_micros() as i64,
     );
 
@@ -225,13 +260,9 @@ async fn bench() {
     println!("written: {}", path.display());
 }
 
-fn print_table(
-    results: &BTreeMap<&str, BTreeMap<&str, Measured>>,
-    cores: usize,
-    pinning: &Pinning,
-) {
+fn print_table(results: &BTreeMap<&str, BTreeMap<&str, Summary>>, cores: usize, pinning: &Pinning) {
     println!(
-        "{cores} cores, {}; loopback; a stand-in Cognito answering at once",
+        "{cores} cores, {}; loopback; a stand-in Cognito answering at once; medians of {ROUNDS} rounds",
         if pinning.is_on() {
             "the process under test and the load generator pinned apart"
         } else {
@@ -249,10 +280,10 @@ fn print_table(
                 "{:<5} {:<14} {:>10.0} {:>9} {:>9} {:>14}",
                 concurrency,
                 scenario,
-                m.rps(),
+                m.rps,
                 m.p50.as_micros(),
                 m.p99.as_micros(),
-                m.cpu_per_call().as_micros()
+                m.cpu_per_call.as_micros()
             );
         }
     }

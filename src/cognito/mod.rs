@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
+use aws_config::stalled_stream_protection::StalledStreamProtectionConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_cognitoidentityprovider::Client;
 use aws_sdk_cognitoidentityprovider::config::http::HttpResponse;
@@ -307,7 +308,11 @@ impl Cognito {
             .region(region)
             .no_credentials()
             .http_client(response::guarded_https_client())
-            .retry_config(RetryConfig::disabled());
+            .retry_config(RetryConfig::disabled())
+            // Every attempt is already bounded by the call's budget and its answer by the
+            // guarded client's size cap; the SDK's own throughput watch on each body is a
+            // second timer per request that can only fire later (5 % of the CPU per call).
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
