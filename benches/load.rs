@@ -301,28 +301,41 @@ async fn grpc_load(addr: &str, concurrency: usize, run: Duration, pid: u32) -> M
     let clients: Vec<_> = (0..concurrency)
         .map(|i| PasswordRecoveryClient::new(channels[i % connections].clone()))
         .collect();
+    let clients: std::sync::Arc<[_]> = clients.into();
     let run_id: u64 = rand::random();
-    let call = move |mut client: PasswordRecoveryClient<Channel>, n: usize| async move {
-        let request = pb::ForgotPasswordRequest {
-            username: format!("u{run_id:x}-{n}@example.com"),
-            ..Default::default()
-        };
-        client
-            .forgot_password(request)
-            .await
-            .expect("OK under load");
+    let call = move |worker: usize, n: usize| {
+        let mut client = clients[worker % clients.len()].clone();
+        async move {
+            let request = pb::ForgotPasswordRequest {
+                username: format!("u{run_id:x}-{n}@example.com"),
+                ..Default::default()
+            };
+            client
+                .forgot_password(request)
+                .await
+                .expect("OK under load");
+        }
     };
+    measure(concurrency, run, pid, call).await
+}
+
+/// `concurrency` workers calling `call(worker, n)` (`n` unique per call) for `run`, at most
+/// `MAX_CALLS` in all, after `WARM_UP_CALLS`; `pid`'s CPU time is taken over the measured calls.
+async fn measure<F, Fut>(concurrency: usize, run: Duration, pid: u32, call: F) -> Measured
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     for n in 0..WARM_UP_CALLS {
-        call(clients[n % concurrency].clone(), n).await;
+        call(n % concurrency, n).await;
     }
     let cpu_before = cpu_time(pid);
     let started = Instant::now();
     let deadline = started + run;
     let per_worker = MAX_CALLS / concurrency;
-    let workers: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(worker, client)| {
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let call = call.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(4096);
                 for i in 0..per_worker {
@@ -330,8 +343,7 @@ async fn grpc_load(addr: &str, concurrency: usize, run: Duration, pid: u32) -> M
                     if sent >= deadline {
                         break;
                     }
-                    let n = WARM_UP_CALLS + worker * per_worker + i;
-                    call(client.clone(), n).await;
+                    call(worker, WARM_UP_CALLS + worker * per_worker + i).await;
                     latencies.push(sent.elapsed());
                 }
                 latencies
@@ -343,8 +355,7 @@ async fn grpc_load(addr: &str, concurrency: usize, run: Duration, pid: u32) -> M
         latencies.extend(worker.await.unwrap());
     }
     let elapsed = started.elapsed();
-    let cpu = cpu_time(pid) - cpu_before;
-    Measured::from_latencies(latencies, elapsed, cpu)
+    Measured::from_latencies(latencies, elapsed, cpu_time(pid) - cpu_before)
 }
 
 /// The `direct_sdk` scenario: a caller process of its own, which reports its figures.
@@ -633,9 +644,10 @@ async fn direct_sdk_caller() {
     let client = Client::new(&config);
     let secret = secrecy::SecretString::from(CLIENT_SECRET);
     let run_id: u64 = rand::random();
-    let call = move |client: Client, n: usize| {
+    let call = move |_worker: usize, n: usize| {
         let username = format!("u{run_id:x}-{n}@example.com");
         let hash = password_recovery::cognito::secret_hash(&secret, &username, CLIENT_ID);
+        let client = client.clone();
         async move {
             client
                 .forgot_password()
@@ -647,37 +659,7 @@ async fn direct_sdk_caller() {
                 .expect("OK under load");
         }
     };
-    for n in 0..WARM_UP_CALLS {
-        call(client.clone(), n).await;
-    }
-    let pid = std::process::id();
-    let cpu_before = cpu_time(pid);
-    let started = Instant::now();
-    let deadline = started + run;
-    let per_worker = MAX_CALLS / concurrency;
-    let workers: Vec<_> = (0..concurrency)
-        .map(|worker| {
-            let (client, call) = (client.clone(), call.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(4096);
-                for i in 0..per_worker {
-                    let sent = Instant::now();
-                    if sent >= deadline {
-                        break;
-                    }
-                    call(client.clone(), WARM_UP_CALLS + worker * per_worker + i).await;
-                    latencies.push(sent.elapsed());
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await.unwrap());
-    }
-    let elapsed = started.elapsed();
-    let measured = Measured::from_latencies(latencies, elapsed, cpu_time(pid) - cpu_before);
+    let measured = measure(concurrency, run, std::process::id(), call).await;
     let report = json!({
         "calls": measured.calls,
         "elapsed_us": measured.elapsed.as_micros() as u64,

@@ -241,9 +241,14 @@ impl UsernameTable {
         if new_tat - now > tolerance {
             return Verdict::Limited(Duration::from_nanos(new_tat - now - tolerance));
         }
-        state.buckets.insert(key, new_tat);
+        let new_bucket = state.buckets.insert(key, new_tat).is_none();
         state.earliest_full = state.earliest_full.min(new_tat);
-        metrics::gauge!(USERNAME_BUCKETS).set(state.buckets.len() as f64);
+        let buckets = state.buckets.len();
+        drop(guard);
+        // Only a new bucket changes the count; the gauge is set outside the lock.
+        if new_bucket {
+            metrics::gauge!(USERNAME_BUCKETS).set(buckets as f64);
+        }
         Verdict::Admitted
     }
 
