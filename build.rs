@@ -1,5 +1,6 @@
 //! Compiles the API protos with `protox` (no system `protoc`) into tonic server and client
-//! code, and writes the descriptor set that the reflection service serves.
+//! code, the proto3 JSON mapping of the messages (`pbjson`, for the Connect protocol), and writes
+//! the descriptor set that the reflection service serves.
 
 use prost::Message;
 
@@ -9,10 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("password_recovery_descriptor.bin"),
-        fds.encode_to_vec(),
-    )?;
+    let encoded = fds.encode_to_vec();
+    std::fs::write(out_dir.join("password_recovery_descriptor.bin"), &encoded)?;
+
+    // Proto3 JSON: lowerCamelCase out, both spellings in, enums by name, unknown fields refused.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .build(&[".passwordrecovery"])?;
 
     tonic_prost_build::configure()
         .build_server(true)

@@ -158,6 +158,10 @@ Try it:
   {grpcurl} -plaintext -d '{{"username":"{DEMO_USER}"}}' {target} {service}/ForgotPassword
   {grpcurl} -plaintext -d '{{"username":"{DEMO_USER}","confirmation_code":"123456","password":"N3w-Passw0rd!"}}' {target} {service}/ConfirmForgotPassword
 
+Or as JSON over HTTP (the Connect protocol), with curl:
+  curl --header 'content-type: application/json' --data '{{"username":"{DEMO_USER}"}}' http://{target}/{service}/ForgotPassword
+  curl --header 'content-type: application/json' --data '{{"username":"{DEMO_USER}","confirmationCode":"123456","password":"N3w-Passw0rd!"}}' http://{target}/{service}/ConfirmForgotPassword
+
 (moto accepts any confirmation code that does not start with "moto-confirmation-code:")
 Ctrl-C stops everything.
 """

@@ -1,7 +1,7 @@
 //! The application: builds the Cognito client, the gRPC services (PasswordRecovery, health,
-//! reflection v1 and v1alpha), the listeners (gRPC, plaintext health when TLS is on, metrics),
-//! then serves until told to stop, draining in-flight calls (`SHUTDOWN_DELAY`,
-//! `SHUTDOWN_GRACE_PERIOD` in the README's "Configuration").
+//! reflection v1 and v1alpha) and the Connect door in front of them, the listeners (gRPC,
+//! plaintext health when TLS is on, metrics), then serves until told to stop, draining
+//! in-flight calls (`SHUTDOWN_DELAY`, `SHUTDOWN_GRACE_PERIOD` in the README's "Configuration").
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +20,9 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
-use crate::api::{InFlightCalls, Intake, IntakeSettings, PasswordRecoveryService};
+use crate::api::{
+    Connect, Gate, InFlightCalls, Intake, IntakeSettings, PasswordRecoveryService, ProtocolsLayer,
+};
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
 use crate::connections;
@@ -105,6 +107,8 @@ pub struct Application {
     metrics_handle: PrometheusHandle,
     tls: Option<ReloadingTls>,
     routes: Routes,
+    /// The Connect door on the gRPC port (`CONNECT_PROTOCOL`); `None` when it is closed.
+    connect: Option<Connect>,
     health: HealthReporter,
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,
@@ -112,6 +116,8 @@ pub struct Application {
     idle_timeout: Duration,
     max_connections: usize,
     max_concurrent_streams: u32,
+    /// What an HTTP/1.1 client may send before it is answered (`connections`).
+    max_http1_unanswered: usize,
     calls: Arc<InFlightCalls>,
 }
 
@@ -180,14 +186,19 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
+        // Calls of both protocols take their places at one gate.
+        let gate = Gate::new(IntakeSettings {
+            max_calls: config.max_concurrent_calls.get(),
+            max_request_bytes: config.max_request_bytes,
+            timeout: config.cognito.timeout,
+        });
+        let connect = config
+            .connect_protocol
+            .then(|| Connect::new(service.clone(), gate.clone()));
         let api = Intake::new(
             PasswordRecoveryServer::new(service)
                 .max_decoding_message_size(config.max_request_bytes),
-            IntakeSettings {
-                max_calls: config.max_concurrent_calls.get(),
-                max_request_bytes: config.max_request_bytes,
-                timeout: config.cognito.timeout,
-            },
+            gate,
         );
         let routes = Routes::new(api)
             .add_service(health_service(&health))
@@ -211,6 +222,7 @@ impl Application {
             metrics_handle,
             tls,
             routes,
+            connect,
             health,
             shutdown_delay: config.shutdown_delay,
             shutdown_grace_period: config.shutdown_grace_period,
@@ -218,6 +230,7 @@ impl Application {
             idle_timeout: config.idle_timeout,
             max_connections: config.max_connections.get(),
             max_concurrent_streams: config.max_concurrent_streams,
+            max_http1_unanswered: memory::HTTP1_HEADER_BYTES as usize + config.max_request_bytes,
             calls,
         })
     }
@@ -259,7 +272,9 @@ impl Application {
         memory::spawn_trimmer();
         let mut servers = JoinSet::new();
         let reloader = self.tls.as_ref().map(ReloadingTls::spawn_reloader);
+        let connect = self.connect.is_some();
         let serve = Server::builder()
+            .accept_http1(connect)
             .http2_keepalive_interval(Some(self.keepalive_interval))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(self.max_concurrent_streams)
@@ -267,9 +282,16 @@ impl Application {
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .http2_adaptive_window(Some(false))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .layer(ProtocolsLayer::new(self.connect))
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(
-                connections::incoming(self.grpc, self.tls, self.idle_timeout, self.max_connections),
+                connections::incoming(
+                    self.grpc,
+                    self.tls,
+                    self.idle_timeout,
+                    self.max_connections,
+                    self.max_http1_unanswered,
+                ),
                 closing(),
             );
         servers.spawn(async move { serve.await.map_err(StartupError::from) });
@@ -284,6 +306,7 @@ impl Application {
         tracing::info!(
             addr = %self.grpc_addr,
             tls = reloader.is_some(),
+            connect,
             health_addr = health_addr.map(|a| a.to_string()),
             metrics_addr = %self.metrics_addr,
             "serving gRPC"

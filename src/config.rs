@@ -59,6 +59,8 @@ pub struct Config {
     pub max_connections: NonZeroUsize,
     /// Streams one HTTP/2 connection may open at once (advertised).
     pub max_concurrent_streams: u32,
+    /// Serve the RPCs by the Connect protocol (JSON over HTTP) on the gRPC port too.
+    pub connect_protocol: bool,
 }
 
 /// A setting that is missing or malformed. Displays as one line naming the setting.
@@ -116,6 +118,11 @@ struct Cli {
     /// Mask unknown users in answers (true or false).
     #[arg(long, env = "ENUMERATION_PROTECTION", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     enumeration_protection: bool,
+
+    /// Also serve the RPCs as JSON over HTTP/1.1 and HTTP/2 (the Connect protocol) on the
+    /// gRPC port (true or false).
+    #[arg(long, env = "CONNECT_PROTOCOL", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    connect_protocol: bool,
 
     /// How long to keep serving NOT_SERVING after SIGTERM, e.g. 5s.
     #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
@@ -369,6 +376,7 @@ impl Config {
             cli.tls_key_file,
             cli.tls_client_ca_file,
             cli.tls_reload_interval,
+            cli.connect_protocol,
         )?;
 
         Ok(Command::Run(Box::new(Config {
@@ -405,6 +413,7 @@ impl Config {
             max_concurrent_calls: cli.max_concurrent_calls,
             max_connections: cli.max_connections,
             max_concurrent_streams: cli.grpc_max_concurrent_streams,
+            connect_protocol: cli.connect_protocol,
         })))
     }
 }
@@ -506,6 +515,7 @@ fn tls_settings(
     key_file: Option<PathBuf>,
     client_ca_file: Option<PathBuf>,
     reload_interval: Duration,
+    http1: bool,
 ) -> Result<Option<TlsSettings>, ConfigError> {
     match (cert_file, key_file) {
         (Some(cert_file), Some(key_file)) => Ok(Some(TlsSettings {
@@ -513,6 +523,7 @@ fn tls_settings(
             key_file,
             client_ca_file,
             reload_interval,
+            http1,
         })),
         (Some(_), None) => Err(ConfigError::setting(
             "TLS_KEY_FILE",

@@ -4,6 +4,11 @@
 //! started for `GRPC_IDLE_TIMEOUT` is closed; HTTP/2 keepalive pings do not count as activity,
 //! so idle clients do not pin connections forever. At most `MAX_CONNECTIONS` are open at once:
 //! one more is closed as soon as it is accepted, and counted.
+//!
+//! HTTP/2 bounds what a client may send unread (flow-control windows, the header list). An
+//! HTTP/1.1 client (the Connect protocol) has no such windows, so the connection bounds it: it
+//! may send at most `max_http1_unanswered` bytes (a header block and a request body) before
+//! the server writes something back; one byte more and the connection is closed.
 
 use std::future::Future;
 use std::io;
@@ -94,6 +99,46 @@ impl Activity {
 /// A connection's byte stream: plain TCP, or TLS over it.
 type Transport = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
+/// The HTTP/2 connection preface's first bytes; no HTTP/1.1 method begins with them.
+const HTTP2_PREFACE_START: &[u8] = b"PRI";
+
+/// Which HTTP a connection speaks, as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Too few bytes yet: this many have matched the HTTP/2 preface's start.
+    Unknown(usize),
+    /// HTTP/2: its own windows bound what it holds.
+    Http2,
+    /// HTTP/1.1: the bytes read since the server last wrote.
+    Http1 { unanswered: usize },
+}
+
+impl Framing {
+    /// The framing once `bytes` more have been read.
+    fn after(self, bytes: &[u8]) -> Self {
+        match self {
+            Self::Unknown(matched) => {
+                let wanted = &HTTP2_PREFACE_START[matched..];
+                let n = bytes.len().min(wanted.len());
+                if bytes[..n] != wanted[..n] {
+                    Self::Http1 {
+                        unanswered: matched,
+                    }
+                    .after(bytes)
+                } else if matched + n == HTTP2_PREFACE_START.len() {
+                    Self::Http2
+                } else {
+                    Self::Unknown(matched + n)
+                }
+            }
+            Self::Http2 => Self::Http2,
+            Self::Http1 { unanswered } => Self::Http1 {
+                unanswered: unanswered.saturating_add(bytes.len()),
+            },
+        }
+    }
+}
+
 /// An accepted connection with its info and idle timer.
 #[derive(Debug)]
 pub struct Connection {
@@ -101,6 +146,8 @@ pub struct Connection {
     info: ConnectionInfo,
     idle_timeout: Duration,
     idle_check: Pin<Box<Sleep>>,
+    framing: Framing,
+    max_http1_unanswered: usize,
     _open: OpenConnection,
 }
 
@@ -128,6 +175,7 @@ impl Connection {
         transport: Transport,
         info: ConnectionInfo,
         idle_timeout: Duration,
+        max_http1_unanswered: usize,
         open: OpenConnection,
     ) -> Self {
         Self {
@@ -135,7 +183,26 @@ impl Connection {
             idle_check: Box::pin(tokio::time::sleep(idle_timeout)),
             info,
             idle_timeout,
+            framing: Framing::Unknown(0),
+            max_http1_unanswered,
             _open: open,
+        }
+    }
+
+    /// How many more bytes may be read now: all there is room for, except on HTTP/1.1.
+    fn allowance(&self) -> usize {
+        match self.framing {
+            Framing::Http1 { unanswered } => self.max_http1_unanswered.saturating_sub(unanswered),
+            Framing::Unknown(_) | Framing::Http2 => usize::MAX,
+        }
+    }
+
+    /// Something was written back: an HTTP/1.1 client may send again.
+    fn answered(&mut self, written: usize) {
+        if written > 0
+            && let Framing::Http1 { unanswered } = &mut self.framing
+        {
+            *unanswered = 0;
         }
     }
 
@@ -169,11 +236,34 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let filled_before = buf.filled().len();
         if self.idled_out(cx) {
-            // End of stream: the HTTP/2 server closes the connection.
+            // End of stream: the HTTP server closes the connection.
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.transport).poll_read(cx, buf)
+        let allowance = self.allowance();
+        if allowance == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "an HTTP/1.1 client sent more than a request's worth without an answer",
+            )));
+        }
+        let this = &mut *self;
+        let read = if allowance < buf.remaining() {
+            // A smaller window into the caller's buffer, so no more than allowed is read.
+            let mut limited = ReadBuf::new(buf.initialize_unfilled_to(allowance));
+            let polled = Pin::new(&mut this.transport).poll_read(cx, &mut limited);
+            let n = limited.filled().len();
+            buf.advance(n);
+            polled
+        } else {
+            Pin::new(&mut this.transport).poll_read(cx, buf)
+        };
+        if read.is_ready() {
+            let new = &buf.filled()[filled_before..];
+            this.framing = this.framing.after(new);
+        }
+        read
     }
 }
 
@@ -183,7 +273,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.transport).poll_write(cx, data)
+        let written = Pin::new(&mut self.transport).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = written {
+            self.answered(n);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -191,7 +285,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.transport).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.transport).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.answered(n);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -209,13 +307,15 @@ impl AsyncWrite for Connection {
 
 /// Accepts connections on `listener`, through TLS when `tls` is given, and yields them to the
 /// gRPC server. Failed handshakes (e.g. a client without an accepted certificate) are logged
-/// and dropped. Beyond `max_connections` open at once, a new connection is closed at once.
-/// Stops accepting when the stream is dropped.
+/// and dropped. Beyond `max_connections` open at once, a new connection is closed at once. An
+/// HTTP/1.1 client may send `max_http1_unanswered` bytes before it is answered. Stops
+/// accepting when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<ReloadingTls>,
     idle_timeout: Duration,
     max_connections: usize,
+    max_http1_unanswered: usize,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (send, receive) = mpsc::channel(64);
     let places = Arc::new(Semaphore::new(max_connections));
@@ -281,7 +381,13 @@ pub fn incoming(
                     activity: Arc::new(Activity::new()),
                 };
                 let _ = send
-                    .send(Ok(Connection::new(transport, info, idle_timeout, open)))
+                    .send(Ok(Connection::new(
+                        transport,
+                        info,
+                        idle_timeout,
+                        max_http1_unanswered,
+                        open,
+                    )))
                     .await;
             });
         }
@@ -315,6 +421,27 @@ pub fn certificate_identity(der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_http2_from_http1_however_they_arrive() {
+        let start = Framing::Unknown(0);
+        assert_eq!(start.after(b"PRI * HTTP/2.0\r\n"), Framing::Http2);
+        assert_eq!(start.after(b"P").after(b"R").after(b"I *"), Framing::Http2);
+        assert_eq!(start.after(b""), Framing::Unknown(0));
+        assert_eq!(
+            start.after(b"POST / HTTP/1.1\r\n"),
+            Framing::Http1 { unanswered: 17 }
+        );
+        assert_eq!(
+            start.after(b"P").after(b"OST"),
+            Framing::Http1 { unanswered: 4 }
+        );
+        assert_eq!(
+            Framing::Http1 { unanswered: 3 }.after(b"abc"),
+            Framing::Http1 { unanswered: 6 }
+        );
+        assert_eq!(Framing::Http2.after(b"GET"), Framing::Http2);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idleness_counts_from_the_last_call_and_not_during_one() {

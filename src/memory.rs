@@ -18,9 +18,18 @@ const MIB: u64 = 1024 * KIB;
 
 /// The process with nothing to do (measured: 12–15 MiB), with room.
 pub(crate) const BASELINE_BYTES: u64 = 24 * MIB;
-/// One open connection at most: its HTTP/2 connection window of unread data (128 KiB), a
+/// One open HTTP/2 connection at most: its connection window of unread data (128 KiB), a
 /// header list (16 KiB), frame, read, write and TLS buffers.
 pub(crate) const PER_CONNECTION_BYTES: u64 = 192 * KIB;
+/// The header block an HTTP/1.1 client may send, on top of a request body.
+pub(crate) const HTTP1_HEADER_BYTES: u64 = 16 * KIB;
+
+/// One open connection at most: HTTP/2's, or an HTTP/1.1 read buffer holding what a client may
+/// send unanswered (a header block and a body), at most twice that as the buffer grows, plus
+/// write and TLS buffers (32 KiB).
+pub(crate) fn per_connection_bytes(max_request_bytes: u64) -> u64 {
+    PER_CONNECTION_BYTES.max(2 * (HTTP1_HEADER_BYTES + max_request_bytes) + 32 * KIB)
+}
 /// One per-username bucket (measured: 36 MiB for 1 000 000).
 pub(crate) const PER_BUCKET_BYTES: u64 = 40;
 
@@ -39,7 +48,7 @@ pub fn bound_bytes(
     max_buckets: u64,
 ) -> u64 {
     BASELINE_BYTES
-        + max_connections * PER_CONNECTION_BYTES
+        + max_connections * per_connection_bytes(max_request_bytes)
         + max_concurrent_calls * per_call_bytes(max_request_bytes)
         + max_buckets * PER_BUCKET_BYTES
 }

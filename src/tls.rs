@@ -31,6 +31,8 @@ pub struct TlsSettings {
     pub client_ca_file: Option<PathBuf>,
     /// How often the files are read for changes (`TLS_RELOAD_INTERVAL`).
     pub reload_interval: Duration,
+    /// Offer HTTP/1.1 by ALPN next to `h2`, for the Connect protocol (`CONNECT_PROTOCOL`).
+    pub http1: bool,
 }
 
 /// A TLS file that cannot be read or does not load, at start-up or at a rotation. Displays
@@ -83,7 +85,7 @@ impl Material {
         })
     }
 
-    fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+    fn server_config(&self, http1: bool) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let certs = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<Vec<_>, _>>()
@@ -122,6 +124,9 @@ impl Material {
             )
         })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        if http1 {
+            config.alpn_protocols.push(b"http/1.1".to_vec());
+        }
         Ok(Arc::new(config))
     }
 }
@@ -136,7 +141,7 @@ pub(crate) struct ReloadingTls {
 impl ReloadingTls {
     /// Loads the files once; a missing or malformed file is a [`ConfigError`] naming it.
     pub(crate) fn load(settings: TlsSettings) -> Result<Self, ConfigError> {
-        let config = Material::read(&settings)?.server_config()?;
+        let config = Material::read(&settings)?.server_config(settings.http1)?;
         Ok(Self {
             settings,
             current: Arc::new(RwLock::new(config)),
@@ -170,7 +175,7 @@ impl ReloadingTls {
                 if last.as_ref() == Some(&material) {
                     continue;
                 }
-                match material.server_config() {
+                match material.server_config(this.settings.http1) {
                     Ok(config) => {
                         *this.current.write().expect("TLS config lock") = config;
                         metrics::counter!(m::TLS_RELOADS, "result" => "reloaded").increment(1);

@@ -1,5 +1,5 @@
 //! `make run`'s stack (`scripts/dev_stack.py`) as a new user meets it: it starts moto and the
-//! service, prints grpcurl commands that work as printed, and leaves nothing running after
+//! service, prints grpcurl and curl commands that work as printed, and leaves nothing running after
 //! SIGTERM; a taken port is reported clearly.
 
 mod common;
@@ -64,7 +64,7 @@ fn the_stack_serves_the_printed_commands_and_stops_everything_on_sigterm() {
 
     let forgot = printed
         .iter()
-        .find(|l| l.contains("/ForgotPassword"))
+        .find(|l| l.contains("grpcurl") && l.contains("/ForgotPassword"))
         .expect("a ForgotPassword command is printed");
     let answer = Command::new("sh").args(["-c", forgot]).output().unwrap();
     let answer_text = String::from_utf8_lossy(&answer.stdout);
@@ -77,6 +77,36 @@ fn the_stack_serves_the_printed_commands_and_stops_everything_on_sigterm() {
         answer_text.contains(r#""destination": "d***@e***""#),
         "{answer_text}"
     );
+
+    let curl = printed
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl ") && l.contains("/ForgotPassword"))
+        .expect("a curl ForgotPassword command is printed");
+    let answer = Command::new("sh").args(["-c", curl]).output().unwrap();
+    let answer_text = String::from_utf8_lossy(&answer.stdout);
+    assert!(answer.status.success(), "{curl}: {answer:?}");
+    let json: serde_json::Value = serde_json::from_str(&answer_text).expect("JSON");
+    assert_eq!(
+        json["codeDeliveryDetails"]["deliveryMedium"],
+        "DELIVERY_MEDIUM_EMAIL"
+    );
+    assert_eq!(json["codeDeliveryDetails"]["destination"], "d***@e***");
+
+    // The README shows the same commands, for the default port.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for printed_curl in printed
+        .iter()
+        .filter(|l| l.trim_start().starts_with("curl "))
+    {
+        let as_documented = printed_curl
+            .trim()
+            .replace(&format!("localhost:{grpc_port}"), "localhost:50051");
+        assert!(
+            readme.lines().any(|l| l == as_documented),
+            "README.md does not show `{as_documented}`"
+        );
+    }
 
     let health = printed
         .iter()

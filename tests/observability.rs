@@ -165,17 +165,21 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     let service_name = ("grpc_service", "passwordrecovery.v1.PasswordRecovery");
     let forgot_method = ("grpc_method", "ForgotPassword");
     let confirm_method = ("grpc_method", "ConfirmForgotPassword");
+    let grpc = ("protocol", "grpc");
     let at = |name, labels: &[(&str, &str)]| {
         sample(&scrape, name, labels).unwrap_or_else(|| panic!("{name} {labels:?}:\n{scrape}"))
     };
     assert_eq!(
-        at("grpc_server_started_total", &[service_name, forgot_method]),
+        at(
+            "grpc_server_started_total",
+            &[service_name, grpc, forgot_method]
+        ),
         3.0
     );
     assert_eq!(
         at(
             "grpc_server_handled_total",
-            &[service_name, forgot_method, ("grpc_code", "OK")]
+            &[service_name, grpc, forgot_method, ("grpc_code", "OK")]
         ),
         2.0
     );
@@ -184,6 +188,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             "grpc_server_handled_total",
             &[
                 service_name,
+                grpc,
                 forgot_method,
                 ("grpc_code", "INVALID_ARGUMENT")
             ]
@@ -195,6 +200,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             "grpc_server_handled_total",
             &[
                 service_name,
+                grpc,
                 confirm_method,
                 ("grpc_code", "INVALID_ARGUMENT")
             ]
@@ -204,7 +210,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     assert_eq!(
         at(
             "grpc_server_handling_seconds_count",
-            &[service_name, forgot_method]
+            &[service_name, grpc, forgot_method]
         ),
         3.0
     );

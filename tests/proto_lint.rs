@@ -2,18 +2,11 @@
 //! SERVICE_SUFFIX excepted, see `buf.yaml`) and `buf format` on `proto/`. `buf` comes from the
 //! npm package `@bufbuild/buf`, which `make test` installs into `node_modules/`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-fn buf() -> PathBuf {
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules/.bin/buf");
-    assert!(
-        local.exists(),
-        "buf is not installed: run `npm ci` in {} (make test does it)",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    local
-}
+use common::tools::buf;
 
 fn run_buf(args: &[&str]) -> (bool, String) {
     let output = Command::new(buf())

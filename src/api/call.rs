@@ -47,6 +47,35 @@ impl<T> Outcome<T> {
     }
 }
 
+/// The protocol a call came in by: gRPC, or Connect (JSON or binary proto over HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// gRPC over HTTP/2.
+    Grpc,
+    /// The Connect protocol's unary calls (`api::connect`).
+    Connect,
+}
+
+impl Protocol {
+    /// The value of the `protocol` label and log field.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Connect => "connect",
+        }
+    }
+
+    /// The caller's deadline, from `grpc-timeout` or `Connect-Timeout-Ms`; `None` when absent
+    /// or malformed (the call's own budget still bounds it).
+    fn caller_timeout(self, headers: &http::HeaderMap) -> Option<Duration> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        match self {
+            Self::Grpc => header("grpc-timeout").and_then(parse_grpc_timeout),
+            Self::Connect => header("connect-timeout-ms").and_then(parse_connect_timeout),
+        }
+    }
+}
+
 /// How a call ended for its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ending {
@@ -68,6 +97,7 @@ pub(crate) struct Subject {
 /// One call in progress.
 pub(crate) struct Call {
     rpc: Rpc,
+    protocol: Protocol,
     started: Instant,
     budget: Budget,
     request_id: MetadataValue<Ascii>,
@@ -96,9 +126,11 @@ impl Drop for InFlight {
 }
 
 impl Call {
-    /// A call of `rpc` whose request carries `headers` and `extensions`, bounded by `timeout`.
+    /// A call of `rpc` by `protocol` whose request carries `headers` and `extensions`, bounded
+    /// by `timeout`.
     pub fn start(
         rpc: Rpc,
+        protocol: Protocol,
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
         timeout: Duration,
@@ -115,16 +147,18 @@ impl Call {
         let span = tracing::info_span!(
             "call",
             grpc.method = method,
+            protocol = protocol.label(),
             request_id = %request_id,
             trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
             parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
         );
         telemetry::link_remote_parent(&span, trace.as_ref());
-        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol.label())
             .increment(1);
-        let caller_timeout = header("grpc-timeout").and_then(parse_grpc_timeout);
+        let caller_timeout = protocol.caller_timeout(headers);
         Self {
             rpc,
+            protocol,
             started,
             budget: Budget::new(started, timeout, caller_timeout),
             // A request id is printable ASCII by construction.
@@ -221,10 +255,10 @@ impl Call {
     }
 
     fn record(&self, code: &'static str) {
-        let method = self.rpc.method();
-        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code)
+        let (method, protocol) = (self.rpc.method(), self.protocol.label());
+        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol)
             .increment(1);
-        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method)
+        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol)
             .record(self.started.elapsed().as_secs_f64());
     }
 
@@ -372,9 +406,32 @@ pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// Parses `Connect-Timeout-Ms`: a positive integer of at most 10 digits, in milliseconds.
+pub(crate) fn parse_connect_timeout(value: &str) -> Option<Duration> {
+    if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().map(Duration::from_millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_timeouts_are_milliseconds_of_at_most_ten_digits() {
+        assert_eq!(
+            parse_connect_timeout("1500"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_connect_timeout("9999999999"),
+            Some(Duration::from_millis(9_999_999_999))
+        );
+        for bad in ["", "12345678901", "-5", "5s", "1.5", " 5"] {
+            assert_eq!(parse_connect_timeout(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse_every_unit() {

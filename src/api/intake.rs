@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 use tower::Service;
 
 use super::SERVICE_NAME;
-use super::call::{Call, Ending, Outcome};
+use super::call::{Call, Ending, Outcome, Protocol};
 use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
@@ -31,6 +31,11 @@ use crate::limits::UPSTREAM_REJECTED;
 pub(crate) struct Unclaimed(Arc<Mutex<Option<Call>>>);
 
 impl Unclaimed {
+    /// A slot holding `call`.
+    pub fn new(call: Call) -> Self {
+        Self(Arc::new(Mutex::new(Some(call))))
+    }
+
     /// Takes the call; `None` when it was already taken.
     pub fn claim(&self) -> Option<Call> {
         self.0.lock().expect("call slot lock").take()
@@ -39,7 +44,7 @@ impl Unclaimed {
 
 /// Finishes the call as cancelled if it was never claimed nor answered: the caller went away
 /// while its message was being read.
-struct CancelUnclaimed(Unclaimed);
+pub(crate) struct CancelUnclaimed(pub Unclaimed);
 
 impl Drop for CancelUnclaimed {
     fn drop(&mut self) {
@@ -64,22 +69,63 @@ pub struct IntakeSettings {
     pub timeout: Duration,
 }
 
-/// The PasswordRecovery server `S` behind the intake.
+/// The places among the calls in progress (`MAX_CONCURRENT_CALLS`), shared by the calls of
+/// both protocols, and where every call starts.
 #[derive(Clone)]
-pub struct Intake<S> {
-    inner: S,
+pub(crate) struct Gate {
     calls: Arc<Semaphore>,
     settings: Arc<IntakeSettings>,
 }
 
-impl<S> Intake<S> {
-    /// `inner` behind an intake with `settings`.
-    pub fn new(inner: S, settings: IntakeSettings) -> Self {
+impl Gate {
+    /// A gate with `settings`.
+    pub fn new(settings: IntakeSettings) -> Self {
         Self {
-            inner,
             calls: Arc::new(Semaphore::new(settings.max_calls)),
             settings: Arc::new(settings),
         }
+    }
+
+    /// `MAX_REQUEST_BYTES`.
+    pub fn max_request_bytes(&self) -> usize {
+        self.settings.max_request_bytes
+    }
+
+    /// Starts a call of `rpc` and gives it a place among the calls in progress. With none
+    /// left, the call is finished at once as `OVERLOADED`, and that answer is the error.
+    pub fn start(
+        &self,
+        rpc: Rpc,
+        protocol: Protocol,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Call, Status> {
+        let mut call = Call::start(rpc, protocol, headers, extensions, self.settings.timeout);
+        let Ok(permit) = self.calls.clone().try_acquire_owned() else {
+            metrics::counter!(UPSTREAM_REJECTED, "reason" => "calls").increment(1);
+            let refused = call.finish::<()>(
+                None,
+                Outcome::plain(Err(Error::Overloaded)),
+                Ending::Answered,
+            );
+            return Err(refused.err().unwrap_or_else(|| Error::Internal.into()));
+        };
+        call.hold(permit);
+        Ok(call)
+    }
+}
+
+/// The PasswordRecovery gRPC server `S` behind the intake.
+#[derive(Clone)]
+pub struct Intake<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S> Intake<S> {
+    /// `inner` behind `gate`.
+    pub(crate) fn new(inner: S, gate: Gate) -> Self {
+        Self { inner, gate }
     }
 }
 
@@ -106,26 +152,18 @@ where
         let Some(rpc) = Rpc::from_path(SERVICE_NAME, request.uri().path()) else {
             return Box::pin(self.inner.call(request));
         };
-        let mut call = Call::start(
-            rpc,
-            request.headers(),
-            request.extensions(),
-            self.settings.timeout,
-        );
-        let Ok(permit) = self.calls.clone().try_acquire_owned() else {
-            metrics::counter!(UPSTREAM_REJECTED, "reason" => "calls").increment(1);
-            let refused = call.finish::<()>(
-                None,
-                Outcome::plain(Err(Error::Overloaded)),
-                Ending::Answered,
-            );
-            return Box::pin(std::future::ready(Ok(answer(refused))));
-        };
-        call.hold(permit);
-        let slot = Unclaimed(Arc::new(Mutex::new(Some(call))));
+        let call =
+            match self
+                .gate
+                .start(rpc, Protocol::Grpc, request.headers(), request.extensions())
+            {
+                Ok(call) => call,
+                Err(refused) => return Box::pin(std::future::ready(Ok(refused.into_http()))),
+            };
+        let slot = Unclaimed::new(call);
         request.extensions_mut().insert(slot.clone());
         let served = self.inner.call(request);
-        let limit = self.settings.max_request_bytes;
+        let limit = self.gate.max_request_bytes();
         Box::pin(async move {
             let guard = CancelUnclaimed(slot);
             let Ok(response) = served.await;

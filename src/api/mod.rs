@@ -7,12 +7,15 @@
 //! Cognito its outcome is recorded even when the caller goes away; the calls still running
 //! when the shutdown grace period ends are abandoned, and recorded as such.
 //!
-//! - `intake`: the tower layer in front of the service: the cap on calls in progress, and the
-//!   calls whose message could not be read.
+//! - `intake`: where every call starts (the cap on calls in progress), and the tower layer in
+//!   front of the gRPC service that answers the calls whose message could not be read.
+//! - `connect`: the same RPCs by the Connect protocol (JSON or binary proto over HTTP), in
+//!   front of tonic's routes.
 //! - `call`: the life of one call: span, request id, budget, log line, audit event, metrics.
 //! - `parse`: proto → validated domain types, and back.
 
 mod call;
+mod connect;
 mod intake;
 mod parse;
 
@@ -38,7 +41,9 @@ use crate::privacy::UsernameHasher;
 use crate::proto::v1 as pb;
 use crate::proto::v1::password_recovery_server::PasswordRecovery;
 
-use call::{Call, Ending, Outcome, Subject};
+use call::{Call, Ending, Outcome, Protocol, Subject};
+pub(crate) use connect::{Connect, ProtocolsLayer};
+pub(crate) use intake::Gate;
 pub use intake::{Intake, IntakeSettings};
 use parse::code_delivery_details;
 pub use parse::{parse_confirm_forgot_password, parse_forgot_password};
@@ -124,6 +129,7 @@ impl PasswordRecoveryService {
         claimed.unwrap_or_else(|| {
             Call::start(
                 rpc,
+                Protocol::Grpc,
                 request.metadata().as_ref(),
                 request.extensions(),
                 self.timeout,

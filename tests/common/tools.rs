@@ -58,3 +58,19 @@ pub fn run_grpcurl(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The system's curl (Debian's `curl` package).
+pub fn curl() -> PathBuf {
+    tool("curl", "apt-get install curl")
+}
+
+/// `buf` from the npm package `@bufbuild/buf`, which `make test` installs into `node_modules/`.
+pub fn buf() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules/.bin/buf");
+    assert!(
+        local.exists(),
+        "buf is not installed: run `npm ci` in {} (make test does it)",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    local
+}

@@ -1,0 +1,602 @@
+//! The Connect protocol's unary calls (connectrpc.com/docs/protocol) on the gRPC port, for
+//! callers without a gRPC stack: `POST /passwordrecovery.v1.PasswordRecovery/<Method>` with a
+//! proto3 JSON (`application/json`) or binary (`application/proto`) body, over HTTP/1.1 or
+//! HTTP/2, answered by the very same service as gRPC calls: the same places among the calls in
+//! progress, validation, limits, enumeration protection, budget, log line, audit event and
+//! metrics (`protocol="connect"`).
+//!
+//! [`Protocols`] sits in front of tonic's routes and sends a request by its content type:
+//! `application/grpc…` to tonic exactly as before, anything else here. The body is read to
+//! `MAX_REQUEST_BYTES` and no further; errors are Connect's JSON error, each gRPC detail
+//! carried as `{"type", "value" (base64 of the protobuf), "debug" (the detail as JSON)}`, with
+//! `Retry-After` wherever a `RetryInfo` is.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use prost::Message;
+use serde_json::{Value, json};
+use tonic::body::Body;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+use tower::Service;
+
+use super::SERVICE_NAME;
+use super::call::{Ending, Outcome, Protocol};
+use super::intake::{CancelUnclaimed, Gate, Unclaimed};
+use super::{PasswordRecovery, PasswordRecoveryService};
+use crate::domain::{FieldViolation, Rpc};
+use crate::error::Error;
+use crate::proto::v1 as pb;
+use crate::telemetry::REQUEST_ID_HEADER;
+
+/// The content types a unary Connect call may carry, as `Accept-Post` lists them.
+const ACCEPTED: &str = "application/json, application/proto";
+/// The longest field name quoted back in an "unknown field" answer.
+const FIELD_NAME_MAX_CHARS: usize = 64;
+
+/// A unary call's message encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    /// Proto3 JSON (`application/json`).
+    Json,
+    /// Binary protobuf (`application/proto`).
+    Proto,
+}
+
+impl Codec {
+    /// The codec of a `Content-Type`: `application/json` (any charset parameter naming UTF-8)
+    /// or `application/proto`; `None` for anything else.
+    fn of(headers: &HeaderMap) -> Option<Self> {
+        let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+        let mut parts = value.split(';').map(str::trim);
+        let essence = parts.next()?.to_ascii_lowercase();
+        let utf8 = parts.all(|param| match param.split_once('=') {
+            Some((name, charset)) if name.trim().eq_ignore_ascii_case("charset") => charset
+                .trim()
+                .trim_matches('"')
+                .eq_ignore_ascii_case("utf-8"),
+            _ => true,
+        });
+        match essence.as_str() {
+            "application/json" if utf8 => Some(Self::Json),
+            "application/proto" => Some(Self::Proto),
+            _ => None,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Proto => "application/proto",
+        }
+    }
+
+    /// Decodes a request message; a refusal names what is wrong without quoting any value.
+    fn decode<M>(self, body: &[u8]) -> Result<M, Error>
+    where
+        M: Message + Default + serde::de::DeserializeOwned,
+    {
+        match self {
+            Self::Proto => M::decode(body).map_err(|_| Error::MalformedRequest),
+            Self::Json => serde_json::from_slice(body).map_err(|err| refused_json(&err)),
+        }
+    }
+
+    fn encode<M: Message + serde::Serialize>(self, message: &M) -> Vec<u8> {
+        match self {
+            Self::Proto => message.encode_to_vec(),
+            // Generated serialisers of plain messages cannot fail.
+            Self::Json => serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec()),
+        }
+    }
+}
+
+/// What a JSON body that did not decode is refused as: an unknown field is an invalid argument
+/// naming the field; anything else (not JSON, a value of the wrong type) is
+/// `MALFORMED_REQUEST`. serde's messages may quote the value (a password, say), so they are
+/// never passed on; only an unknown field's name is.
+fn refused_json(err: &serde_json::Error) -> Error {
+    let message = err.to_string();
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name);
+    match unknown {
+        Some(name) if err.is_data() => Error::InvalidRequest(vec![FieldViolation {
+            field: name.chars().take(FIELD_NAME_MAX_CHARS).collect(),
+            description: "unknown field".into(),
+        }]),
+        _ => Error::MalformedRequest,
+    }
+}
+
+/// Serves the PasswordRecovery RPCs by the Connect protocol.
+#[derive(Clone)]
+pub(crate) struct Connect {
+    service: PasswordRecoveryService,
+    gate: Gate,
+}
+
+impl Connect {
+    /// The Connect door to `service`, whose calls take their places at `gate` like gRPC's.
+    pub fn new(service: PasswordRecoveryService, gate: Gate) -> Self {
+        Self { service, gate }
+    }
+
+    /// Answers one HTTP request that is not gRPC.
+    async fn serve(self, request: http::Request<Body>) -> http::Response<Body> {
+        let Some(rpc) = Rpc::from_path(SERVICE_NAME, request.uri().path()) else {
+            return protocol_error(
+                StatusCode::NOT_FOUND,
+                Code::Unimplemented,
+                "no such procedure: this port serves /passwordrecovery.v1.PasswordRecovery/\
+                 ForgotPassword and /ConfirmForgotPassword",
+            );
+        };
+        if request.method() != Method::POST {
+            let mut answer = protocol_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Code::Unimplemented,
+                "use POST",
+            );
+            answer
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return answer;
+        }
+        let Some(codec) = Codec::of(request.headers()) else {
+            let mut answer = protocol_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Code::Unknown,
+                "unsupported content type: use application/json or application/proto",
+            );
+            answer
+                .headers_mut()
+                .insert("accept-post", HeaderValue::from_static(ACCEPTED));
+            return answer;
+        };
+        if let Some(problem) = unsupported_headers(request.headers()) {
+            return protocol_error(StatusCode::BAD_REQUEST, Code::InvalidArgument, problem);
+        }
+        let (parts, body) = request.into_parts();
+        let call = match self
+            .gate
+            .start(rpc, Protocol::Connect, &parts.headers, &parts.extensions)
+        {
+            Ok(call) => call,
+            Err(refused) => return error_answer(&refused),
+        };
+        // Until the service claims it, a call whose caller goes away is finished as cancelled.
+        let slot = CancelUnclaimed(Unclaimed::new(call));
+        let limit = self.gate.max_request_bytes();
+        let message = match read_body(&parts.headers, body, limit).await {
+            Ok(bytes) => bytes,
+            Err((error, ending)) => return refuse(&slot.0, error, ending),
+        };
+        let mut extensions = parts.extensions;
+        extensions.insert(slot.0.clone());
+        let metadata = MetadataMap::from_headers(parts.headers);
+        match rpc {
+            Rpc::ForgotPassword => {
+                let decoded = codec.decode::<pb::ForgotPasswordRequest>(&message);
+                let request = match decoded {
+                    Ok(request) => tonic::Request::from_parts(metadata, extensions, request),
+                    Err(error) => return refuse(&slot.0, error, Ending::Answered),
+                };
+                answer(codec, self.service.forgot_password(request).await)
+            }
+            Rpc::ConfirmForgotPassword => {
+                let decoded = codec.decode::<pb::ConfirmForgotPasswordRequest>(&message);
+                let request = match decoded {
+                    Ok(request) => tonic::Request::from_parts(metadata, extensions, request),
+                    Err(error) => return refuse(&slot.0, error, Ending::Answered),
+                };
+                answer(codec, self.service.confirm_forgot_password(request).await)
+            }
+        }
+    }
+}
+
+/// A request header this door does not accept: a `Connect-Protocol-Version` other than 1, or a
+/// compressed body.
+fn unsupported_headers(headers: &HeaderMap) -> Option<&'static str> {
+    let value = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?").trim());
+    if value("connect-protocol-version").is_some_and(|v| v != "1") {
+        return Some("unsupported Connect-Protocol-Version: this server speaks version 1");
+    }
+    if value("content-encoding").is_some_and(|v| !v.eq_ignore_ascii_case("identity")) {
+        return Some("compressed requests are not accepted: send the body uncompressed");
+    }
+    None
+}
+
+/// Reads the body to `limit` bytes and no further: a longer one (by its `Content-Length`, or
+/// once the limit is passed) is `REQUEST_TOO_LARGE`; a body that breaks off means the caller
+/// went away.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, (Error, Ending)> {
+    let too_large = || (Error::RequestTooLarge { limit }, Ending::Answered);
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err((Error::Cancelled, Ending::CallerGone)),
+    }
+}
+
+/// Finishes the unclaimed call with `error` before it reached the service, and answers it.
+fn refuse(slot: &Unclaimed, error: Error, ending: Ending) -> http::Response<Body> {
+    let Some(call) = slot.claim() else {
+        return error_answer(&Error::Internal.into());
+    };
+    let refused = call.finish::<()>(None, Outcome::plain(Err(error)), ending);
+    error_answer(&refused.err().unwrap_or_else(|| Error::Internal.into()))
+}
+
+/// The service's answer as a Connect response.
+fn answer<M: Message + serde::Serialize>(
+    codec: Codec,
+    result: Result<tonic::Response<M>, Status>,
+) -> http::Response<Body> {
+    let response = match result {
+        Ok(response) => response,
+        Err(status) => return error_answer(&status),
+    };
+    let (metadata, message, _) = response.into_parts();
+    let mut answer = http::Response::new(Body::new(Full::new(Bytes::from(codec.encode(&message)))));
+    let headers = answer.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(codec.content_type()));
+    copy_request_id(&metadata, headers);
+    answer
+}
+
+/// A Connect error answer for `status`: its HTTP status, the JSON error with every detail,
+/// `Retry-After` when the details hold a `RetryInfo`, and the request id.
+fn error_answer(status: &Status) -> http::Response<Body> {
+    let details = decoded_details(status);
+    let retry_after = details.iter().find_map(|detail| detail.retry_after);
+    let body = json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+        "details": details.into_iter().map(|d| d.json).collect::<Vec<_>>(),
+    });
+    let mut answer = json_error(http_status(status.code()), &body);
+    let headers = answer.headers_mut();
+    if let Some(delay) = retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(delay)));
+    }
+    copy_request_id(status.metadata(), headers);
+    answer
+}
+
+/// An error of the protocol itself (no call started): no details.
+fn protocol_error(http: StatusCode, code: Code, message: &str) -> http::Response<Body> {
+    json_error(
+        http,
+        &json!({ "code": code_name(code), "message": message }),
+    )
+}
+
+fn json_error(http: StatusCode, body: &Value) -> http::Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut answer = http::Response::new(Body::new(Full::new(Bytes::from(bytes))));
+    *answer.status_mut() = http;
+    answer
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    answer
+}
+
+fn copy_request_id(metadata: &MetadataMap, headers: &mut HeaderMap) {
+    if let Some(id) = metadata
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+    {
+        headers.insert(REQUEST_ID_HEADER, id);
+    }
+}
+
+/// Whole seconds, rounded up: what `Retry-After` can say of a delay.
+fn whole_seconds(delay: Duration) -> u64 {
+    delay.as_secs() + u64::from(delay.subsec_nanos() > 0)
+}
+
+/// One detail of an error, as Connect carries it.
+struct Detail {
+    json: Value,
+    /// A `RetryInfo`'s delay.
+    retry_after: Option<Duration>,
+}
+
+/// The details of `status` (its `grpc-status-details-bin`), each as Connect's JSON.
+fn decoded_details(status: &Status) -> Vec<Detail> {
+    let Ok(rich) = tonic_types::Status::decode(status.details()) else {
+        return Vec::new();
+    };
+    rich.details
+        .into_iter()
+        .map(|any| {
+            let type_name = any
+                .type_url
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let (debug, retry_after) = debug_json(&type_name, &any.value);
+            let mut json = json!({
+                "type": type_name,
+                "value": STANDARD_NO_PAD.encode(&any.value),
+            });
+            if let Some(debug) = debug {
+                json["debug"] = debug;
+            }
+            Detail { json, retry_after }
+        })
+        .collect()
+}
+
+/// A detail of one of the types this service sends, as its proto3 JSON; and a `RetryInfo`'s
+/// delay.
+fn debug_json(type_name: &str, value: &[u8]) -> (Option<Value>, Option<Duration>) {
+    use tonic_types::pb;
+    match type_name {
+        "google.rpc.ErrorInfo" => (
+            pb::ErrorInfo::decode(value).ok().map(|info| {
+                json!({ "reason": info.reason, "domain": info.domain, "metadata": info.metadata })
+            }),
+            None,
+        ),
+        "google.rpc.BadRequest" => (
+            pb::BadRequest::decode(value).ok().map(|bad| {
+                let violations: Vec<Value> = bad
+                    .field_violations
+                    .into_iter()
+                    .map(|v| json!({ "field": v.field, "description": v.description }))
+                    .collect();
+                json!({ "fieldViolations": violations })
+            }),
+            None,
+        ),
+        "google.rpc.QuotaFailure" => (
+            pb::QuotaFailure::decode(value).ok().map(|quota| {
+                let violations: Vec<Value> = quota
+                    .violations
+                    .into_iter()
+                    .map(|v| json!({ "subject": v.subject, "description": v.description }))
+                    .collect();
+                json!({ "violations": violations })
+            }),
+            None,
+        ),
+        "google.rpc.RetryInfo" => {
+            let delay = pb::RetryInfo::decode(value)
+                .ok()
+                .and_then(|info| info.retry_delay)
+                .and_then(|d| Duration::try_from(d).ok());
+            let debug = delay.map(|d| json!({ "retryDelay": proto_json_duration(d) }));
+            (debug, delay)
+        }
+        _ => (None, None),
+    }
+}
+
+/// A `google.protobuf.Duration` in proto3 JSON: seconds with up to 9 fractional digits, `s`.
+fn proto_json_duration(delay: Duration) -> String {
+    match delay.subsec_nanos() {
+        0 => format!("{}s", delay.as_secs()),
+        nanos => {
+            let fraction = format!("{nanos:09}");
+            format!("{}.{}s", delay.as_secs(), fraction.trim_end_matches('0'))
+        }
+    }
+}
+
+/// Connect's name of a gRPC code.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "canceled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The HTTP status of a Connect error with `code`, from the protocol's table.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+/// True for a gRPC request (`application/grpc`, `application/grpc+proto`, …).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// In front of tonic's routes `S`: gRPC requests go to them, any other to the Connect door
+/// (when it is open; `CONNECT_PROTOCOL=false` closes it and everything goes to tonic).
+#[derive(Clone)]
+pub(crate) struct Protocols<S> {
+    grpc: S,
+    connect: Option<Connect>,
+}
+
+/// Puts [`Protocols`] in front of a service.
+#[derive(Clone)]
+pub(crate) struct ProtocolsLayer {
+    connect: Option<Connect>,
+}
+
+impl ProtocolsLayer {
+    /// Sends non-gRPC requests to `connect`, or, with `None`, everything to the routes.
+    pub fn new(connect: Option<Connect>) -> Self {
+        Self { connect }
+    }
+}
+
+impl<S> tower::Layer<S> for ProtocolsLayer {
+    type Service = Protocols<S>;
+
+    fn layer(&self, grpc: S) -> Protocols<S> {
+        Protocols {
+            grpc,
+            connect: self.connect.clone(),
+        }
+    }
+}
+
+type Answer = http::Response<Body>;
+
+impl<S> Service<http::Request<Body>> for Protocols<S>
+where
+    S: Service<http::Request<Body>, Response = Answer, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.grpc.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match &self.connect {
+            Some(connect) if !is_grpc(request.headers()) => {
+                let connect = connect.clone();
+                Box::pin(async move { Ok(connect.serve(request).await) })
+            }
+            _ => Box::pin(self.grpc.call(request)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(content_type: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+        headers
+    }
+
+    #[test]
+    fn content_types_select_the_codec() {
+        assert_eq!(Codec::of(&headers("application/json")), Some(Codec::Json));
+        assert_eq!(
+            Codec::of(&headers("Application/JSON; charset=utf-8")),
+            Some(Codec::Json)
+        );
+        assert_eq!(Codec::of(&headers("application/proto")), Some(Codec::Proto));
+        for other in [
+            "application/json; charset=latin1",
+            "application/connect+json",
+            "text/plain",
+            "application/grpc",
+        ] {
+            assert_eq!(Codec::of(&headers(other)), None, "{other}");
+        }
+        assert_eq!(Codec::of(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn json_refusals_name_an_unknown_field_and_never_quote_a_value() {
+        let unknown = Codec::Json
+            .decode::<pb::ForgotPasswordRequest>(br#"{"username": "a", "nickname": "b"}"#)
+            .unwrap_err();
+        match unknown {
+            Error::InvalidRequest(violations) => {
+                assert_eq!(violations[0].field, "nickname");
+            }
+            other => panic!("{other:?}"),
+        }
+        for body in [
+            &br#"{"username": "#[..],
+            br#"{"username": 7}"#,
+            br#"{"password": ["hunter2"]}"#,
+            b"not json",
+        ] {
+            let refused = Codec::Json
+                .decode::<pb::ConfirmForgotPasswordRequest>(body)
+                .unwrap_err();
+            assert!(matches!(refused, Error::MalformedRequest), "{refused:?}");
+        }
+        // Both spellings of a field are accepted.
+        let request: pb::ConfirmForgotPasswordRequest = Codec::Json
+            .decode(br#"{"confirmationCode": "1", "client_id": "c"}"#)
+            .unwrap();
+        assert_eq!(request.confirmation_code, "1");
+        assert_eq!(request.client_id, "c");
+    }
+
+    #[test]
+    fn codes_follow_connects_table() {
+        assert_eq!(code_name(Code::Cancelled), "canceled");
+        assert_eq!(http_status(Code::Cancelled).as_u16(), 499);
+        assert_eq!(http_status(Code::ResourceExhausted).as_u16(), 429);
+        assert_eq!(http_status(Code::FailedPrecondition).as_u16(), 400);
+        assert_eq!(http_status(Code::Unavailable).as_u16(), 503);
+        assert_eq!(http_status(Code::DeadlineExceeded).as_u16(), 504);
+        assert_eq!(http_status(Code::Unimplemented).as_u16(), 501);
+        assert_eq!(http_status(Code::PermissionDenied).as_u16(), 403);
+    }
+
+    #[test]
+    fn delays_round_up_to_whole_seconds_and_print_as_proto_json() {
+        assert_eq!(whole_seconds(Duration::from_secs(3)), 3);
+        assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(proto_json_duration(Duration::from_secs(180)), "180s");
+        assert_eq!(proto_json_duration(Duration::from_millis(1500)), "1.5s");
+    }
+}
