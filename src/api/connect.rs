@@ -579,6 +579,27 @@ mod tests {
         assert_eq!(request.client_id, "c");
     }
 
+    proptest::proptest! {
+        /// Whatever a caller sends, decoding answers a caller's error (never a panic, never a
+        /// server fault), and the answer never quotes a value of the body.
+        #[test]
+        fn any_body_decodes_or_is_refused_as_the_callers_error(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            secret in "[a-z]{12}",
+        ) {
+            let with_secret = format!(r#"{{"username": "u", "password": {{"x": "{secret}"}}}}"#);
+            for bytes in [&body[..], with_secret.as_bytes()] {
+                for codec in [Codec::Json, Codec::Proto] {
+                    if let Err(error) = codec.decode::<pb::ConfirmForgotPasswordRequest>(bytes) {
+                        let status = Status::from(error);
+                        proptest::prop_assert_eq!(status.code(), Code::InvalidArgument);
+                        proptest::prop_assert!(!status.message().contains(&secret));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn codes_follow_connects_table() {
         assert_eq!(code_name(Code::Cancelled), "canceled");
