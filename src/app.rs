@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -106,6 +107,8 @@ pub struct Application {
     metrics_addr: SocketAddr,
     metrics_handle: PrometheusHandle,
     tls: Option<ReloadingTls>,
+    /// Re-reads app client secret files, when any client has one; stops when dropped.
+    _secret_reloader: Option<AbortOnDropHandle<()>>,
     routes: Routes,
     /// The Connect door on the gRPC port (`CONNECT_PROTOCOL`); `None` when it is closed.
     connect: Option<Connect>,
@@ -128,16 +131,32 @@ impl Application {
         let metrics_handle = metrics::install();
         let tls = config.tls.clone().map(ReloadingTls::load).transpose()?;
         let cognito = Cognito::connect(&config.cognito).await?;
+        for (settings, client) in config.cognito.clients.iter().zip(cognito.clients()) {
+            tracing::info!(
+                client = settings.alias,
+                client_id = %settings.client_id,
+                client_secret = match (&settings.secret, &settings.secret_file) {
+                    (None, _) => "none",
+                    (Some(_), None) => "set",
+                    (Some(_), Some(_)) => "from file, reloaded on change",
+                },
+                user_pool_id = settings.user_pool_id.as_deref().unwrap_or("-"),
+                region = client.region(),
+                endpoint = settings.endpoint_url.as_deref().unwrap_or("default"),
+                cognito_timeout = %humantime::format_duration(settings.timeout),
+                default = settings.alias == config.cognito.default_client().alias,
+                "Cognito app client ready"
+            );
+        }
         tracing::info!(
-            client_id = %config.cognito.client_id,
-            client_secret = if config.cognito.client_secret.is_some() { "set" } else { "none" },
-            region = cognito.region(),
-            endpoint = config.cognito.endpoint_url.as_deref().unwrap_or("default"),
-            cognito_timeout = %humantime::format_duration(config.cognito.timeout),
+            clients = cognito.clients().len(),
             enumeration_protection = config.enumeration_protection,
             tls = tls.is_some(),
-            mtls = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
-            "Cognito client ready"
+            mtls = config
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca_file.is_some()),
+            "Cognito clients ready"
         );
 
         let (usernames, masking) = username_hashers(&config);
@@ -159,9 +178,10 @@ impl Application {
             "abuse limits"
         );
         let calls = Arc::new(InFlightCalls::default());
+        let secret_reload_interval = config.cognito.secret_reload_interval;
+        let secret_reloader = cognito.spawn_secret_reloader(secret_reload_interval);
         let service = PasswordRecoveryService::new(
             cognito,
-            config.cognito.timeout,
             limits,
             usernames,
             Masking::new(config.enumeration_protection, masking),
@@ -190,7 +210,6 @@ impl Application {
         let gate = Gate::new(IntakeSettings {
             max_calls: config.max_concurrent_calls.get(),
             max_request_bytes: config.max_request_bytes,
-            timeout: config.cognito.timeout,
         });
         let connect = config
             .connect_protocol
@@ -221,6 +240,7 @@ impl Application {
             metrics_addr,
             metrics_handle,
             tls,
+            _secret_reloader: secret_reloader.map(AbortOnDropHandle::new),
             routes,
             connect,
             health,
@@ -371,8 +391,8 @@ impl Application {
 /// The hashers of usernames: one for log pseudonyms and audit events, one for simulated
 /// answers. Both derive from `USERNAME_HASH_KEY_FILE` when it is set, so replicas agree.
 /// Without it, pseudonyms use a random per-process key, and simulated answers a key derived
-/// from the client secret (or the same random key), so an unknown user still gets the same
-/// answer from every replica that shares the secret.
+/// from the default client's secret as read at start-up (or the same random key), so an
+/// unknown user still gets the same answer from every replica that shares the secret.
 fn username_hashers(config: &Config) -> (UsernameHasher, UsernameHasher) {
     const PSEUDONYMS: &str = "password-recovery/log-pseudonyms";
     const MASKING: &str = "password-recovery/simulated-delivery";
@@ -388,7 +408,7 @@ fn username_hashers(config: &Config) -> (UsernameHasher, UsernameHasher) {
          a random per-process key, so their hashes differ across replicas and restarts"
     );
     let random = UsernameHasher::random();
-    let masking = match &config.cognito.client_secret {
+    let masking = match &config.cognito.default_client().secret {
         Some(secret) => UsernameHasher::derived(secret.expose_secret().as_bytes(), MASKING),
         None => {
             tracing::warn!(

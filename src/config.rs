@@ -14,7 +14,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
-use crate::cognito::CognitoSettings;
+use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
 use crate::limits::{LimitSettings, RedisSettings, UsernameRateLimit};
 use crate::telemetry::{LogFormat, LogSettings};
@@ -106,9 +106,14 @@ struct Cli {
     #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     grpc_listen_addr: SocketAddr,
 
-    /// The app client id this server serves (required).
+    /// The app client id this server serves (required unless COGNITO_CLIENTS_FILE is set).
     #[arg(long, env = "COGNITO_CLIENT_ID")]
     cognito_client_id: Option<String>,
+
+    /// A TOML file naming every app client served (instead of COGNITO_CLIENT_ID and its
+    /// secret): see the README's "Several app clients".
+    #[arg(long, env = "COGNITO_CLIENTS_FILE")]
+    cognito_clients_file: Option<PathBuf>,
 
     /// File holding the app client's secret (one trailing newline is dropped). The secret
     /// itself can only come from COGNITO_CLIENT_SECRET, never from a flag.
@@ -308,26 +313,58 @@ impl Config {
         };
         let secret_env = |name: &str| env(name).and_then(|value| value.into_string().ok());
 
-        let client_id = cli
-            .cognito_client_id
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| {
-                ConfigError::setting(
-                    "COGNITO_CLIENT_ID",
-                    "required: the app client id of the user pool (or --cognito-client-id)",
-                )
-            })?;
-        let client_id = ClientId::parse("COGNITO_CLIENT_ID", client_id)
-            .map_err(|v| ConfigError::setting("COGNITO_CLIENT_ID", v.description))?;
-
-        let client_secret = client_secret(
-            secret_env("COGNITO_CLIENT_SECRET"),
-            cli.cognito_client_secret_file.as_deref(),
-        )?;
-
-        if let Some(url) = &cli.aws_endpoint_url {
+        let aws_endpoint_url = cli.aws_endpoint_url.filter(|u| !u.is_empty());
+        if let Some(url) = &aws_endpoint_url {
             check_endpoint_url(url)?;
         }
+        let secret_from_env = secret_env("COGNITO_CLIENT_SECRET").filter(|s| !s.is_empty());
+        let client_id = cli.cognito_client_id.filter(|id| !id.is_empty());
+        let (clients, default) = match cli
+            .cognito_clients_file
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            Some(path) => {
+                if client_id.is_some()
+                    || secret_from_env.is_some()
+                    || cli.cognito_client_secret_file.is_some()
+                {
+                    return Err(ConfigError::setting(
+                        "COGNITO_CLIENTS_FILE",
+                        "set either COGNITO_CLIENTS_FILE or COGNITO_CLIENT_ID (with \
+                         COGNITO_CLIENT_SECRET[_FILE]), not both",
+                    ));
+                }
+                let fallbacks = Fallbacks {
+                    timeout: cli.cognito_timeout,
+                    endpoint_url: aws_endpoint_url.clone(),
+                };
+                clients::load_file(&path, &fallbacks)?
+            }
+            None => {
+                let client_id = client_id.ok_or_else(|| {
+                    ConfigError::setting(
+                        "COGNITO_CLIENT_ID",
+                        "required: the app client id of the user pool (or --cognito-client-id, \
+                         or COGNITO_CLIENTS_FILE for several clients)",
+                    )
+                })?;
+                let client_id = ClientId::parse("COGNITO_CLIENT_ID", client_id)
+                    .map_err(|v| ConfigError::setting("COGNITO_CLIENT_ID", v.description))?;
+                let secret =
+                    client_secret(secret_from_env, cli.cognito_client_secret_file.as_deref())?;
+                let shorthand = ClientSettings {
+                    alias: SHORTHAND_ALIAS.to_owned(),
+                    client_id,
+                    user_pool_id: None,
+                    region: cli.aws_region.filter(|r| !r.is_empty()),
+                    endpoint_url: aws_endpoint_url.clone(),
+                    timeout: cli.cognito_timeout,
+                    secret,
+                    secret_file: cli.cognito_client_secret_file.clone(),
+                };
+                (vec![shorthand], 0)
+            }
+        };
 
         let username_hash_key = cli
             .username_hash_key_file
@@ -382,11 +419,9 @@ impl Config {
         Ok(Command::Run(Box::new(Config {
             grpc_listen_addr: cli.grpc_listen_addr,
             cognito: CognitoSettings {
-                client_id,
-                client_secret,
-                timeout: cli.cognito_timeout,
-                region: cli.aws_region.filter(|r| !r.is_empty()),
-                endpoint_url: cli.aws_endpoint_url.filter(|u| !u.is_empty()),
+                clients,
+                default,
+                secret_reload_interval: cli.tls_reload_interval,
             },
             enumeration_protection: cli.enumeration_protection,
             shutdown_delay: cli.shutdown_delay,
@@ -469,7 +504,7 @@ fn client_secret(
     from_env: Option<String>,
     file: Option<&Path>,
 ) -> Result<Option<SecretString>, ConfigError> {
-    let secret = match (from_env.filter(|s| !s.is_empty()), file) {
+    let secret = match (from_env, file) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::setting(
                 "COGNITO_CLIENT_SECRET",
@@ -484,7 +519,7 @@ fn client_secret(
 }
 
 /// Reads a text secret from `path`, dropping one trailing newline; empty is an error.
-fn read_secret_file(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
+pub(crate) fn read_secret_file(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
     String::from_utf8(read_secret_bytes(setting, path)?)
         .map_err(|_| ConfigError::setting(setting, format!("{} is not UTF-8 text", path.display())))
 }
@@ -541,7 +576,7 @@ fn tls_settings(
     }
 }
 
-fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
     let problem = match url.parse::<tonic::codegen::http::Uri>() {
         Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
             return Ok(());
@@ -606,9 +641,12 @@ mod tests {
         assert!(config.enumeration_protection);
         assert_eq!(config.shutdown_delay, Duration::ZERO);
         assert_eq!(config.shutdown_grace_period, Duration::from_secs(20));
-        assert_eq!(config.cognito.timeout, Duration::from_secs(5));
+        assert_eq!(
+            config.cognito.default_client().timeout,
+            Duration::from_secs(5)
+        );
         assert_eq!(config.log.format, LogFormat::Json);
-        assert!(config.cognito.client_secret.is_none());
+        assert!(config.cognito.default_client().secret.is_none());
         assert!(config.tls.is_none());
         assert_eq!(config.health_listen_addr, "0.0.0.0:8081".parse().unwrap());
         assert_eq!(config.metrics_listen_addr, "0.0.0.0:9090".parse().unwrap());
@@ -695,7 +733,12 @@ mod tests {
             &[],
         )
         .unwrap();
-        let secret = config.cognito.client_secret.as_ref().expect("secret read");
+        let secret = config
+            .cognito
+            .default_client()
+            .secret
+            .as_ref()
+            .expect("secret read");
         assert_eq!(
             secret.expose_secret(),
             "s3cret",
@@ -713,10 +756,19 @@ mod tests {
             ("AWS_REGION", "eu-north-1"),
         ];
         let config = run(&["--cognito-timeout", "3s"], &env).unwrap();
-        assert_eq!(config.cognito.client_id.as_str(), "fromenv");
-        assert_eq!(config.cognito.timeout, Duration::from_secs(3));
+        assert_eq!(
+            config.cognito.default_client().client_id.as_str(),
+            "fromenv"
+        );
+        assert_eq!(
+            config.cognito.default_client().timeout,
+            Duration::from_secs(3)
+        );
         assert!(!config.enumeration_protection);
-        assert_eq!(config.cognito.region.as_deref(), Some("eu-north-1"));
+        assert_eq!(
+            config.cognito.default_client().region.as_deref(),
+            Some("eu-north-1")
+        );
 
         // A malformed variable is not read when its flag is given, as with clap's own reading.
         let config = run(
@@ -724,11 +776,14 @@ mod tests {
             &[("COGNITO_TIMEOUT", "4"), env[0]],
         )
         .unwrap();
-        assert_eq!(config.cognito.timeout, Duration::from_secs(4));
+        assert_eq!(
+            config.cognito.default_client().timeout,
+            Duration::from_secs(4)
+        );
 
         // Only the given environment is read: `make test` itself sets AWS_REGION.
         let config = run(&["--cognito-client-id", "abc"], &[]).unwrap();
-        assert_eq!(config.cognito.region, None);
+        assert_eq!(config.cognito.default_client().region, None);
         let err = run(&[], &[]).unwrap_err();
         assert!(err.to_string().starts_with("COGNITO_CLIENT_ID:"), "{err}");
     }

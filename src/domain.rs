@@ -162,6 +162,33 @@ impl Username {
     }
 }
 
+/// A user as a user pool knows them. Usernames are unique within a pool, not within an app
+/// client, so per-username limits, pseudonyms and simulated answers are keyed by both: calling
+/// through another client of the same pool changes nothing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolUser<'a> {
+    /// The user pool's id; `None` with the one-client settings, which name no pool.
+    pub(crate) pool: Option<&'a str>,
+    /// The username.
+    pub(crate) username: &'a Username,
+}
+
+impl<'a> PoolUser<'a> {
+    /// `username` in `pool`.
+    pub(crate) fn new(pool: Option<&'a str>, username: &'a Username) -> Self {
+        Self { pool, username }
+    }
+
+    /// What keyed hashes of the user take, in order: the pool id and a NUL when there is a
+    /// pool, then the normalised username (so with no pool, exactly the normalised username).
+    pub(crate) fn key(&self) -> String {
+        match self.pool {
+            Some(pool) => format!("{pool}\0{}", self.username.normalised()),
+            None => self.username.normalised(),
+        }
+    }
+}
+
 /// Usernames are personal data: debug output never shows one.
 impl fmt::Debug for Username {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::domain::{CodeDelivery, DeliveryMedium, Username};
+use crate::domain::{CodeDelivery, DeliveryMedium, PoolUser};
 use crate::privacy::UsernameHasher;
 
 /// Latencies kept per imitated outcome: the most recent real answers.
@@ -92,11 +92,11 @@ impl Masking {
             });
     }
 
-    /// Delivery details for an unknown `username`, as Cognito would answer for a known one:
-    /// an email-shaped username gets that email's mask (`z***@e***`), an E.164 phone number
-    /// its mask (`+*******0123`), anything else an email mask keyed by the username's hash.
-    pub fn simulated_delivery(&self, username: &Username) -> CodeDelivery {
-        let name = username.as_str();
+    /// Delivery details for an unknown user, as Cognito would answer for a known one: an
+    /// email-shaped username gets that email's mask (`z***@e***`), an E.164 phone number its
+    /// mask (`+*******0123`), anything else an email mask keyed by the user's hash.
+    pub(crate) fn simulated_delivery(&self, user: PoolUser<'_>) -> CodeDelivery {
+        let name = user.username.as_str();
         if let Some(destination) = email_mask(name) {
             return email(destination);
         }
@@ -107,7 +107,7 @@ impl Masking {
                 attribute_name: "phone_number".to_owned(),
             };
         }
-        let digest = self.hasher.digest(username);
+        let digest = self.hasher.digest(user);
         let letter = |byte: u8| char::from(b'a' + byte % 26);
         email(format!("{}***@{}***", letter(digest[0]), letter(digest[1])))
     }
@@ -196,6 +196,7 @@ impl LatencySample {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Username;
 
     fn user(name: &str) -> Username {
         Username::parse("username", name.to_owned()).unwrap()
@@ -207,19 +208,19 @@ mod tests {
 
     #[test]
     fn email_shaped_usernames_get_cognitos_email_mask() {
-        let delivery = masking().simulated_delivery(&user("zed@example.org"));
+        let delivery = masking().simulated_delivery(PoolUser::new(None, &user("zed@example.org")));
         assert_eq!(delivery.destination, "z***@e***");
         assert_eq!(delivery.medium, DeliveryMedium::Email);
         assert_eq!(delivery.attribute_name, "email");
         assert_eq!(
             masking()
-                .simulated_delivery(&user("Zed@Example.org"))
+                .simulated_delivery(PoolUser::new(None, &user("Zed@Example.org")))
                 .destination,
             "z***@e***"
         );
         assert_eq!(
             masking()
-                .simulated_delivery(&user("élodie@ünï.fr"))
+                .simulated_delivery(PoolUser::new(None, &user("élodie@ünï.fr")))
                 .destination,
             "é***@ü***"
         );
@@ -227,13 +228,13 @@ mod tests {
 
     #[test]
     fn phone_shaped_usernames_get_cognitos_phone_mask() {
-        let delivery = masking().simulated_delivery(&user("+14155550123"));
+        let delivery = masking().simulated_delivery(PoolUser::new(None, &user("+14155550123")));
         assert_eq!(delivery.destination, "+*******0123");
         assert_eq!(delivery.medium, DeliveryMedium::Sms);
         assert_eq!(delivery.attribute_name, "phone_number");
         assert_eq!(
             masking()
-                .simulated_delivery(&user("+447700900123"))
+                .simulated_delivery(PoolUser::new(None, &user("+447700900123")))
                 .destination,
             "+********0123"
         );
@@ -250,8 +251,12 @@ mod tests {
             "+123",
             "+1415555012x",
         ] {
-            let first = m.simulated_delivery(&user(name));
-            assert_eq!(first, masking().simulated_delivery(&user(name)), "{name}");
+            let first = m.simulated_delivery(PoolUser::new(None, &user(name)));
+            assert_eq!(
+                first,
+                masking().simulated_delivery(PoolUser::new(None, &user(name))),
+                "{name}"
+            );
             assert_eq!(first.medium, DeliveryMedium::Email, "{name}");
             let d = first.destination.as_bytes();
             assert_eq!(d.len(), 9, "{name}: {}", first.destination);
@@ -259,7 +264,10 @@ mod tests {
             assert_eq!(&first.destination[1..5], "***@");
         }
         let spread: std::collections::HashSet<_> = (0..50)
-            .map(|i| m.simulated_delivery(&user(&format!("user{i}"))).destination)
+            .map(|i| {
+                m.simulated_delivery(PoolUser::new(None, &user(&format!("user{i}"))))
+                    .destination
+            })
             .collect();
         assert!(spread.len() > 10, "{spread:?}");
     }

@@ -1,6 +1,6 @@
 //! Prometheus metrics: the process-wide recorder, the names of every series, and the
-//! `/metrics` HTTP endpoint. Labels hold only method, service, code and outcome names: never a
-//! username, request id or secret.
+//! `/metrics` HTTP endpoint. Labels hold only method, service, code, protocol, outcome names and
+//! the configured app clients' aliases: never a username, request id or secret.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -32,6 +32,9 @@ pub const CONNECTIONS_REFUSED: &str = "grpc_connections_refused_total";
 
 /// TLS rotations noticed, by `result`: `reloaded`, or `failed` (the previous certificate stays).
 pub const TLS_RELOADS: &str = "tls_certificate_reloads_total";
+/// App client secret rotations noticed, by `client` (alias) and `result`: `reloaded`, or
+/// `failed` (the previous secret stays).
+pub const SECRET_RELOADS: &str = "cognito_client_secret_reloads_total";
 
 /// Latency buckets (seconds), from a fast local answer to `COGNITO_TIMEOUT`'s default and past.
 const BUCKETS: &[f64] = &[
@@ -104,6 +107,11 @@ fn describe() {
     describe_counter!(
         TLS_RELOADS,
         "Changed TLS files loaded (reloaded) or refused (failed: the previous certificate stays)"
+    );
+    describe_counter!(
+        SECRET_RELOADS,
+        "Changed app client secret files loaded (reloaded) or refused (failed: the previous \
+         secret stays), by client"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

@@ -9,7 +9,7 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretSlice};
 use sha2::Sha256;
 
-use crate::domain::Username;
+use crate::domain::PoolUser;
 
 /// Bytes of the HMAC shown as a user's pseudonym in logs and audit events (hex-encoded).
 const PSEUDONYM_BYTES: usize = 16;
@@ -47,18 +47,15 @@ impl UsernameHasher {
         Self::new(hmac(secret, &[purpose.as_bytes()]).to_vec())
     }
 
-    /// The HMAC of the normalised (lowercase) username.
-    pub fn digest(&self, username: &Username) -> [u8; 32] {
-        hmac(
-            self.key.expose_secret(),
-            &[username.normalised().as_bytes()],
-        )
+    /// The HMAC of the user's key: the normalised (lowercase) username, after its pool's id.
+    pub(crate) fn digest(&self, user: PoolUser<'_>) -> [u8; 32] {
+        hmac(self.key.expose_secret(), &[user.key().as_bytes()])
     }
 
-    /// The pseudonym that stands for `username` in log lines: the first 16 bytes of the HMAC of
-    /// the normalised (lowercase) username, as 32 hex digits.
-    pub fn pseudonym(&self, username: &Username) -> String {
-        self.digest(username)[..PSEUDONYM_BYTES]
+    /// The pseudonym that stands for `user` in log lines: the first 16 bytes of the HMAC of
+    /// its key, as 32 hex digits.
+    pub(crate) fn pseudonym(&self, user: PoolUser<'_>) -> String {
+        self.digest(user)[..PSEUDONYM_BYTES]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
@@ -77,6 +74,7 @@ pub fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Username;
 
     fn user(name: &str) -> Username {
         Username::parse("username", name.to_owned()).unwrap()
@@ -84,19 +82,33 @@ mod tests {
 
     #[test]
     fn pseudonyms_differ_between_keys() {
+        let alice = user("alice");
         assert_ne!(
-            UsernameHasher::derived(b"secret", "test").pseudonym(&user("alice")),
-            UsernameHasher::derived(b"other", "test").pseudonym(&user("alice"))
+            UsernameHasher::derived(b"secret", "test").pseudonym(PoolUser::new(None, &alice)),
+            UsernameHasher::derived(b"other", "test").pseudonym(PoolUser::new(None, &alice))
         );
     }
 
     #[test]
     fn pseudonyms_hide_the_username_and_ignore_case() {
         let hasher = UsernameHasher::random();
-        let pseudonym = hasher.pseudonym(&user("Alice@Example.com"));
+        let (upper, lower) = (user("Alice@Example.com"), user("alice@example.com"));
+        let pseudonym = hasher.pseudonym(PoolUser::new(None, &upper));
         assert_eq!(pseudonym.len(), 32);
         assert!(!pseudonym.contains("alice"));
-        assert_eq!(pseudonym, hasher.pseudonym(&user("alice@example.com")));
+        assert_eq!(pseudonym, hasher.pseudonym(PoolUser::new(None, &lower)));
         assert!(!format!("{hasher:?}").contains(|c: char| c.is_ascii_digit()));
+    }
+
+    #[test]
+    fn a_user_is_the_same_in_every_client_of_a_pool_and_another_in_another_pool() {
+        let hasher = UsernameHasher::random();
+        let alice = user("alice");
+        let in_pool = |pool| hasher.digest(PoolUser::new(pool, &alice));
+        assert_eq!(in_pool(Some("eu-west-1_A")), in_pool(Some("eu-west-1_A")));
+        assert_ne!(in_pool(Some("eu-west-1_A")), in_pool(Some("eu-west-1_B")));
+        assert_ne!(in_pool(Some("eu-west-1_A")), in_pool(None));
+        // With no pool the key is the normalised username alone, as before pools were named.
+        assert_eq!(in_pool(None), hmac(hasher.key.expose_secret(), &[b"alice"]));
     }
 }

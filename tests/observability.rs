@@ -166,6 +166,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     let forgot_method = ("grpc_method", "ForgotPassword");
     let confirm_method = ("grpc_method", "ConfirmForgotPassword");
     let grpc = ("protocol", "grpc");
+    let client = ("client", "default");
     let at = |name, labels: &[(&str, &str)]| {
         sample(&scrape, name, labels).unwrap_or_else(|| panic!("{name} {labels:?}:\n{scrape}"))
     };
@@ -179,7 +180,13 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     assert_eq!(
         at(
             "grpc_server_handled_total",
-            &[service_name, grpc, forgot_method, ("grpc_code", "OK")]
+            &[
+                service_name,
+                grpc,
+                client,
+                forgot_method,
+                ("grpc_code", "OK")
+            ]
         ),
         2.0
     );
@@ -189,6 +196,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             &[
                 service_name,
                 grpc,
+                ("client", "-"),
                 forgot_method,
                 ("grpc_code", "INVALID_ARGUMENT")
             ]
@@ -201,6 +209,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             &[
                 service_name,
                 grpc,
+                client,
                 confirm_method,
                 ("grpc_code", "INVALID_ARGUMENT")
             ]
@@ -210,9 +219,16 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     assert_eq!(
         at(
             "grpc_server_handling_seconds_count",
-            &[service_name, grpc, forgot_method]
+            &[service_name, grpc, client, forgot_method]
         ),
-        3.0
+        2.0
+    );
+    assert_eq!(
+        at(
+            "grpc_server_handling_seconds_count",
+            &[service_name, grpc, ("client", "-"), forgot_method]
+        ),
+        1.0
     );
     assert_eq!(at("grpc_server_in_flight", &[]), 0.0);
     assert_eq!(

@@ -92,6 +92,8 @@ pub(crate) struct Subject {
     pub user: String,
     /// The app client the call is for.
     pub client_id: String,
+    /// That client's alias (`unknown` for one this server does not serve).
+    pub client: String,
 }
 
 /// One call in progress.
@@ -99,7 +101,8 @@ pub(crate) struct Call {
     rpc: Rpc,
     protocol: Protocol,
     started: Instant,
-    budget: Budget,
+    /// The caller's deadline, from `grpc-timeout` or `Connect-Timeout-Ms`.
+    caller_timeout: Option<Duration>,
     request_id: MetadataValue<Ascii>,
     /// Who called: the mTLS client's identity, or `anonymous`.
     caller: String,
@@ -126,14 +129,12 @@ impl Drop for InFlight {
 }
 
 impl Call {
-    /// A call of `rpc` by `protocol` whose request carries `headers` and `extensions`, bounded
-    /// by `timeout`.
+    /// A call of `rpc` by `protocol` whose request carries `headers` and `extensions`.
     pub fn start(
         rpc: Rpc,
         protocol: Protocol,
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
-        timeout: Duration,
     ) -> Self {
         let started = Instant::now();
         let connection = extensions.get::<ConnectionInfo>();
@@ -160,7 +161,7 @@ impl Call {
             rpc,
             protocol,
             started,
-            budget: Budget::new(started, timeout, caller_timeout),
+            caller_timeout,
             // A request id is printable ASCII by construction.
             request_id: request_id.parse().expect("printable ASCII"),
             caller,
@@ -176,9 +177,10 @@ impl Call {
         self._slot = Some(permit);
     }
 
-    /// When the upstream call must be done.
-    pub fn budget(&self) -> Budget {
-        self.budget
+    /// When the upstream call must be done: `timeout` (the app client's) after the call
+    /// started, or earlier at the caller's deadline.
+    pub fn budget(&self, timeout: Duration) -> Budget {
+        Budget::new(self.started, timeout, self.caller_timeout)
     }
 
     /// The call's span: every line logged for it carries its request id and trace.
@@ -196,10 +198,11 @@ impl Call {
     ) -> Result<Response<T>, Status> {
         let _entered = self.span.clone().entered();
         let user = subject.map_or("-", |s| s.user.as_str());
+        let client = subject.map_or("-", |s| s.client.as_str());
         let masked = outcome.masked;
         let (answer, code, reason) = match outcome.result {
             Ok(response) => {
-                self.log_success(user, masked, ending);
+                self.log_success(user, client, masked, ending);
                 let mut response = Response::new(response);
                 response
                     .metadata_mut()
@@ -215,7 +218,7 @@ impl Call {
                     blame: classified.blame,
                     masked,
                 };
-                self.log_failure(user, &error, &failure, ending);
+                self.log_failure(user, client, &error, &failure, ending);
                 let mut status = classified.into_status();
                 status
                     .metadata_mut()
@@ -236,7 +239,7 @@ impl Call {
             Ending::Answered => code,
             Ending::CallerGone => "CANCELLED",
         };
-        self.record(caller_code);
+        self.record(caller_code, client);
         answer
     }
 
@@ -244,21 +247,26 @@ impl Call {
     pub fn abandon(self, subject: Option<&Subject>) {
         let _entered = self.span.clone().entered();
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
+        let client = subject.map_or("-", |s| s.client.as_str());
         tracing::warn!(
             grpc.method = method,
             user = subject.map_or("-", |s| s.user.as_str()),
+            client,
             latency_ms,
             "call abandoned: the shutdown grace period ended before it did; outcome unknown"
         );
         self.audit("password_reset.abandoned", subject, "UNKNOWN", None, false);
-        self.record("UNAVAILABLE");
+        self.record("UNAVAILABLE", client);
     }
 
-    fn record(&self, code: &'static str) {
+    /// Counts the call by code and its latency, labelled with the app client's alias (`-`
+    /// when the request was refused before naming one).
+    fn record(&self, code: &'static str, client: &str) {
         let (method, protocol) = (self.rpc.method(), self.protocol.label());
-        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol)
+        let client = client.to_owned();
+        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone())
             .increment(1);
-        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol)
+        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol, "client" => client)
             .record(self.started.elapsed().as_secs_f64());
     }
 
@@ -266,7 +274,7 @@ impl Call {
         self.started.elapsed().as_secs_f64() * 1e3
     }
 
-    fn log_success(&self, user: &str, masked: Option<&'static str>, ending: Ending) {
+    fn log_success(&self, user: &str, client: &str, masked: Option<&'static str>, ending: Ending) {
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let caller_gone = ending == Ending::CallerGone;
         match masked {
@@ -274,6 +282,7 @@ impl Call {
                 grpc.method = method,
                 grpc.code = "OK",
                 user,
+                client,
                 latency_ms,
                 caller_gone,
                 "call finished"
@@ -284,6 +293,7 @@ impl Call {
                 masked = true,
                 cognito.code = cognito_code,
                 user,
+                client,
                 latency_ms,
                 caller_gone,
                 "call finished: enumeration protection answered for an unknown user"
@@ -293,7 +303,14 @@ impl Call {
 
     /// Logs a failure at the level its blame calls for: caller mistakes and passing upstream
     /// trouble at warn, this service's own faults at error.
-    fn log_failure(&self, user: &str, error: &Error, failure: &Failure, ending: Ending) {
+    fn log_failure(
+        &self,
+        user: &str,
+        client: &str,
+        error: &Error,
+        failure: &Failure,
+        ending: Ending,
+    ) {
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let caller_gone = ending == Ending::CallerGone;
         let Failure {
@@ -321,6 +338,7 @@ impl Call {
                     cognito.code = cognito_code,
                     detail,
                     user,
+                    client,
                     latency_ms,
                     caller_gone,
                     $message
@@ -348,6 +366,7 @@ impl Call {
             event,
             user = subject.map_or("-", |s| s.user.as_str()),
             caller = self.caller,
+            client = subject.map_or("-", |s| s.client.as_str()),
             client_id = subject.map_or("-", |s| s.client_id.as_str()),
             grpc.method = self.rpc.method(),
             grpc.code = code,

@@ -12,7 +12,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tonic::body::Body;
@@ -65,8 +64,6 @@ pub struct IntakeSettings {
     pub max_calls: usize,
     /// `MAX_REQUEST_BYTES`.
     pub max_request_bytes: usize,
-    /// `COGNITO_TIMEOUT`, the bound of every call's budget.
-    pub timeout: Duration,
 }
 
 /// The places among the calls in progress (`MAX_CONCURRENT_CALLS`), shared by the calls of
@@ -100,7 +97,7 @@ impl Gate {
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Result<Call, Status> {
-        let mut call = Call::start(rpc, protocol, headers, extensions, self.settings.timeout);
+        let mut call = Call::start(rpc, protocol, headers, extensions);
         let Ok(permit) = self.calls.clone().try_acquire_owned() else {
             metrics::counter!(UPSTREAM_REJECTED, "reason" => "calls").increment(1);
             let refused = call.finish::<()>(

@@ -24,15 +24,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::cognito::{Budget, Cognito, UpstreamError};
+use crate::cognito::{AppClient, Budget, Cognito, UpstreamError};
 use crate::domain::{
-    Account, ClientId, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, Rpc,
+    Account, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, PoolUser, Rpc,
 };
 use crate::error::Error;
 use crate::limits::Limits;
@@ -57,6 +58,8 @@ const FORGOT_PASSWORD_MASKED: &[&str] = &["UserNotFoundException", "InvalidParam
 /// Cognito's answer to a wrong code, which a ConfirmForgotPassword for an unknown user imitates.
 const CODE_MISMATCH: &str = "CodeMismatchException";
 const USER_NOT_FOUND: &str = "UserNotFoundException";
+/// The alias logs and metrics give a `client_id` this server does not serve.
+const UNKNOWN_CLIENT: &str = "unknown";
 
 /// The calls running in their own tasks, and the signal that abandons them.
 #[derive(Debug, Default)]
@@ -92,17 +95,24 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct PasswordRecoveryService {
     shared: Arc<Shared>,
-    /// For calls that did not come through an [`Intake`] (it always starts them).
-    timeout: Duration,
+}
+
+/// What a valid request is served with.
+struct Served {
+    /// The app client it names (or the default); `None` for one this server does not serve.
+    client: Option<Arc<AppClient>>,
+    /// When the upstream call must be done.
+    budget: Budget,
+    /// Cancelled when the caller goes away.
+    caller_gone: CancellationToken,
 }
 
 impl PasswordRecoveryService {
-    /// A service calling `cognito`, each call bounded by `timeout` and passing `limits` first.
+    /// A service calling `cognito`'s app clients, each call passing `limits` first.
     /// `usernames` hashes usernames for logs; `masking` answers for unknown users; `calls`
     /// runs every call.
-    pub fn new(
+    pub(crate) fn new(
         cognito: Cognito,
-        timeout: Duration,
         limits: Arc<Limits>,
         usernames: UsernameHasher,
         masking: Masking,
@@ -116,7 +126,6 @@ impl PasswordRecoveryService {
                 masking,
                 calls,
             }),
-            timeout,
         }
     }
 
@@ -132,7 +141,6 @@ impl PasswordRecoveryService {
                 Protocol::Grpc,
                 request.metadata().as_ref(),
                 request.extensions(),
-                self.timeout,
             )
         })
     }
@@ -149,7 +157,7 @@ impl PasswordRecoveryService {
     where
         R: AsRef<Account> + Send + 'static,
         T: Send + 'static,
-        F: FnOnce(Arc<Shared>, R, Budget, CancellationToken) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Shared>, R, Served) -> Fut + Send + 'static,
         Fut: Future<Output = Outcome<T>> + Send + 'static,
     {
         let request = match parsed {
@@ -161,7 +169,11 @@ impl PasswordRecoveryService {
             }
         };
         let shared = self.shared.clone();
-        let subject = shared.subject(request.as_ref());
+        let account = request.as_ref();
+        let client = shared.cognito.select(account.client_id.as_ref()).cloned();
+        let subject = shared.subject(account, client.as_deref());
+        // An unknown client is refused before any upstream call: its budget does not matter.
+        let timeout = client.as_ref().map_or(Duration::ZERO, |c| c.timeout);
         let caller_gone = CancellationToken::new();
         let span = call.span().clone();
         let guard = CallerGone(Some((caller_gone.clone(), span.clone())));
@@ -169,8 +181,12 @@ impl PasswordRecoveryService {
         let task = {
             let caller_gone = caller_gone.clone();
             async move {
-                let budget = call.budget();
-                let work = run(shared.clone(), request, budget, caller_gone.clone());
+                let served = Served {
+                    client,
+                    budget: call.budget(timeout),
+                    caller_gone: caller_gone.clone(),
+                };
+                let work = run(shared.clone(), request, served);
                 tokio::select! {
                     outcome = work => {
                         let ending = match caller_gone.is_cancelled() {
@@ -221,56 +237,59 @@ impl Drop for CallerGone {
 }
 
 impl Shared {
-    fn subject(&self, account: &Account) -> Subject {
-        let client_id = account.client_id.as_ref();
+    fn subject(&self, account: &Account, client: Option<&AppClient>) -> Subject {
+        let pool = client.and_then(|c| c.pool.as_deref());
         Subject {
-            user: self.usernames.pseudonym(&account.username),
-            client_id: client_id.unwrap_or(self.cognito.client_id()).to_string(),
-        }
-    }
-
-    fn check_client(&self, requested: Option<&ClientId>) -> Result<(), Error> {
-        match requested {
-            Some(id) if id != self.cognito.client_id() => Err(Error::ClientNotAllowed),
-            _ => Ok(()),
+            user: self
+                .usernames
+                .pseudonym(PoolUser::new(pool, &account.username)),
+            client_id: match (&account.client_id, client) {
+                (Some(id), _) => id.to_string(),
+                (None, Some(client)) => client.id.to_string(),
+                (None, None) => "-".to_owned(),
+            },
+            client: client
+                .map_or(UNKNOWN_CLIENT, |c| c.alias.as_str())
+                .to_owned(),
         }
     }
 
     /// In the order of the README: client allowlist, global limit, per-username limit, a
     /// place among the calls waiting on Cognito; then, unless the caller has gone, Cognito.
+    /// Returns the app client to call and the place.
     async fn admit(
         &self,
         rpc: Rpc,
         account: &Account,
-        caller_gone: &CancellationToken,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        self.check_client(account.client_id.as_ref())?;
+        served: &Served,
+    ) -> Result<(Arc<AppClient>, OwnedSemaphorePermit), Error> {
+        let client = served.client.clone().ok_or(Error::ClientNotAllowed)?;
+        let user = PoolUser::new(client.pool.as_deref(), &account.username);
         self.limits
-            .admit(rpc, &account.username)
+            .admit(rpc, user)
             .await
             .map_err(Error::RateLimited)?;
         let permit = self.limits.upstream_permit().ok_or(Error::Overloaded)?;
-        if caller_gone.is_cancelled() {
+        if served.caller_gone.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        Ok(permit)
+        Ok((client, permit))
     }
 
     async fn forgot_password(
         &self,
         request: ForgotPassword,
-        budget: Budget,
-        caller_gone: CancellationToken,
+        served: Served,
     ) -> Outcome<CodeDelivery> {
-        let permit = match self
-            .admit(Rpc::ForgotPassword, &request.account, &caller_gone)
+        let (client, permit) = match self
+            .admit(Rpc::ForgotPassword, &request.account, &served)
             .await
         {
-            Ok(permit) => permit,
+            Ok(admitted) => admitted,
             Err(refused) => return Outcome::plain(Err(refused)),
         };
-        let sent = Instant::now();
-        match self.cognito.forgot_password(&request, budget).await {
+        let (sent, budget) = (Instant::now(), served.budget);
+        match client.forgot_password(&request, budget).await {
             Ok(delivery) => {
                 self.masking.observe(Imitated::Delivery, sent.elapsed());
                 Outcome::plain(Ok(delivery))
@@ -283,7 +302,10 @@ impl Shared {
                     .imitate(Imitated::Delivery, sent, budget.deadline)
                     .await;
                 Outcome {
-                    result: Ok(self.masking.simulated_delivery(&request.account.username)),
+                    result: Ok(self.masking.simulated_delivery(PoolUser::new(
+                        client.pool.as_deref(),
+                        &request.account.username,
+                    ))),
                     masked: FORGOT_PASSWORD_MASKED.iter().copied().find(|c| *c == code),
                 }
             }
@@ -294,18 +316,17 @@ impl Shared {
     async fn confirm_forgot_password(
         &self,
         request: ConfirmForgotPassword,
-        budget: Budget,
-        caller_gone: CancellationToken,
+        served: Served,
     ) -> Outcome<()> {
-        let permit = match self
-            .admit(Rpc::ConfirmForgotPassword, &request.account, &caller_gone)
+        let (client, permit) = match self
+            .admit(Rpc::ConfirmForgotPassword, &request.account, &served)
             .await
         {
-            Ok(permit) => permit,
+            Ok(admitted) => admitted,
             Err(refused) => return Outcome::plain(Err(refused)),
         };
-        let sent = Instant::now();
-        match self.cognito.confirm_forgot_password(&request, budget).await {
+        let (sent, budget) = (Instant::now(), served.budget);
+        match client.confirm_forgot_password(&request, budget).await {
             Ok(()) => Outcome::plain(Ok(())),
             Err(err @ UpstreamError::Service { .. })
                 if err.cognito_code() == Some(CODE_MISMATCH) =>
@@ -343,16 +364,12 @@ impl PasswordRecovery for PasswordRecoveryService {
     ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
         let call = self.claim(Rpc::ForgotPassword, &mut request);
         let parsed = parse_forgot_password(request.into_inner());
-        self.serve(
-            call,
-            parsed,
-            |shared, request, budget, caller_gone| async move {
-                let outcome = shared.forgot_password(request, budget, caller_gone).await;
-                outcome.map(|delivery| pb::ForgotPasswordResponse {
-                    code_delivery_details: Some(code_delivery_details(delivery)),
-                })
-            },
-        )
+        self.serve(call, parsed, |shared, request, served| async move {
+            let outcome = shared.forgot_password(request, served).await;
+            outcome.map(|delivery| pb::ForgotPasswordResponse {
+                code_delivery_details: Some(code_delivery_details(delivery)),
+            })
+        })
         .await
     }
 
@@ -362,16 +379,10 @@ impl PasswordRecovery for PasswordRecoveryService {
     ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
         let call = self.claim(Rpc::ConfirmForgotPassword, &mut request);
         let parsed = parse_confirm_forgot_password(request.into_inner());
-        self.serve(
-            call,
-            parsed,
-            |shared, request, budget, caller_gone| async move {
-                let outcome = shared
-                    .confirm_forgot_password(request, budget, caller_gone)
-                    .await;
-                outcome.map(|()| pb::ConfirmForgotPasswordResponse {})
-            },
-        )
+        self.serve(call, parsed, |shared, request, served| async move {
+            let outcome = shared.confirm_forgot_password(request, served).await;
+            outcome.map(|()| pb::ConfirmForgotPasswordResponse {})
+        })
         .await
     }
 }

@@ -1,14 +1,19 @@
 //! The upstream: Cognito's `ForgotPassword` and `ConfirmForgotPassword` through the AWS SDK.
-//! Owns the SDK client, the app client's `SECRET_HASH`, the retry policy and the time bound of
-//! one upstream call, and turns every SDK failure into an [`UpstreamError`] that carries no SDK
+//! Owns the app clients ([`clients`]: their settings; here: one SDK client per region, each
+//! client's `SECRET_HASH` and secret rotation), the retry policy and the time bound of one
+//! upstream call, and turns every SDK failure into an [`UpstreamError`] that carries no SDK
 //! type. Both operations are unauthenticated (the SDK sends them unsigned), so no AWS
 //! credentials are loaded and the instance-metadata service is never asked for anything.
 //! Under the SDK, [`response`] reads every answer with a cap and refuses malformed ones.
 
+pub mod clients;
 mod response;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use aws_config::meta::region::RegionProviderChain;
@@ -26,14 +31,16 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, read_secret_file};
 use crate::domain::{
     ClientId, CodeDelivery, ConfirmForgotPassword, DeliveryMedium, ForgotPassword, PassThrough,
     Rpc, Username,
 };
 use crate::metrics as m;
+pub use clients::{ClientSettings, CognitoSettings};
 
 pub(crate) use response::InvalidResponse;
 
@@ -249,92 +256,35 @@ fn failed_to_connect(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// The app client this server acts as.
-#[derive(Debug, Clone)]
+/// One app client this server acts as: its settings, the SDK client of its region, and its
+/// secret, which [`Cognito::spawn_secret_reloader`] replaces when its file changes.
+#[derive(Debug)]
 pub(crate) struct AppClient {
+    /// Its short name in logs, audit events and metrics.
+    pub(crate) alias: String,
     /// Its id.
     pub(crate) id: ClientId,
-    /// Its secret, when it has one.
-    pub(crate) secret: Option<SecretString>,
+    /// Its user pool, when configured: usernames are keyed by it.
+    pub(crate) pool: Option<String>,
+    /// Bound on one upstream call, retries included.
+    pub(crate) timeout: Duration,
+    sdk: Client,
+    secret: RwLock<Option<SecretString>>,
+    secret_file: Option<PathBuf>,
 }
 
 impl AppClient {
     fn secret_hash(&self, username: &Username) -> Option<String> {
         self.secret
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|secret| secret_hash(secret, username.as_str(), self.id.as_str()))
     }
-}
 
-/// The upstream: region, endpoint, app client and time bound.
-#[derive(Debug)]
-pub struct CognitoSettings {
-    /// The only app client this server serves.
-    pub client_id: ClientId,
-    /// The app client's secret, when it has one.
-    pub client_secret: Option<SecretString>,
-    /// Bound on one upstream call, retries included.
-    pub timeout: Duration,
-    /// `AWS_REGION`; when absent the profile's region is used.
-    pub region: Option<String>,
-    /// `AWS_ENDPOINT_URL`: the SDK's standard endpoint override, e.g. an emulator.
-    pub endpoint_url: Option<String>,
-}
-
-/// A Cognito client bound to one app client.
-#[derive(Debug, Clone)]
-pub(crate) struct Cognito {
-    sdk: Client,
-    app_client: AppClient,
-}
-
-impl Cognito {
-    /// Builds the SDK client: region from the settings, `AWS_REGION` or the AWS profile (never
-    /// the instance-metadata service), no credentials, no SDK retries (see [`Self::call`]).
-    pub(crate) async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
-        let region = RegionProviderChain::first_try(settings.region.clone().map(Region::new))
-            .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new())
-            .or_else(aws_config::profile::ProfileFileRegionProvider::new())
-            .region()
-            .await
-            .ok_or_else(|| {
-                ConfigError::setting(
-                    "AWS_REGION",
-                    "no region found in the environment or the AWS profile; set AWS_REGION",
-                )
-            })?;
-
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(region)
-            .no_credentials()
-            .http_client(response::guarded_https_client())
-            .retry_config(RetryConfig::disabled())
-            // Every attempt is already bounded by the call's budget and its answer by the
-            // guarded client's size cap; the SDK's own throughput watch on each body is a
-            // second timer per request that can only fire later (5 % of the CPU per call).
-            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
-        if let Some(url) = &settings.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let sdk_config = loader.load().await;
-        let sdk = Client::new(&sdk_config);
-        Ok(Self {
-            sdk,
-            app_client: AppClient {
-                id: settings.client_id.clone(),
-                secret: settings.client_secret.clone(),
-            },
-        })
-    }
-
-    /// The region the client calls.
+    /// The region its SDK client calls.
     pub(crate) fn region(&self) -> &str {
         self.sdk.config().region().map_or("", |r| r.as_ref())
-    }
-
-    /// The app client this server serves.
-    pub(crate) fn client_id(&self) -> &ClientId {
-        &self.app_client.id
     }
 
     /// Starts a reset: Cognito sends the user a code.
@@ -343,21 +293,20 @@ impl Cognito {
         request: &ForgotPassword,
         budget: Budget,
     ) -> Result<CodeDelivery, UpstreamError> {
-        let secret_hash = self.app_client.secret_hash(&request.account.username);
+        let secret_hash = self.secret_hash(&request.account.username);
         let extra = SdkPassThrough::from(&request.pass_through);
-        let output = self
-            .call(Rpc::ForgotPassword.method(), budget, || {
-                self.sdk
-                    .forgot_password()
-                    .client_id(self.app_client.id.as_str())
-                    .username(request.account.username.as_str())
-                    .set_secret_hash(secret_hash.clone())
-                    .set_client_metadata(extra.client_metadata.clone())
-                    .set_user_context_data(extra.user_context.clone())
-                    .set_analytics_metadata(extra.analytics.clone())
-                    .send()
-            })
-            .await?;
+        let output = call(Rpc::ForgotPassword.method(), budget, || {
+            self.sdk
+                .forgot_password()
+                .client_id(self.id.as_str())
+                .username(request.account.username.as_str())
+                .set_secret_hash(secret_hash.clone())
+                .set_client_metadata(extra.client_metadata.clone())
+                .set_user_context_data(extra.user_context.clone())
+                .set_analytics_metadata(extra.analytics.clone())
+                .send()
+        })
+        .await?;
         match output.code_delivery_details() {
             Some(details) => code_delivery(details),
             None => Ok(CodeDelivery {
@@ -374,12 +323,12 @@ impl Cognito {
         request: &ConfirmForgotPassword,
         budget: Budget,
     ) -> Result<(), UpstreamError> {
-        let secret_hash = self.app_client.secret_hash(&request.account.username);
+        let secret_hash = self.secret_hash(&request.account.username);
         let extra = SdkPassThrough::from(&request.pass_through);
-        self.call(Rpc::ConfirmForgotPassword.method(), budget, || {
+        call(Rpc::ConfirmForgotPassword.method(), budget, || {
             self.sdk
                 .confirm_forgot_password()
-                .client_id(self.app_client.id.as_str())
+                .client_id(self.id.as_str())
                 .username(request.account.username.as_str())
                 .confirmation_code(request.confirmation_code.expose())
                 .password(request.password.expose())
@@ -393,63 +342,219 @@ impl Cognito {
         Ok(())
     }
 
-    /// Runs `attempt` until it succeeds, fails in a way that is not safe to retry, has been
-    /// tried [`MAX_ATTEMPTS`] times, or the budget runs out. Backoff is jittered exponential
-    /// from [`INITIAL_BACKOFF`]; a retry that could not start before the deadline is not made.
-    async fn call<T, E, F, Fut>(
-        &self,
-        operation: &'static str,
-        budget: Budget,
-        mut attempt: F,
-    ) -> Result<T, UpstreamError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
-        // When the attempt in progress was sent, so an attempt cut off by the deadline is
-        // observed too.
-        let current = std::sync::Mutex::new(Instant::now());
-        let attempts = async {
-            let mut backoff = INITIAL_BACKOFF;
-            let mut made = 1;
-            loop {
-                let sent = Instant::now();
-                *current.lock().expect("attempt clock") = sent;
-                let result = attempt().await.map_err(UpstreamError::from_sdk);
-                record(operation, sent, result.as_ref().err());
-                let error = match result {
-                    Ok(output) => return Ok(output),
-                    Err(error) => error,
-                };
-                let pause = rand::rng().random_range(backoff / 2..=backoff);
-                if made >= MAX_ATTEMPTS
-                    || !error.is_retryable()
-                    || Instant::now() + pause >= budget.deadline
-                {
-                    return Err(error);
-                }
-                tracing::debug!(
-                    attempt = made,
-                    ?pause,
-                    cognito.code = error.cognito_code(),
-                    "retrying Cognito call"
-                );
-                tokio::time::sleep(pause).await;
-                backoff *= 2;
-                made += 1;
-            }
+    /// Re-reads the secret file, if there is one; a changed secret replaces the one in use, a
+    /// file that does not load leaves it. Returns what happened.
+    fn reload_secret(&self) -> Option<Result<bool, ConfigError>> {
+        let path = self.secret_file.as_deref()?;
+        let read = match read_secret_file("secret_file", path) {
+            Ok(read) => read,
+            Err(err) => return Some(Err(err)),
         };
-        match tokio::time::timeout_at(budget.deadline, attempts).await {
-            Ok(result) => result,
-            Err(_) => {
-                let timeout = UpstreamError::Timeout {
-                    set_by_caller: budget.set_by_caller,
-                };
-                let sent = *current.lock().expect("attempt clock");
-                record(operation, sent, Some(&timeout));
-                Err(timeout)
+        let mut secret = self.secret.write().unwrap_or_else(|e| e.into_inner());
+        let changed = secret.as_ref().is_none_or(|s| s.expose_secret() != read);
+        if changed {
+            *secret = Some(SecretString::from(read));
+        }
+        Some(Ok(changed))
+    }
+}
+
+/// Every app client served, found by id, and the one for requests that name none.
+#[derive(Debug)]
+pub(crate) struct Cognito {
+    clients: Vec<Arc<AppClient>>,
+    by_id: HashMap<ClientId, usize>,
+    default: usize,
+}
+
+impl Cognito {
+    /// Builds one SDK client per region and endpoint, sharing one configuration and one
+    /// connection pool. A region comes from the client's settings, else `AWS_REGION` or the
+    /// AWS profile (never the instance-metadata service). No credentials, no SDK retries (see
+    /// [`call`]).
+    pub(crate) async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
+        let default_region = RegionProviderChain::default_provider()
+            .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new())
+            .or_else(aws_config::profile::ProfileFileRegionProvider::new());
+        let base = aws_config::defaults(BehaviorVersion::latest())
+            .region(default_region)
+            .no_credentials()
+            .http_client(response::guarded_https_client())
+            .retry_config(RetryConfig::disabled())
+            // Every attempt is already bounded by the call's budget and its answer by the
+            // guarded client's size cap; the SDK's own throughput watch on each body is a
+            // second timer per request that can only fire later (5 % of the CPU per call).
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+            .load()
+            .await;
+
+        let mut sdks: HashMap<(Option<String>, Option<String>), Client> = HashMap::new();
+        let mut clients = Vec::with_capacity(settings.clients.len());
+        let mut by_id = HashMap::new();
+        for (index, client) in settings.clients.iter().enumerate() {
+            let place = (client.region.clone(), client.endpoint_url.clone());
+            let sdk = match sdks.get(&place) {
+                Some(sdk) => sdk.clone(),
+                None => {
+                    let mut config = aws_sdk_cognitoidentityprovider::config::Builder::from(&base);
+                    if let Some(region) = &client.region {
+                        config = config.region(Region::new(region.clone()));
+                    }
+                    if let Some(url) = &client.endpoint_url {
+                        config = config.endpoint_url(url);
+                    }
+                    let config = config.build();
+                    if config.region().is_none() {
+                        return Err(ConfigError::setting(
+                            "AWS_REGION",
+                            "no region found in the environment or the AWS profile; set \
+                             AWS_REGION",
+                        ));
+                    }
+                    let sdk = Client::from_conf(config);
+                    sdks.insert(place, sdk.clone());
+                    sdk
+                }
+            };
+            by_id.insert(client.client_id.clone(), index);
+            clients.push(Arc::new(AppClient {
+                alias: client.alias.clone(),
+                id: client.client_id.clone(),
+                pool: client.user_pool_id.clone(),
+                timeout: client.timeout,
+                sdk,
+                secret: RwLock::new(client.secret.clone()),
+                secret_file: client.secret_file.clone(),
+            }));
+        }
+        Ok(Self {
+            clients,
+            by_id,
+            default: settings.default,
+        })
+    }
+
+    /// The client a request names, or the default when it names none; `None` for a client
+    /// this server does not serve.
+    pub(crate) fn select(&self, requested: Option<&ClientId>) -> Option<&Arc<AppClient>> {
+        let index = match requested {
+            None => self.default,
+            Some(id) => *self.by_id.get(id)?,
+        };
+        self.clients.get(index)
+    }
+
+    /// Every client, in the order configured.
+    pub(crate) fn clients(&self) -> &[Arc<AppClient>] {
+        &self.clients
+    }
+
+    /// Re-reads every secret file each `interval`: a rotated secret (a Kubernetes Secret
+    /// update swaps a `..data` symlink) is used by the next call. A file that does not load
+    /// keeps the previous secret and is logged at error, once until it changes. Each change
+    /// noticed counts in `cognito_client_secret_reloads_total{client,result}`.
+    pub(crate) fn spawn_secret_reloader(&self, interval: Duration) -> Option<JoinHandle<()>> {
+        let watched: Vec<Arc<AppClient>> = self
+            .clients
+            .iter()
+            .filter(|c| c.secret_file.is_some())
+            .cloned()
+            .collect();
+        if watched.is_empty() {
+            return None;
+        }
+        Some(tokio::spawn(async move {
+            let mut failing = vec![None::<String>; watched.len()];
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                for (client, failed) in watched.iter().zip(failing.iter_mut()) {
+                    let alias = client.alias.clone();
+                    match client.reload_secret() {
+                        None | Some(Ok(false)) => *failed = None,
+                        Some(Ok(true)) => {
+                            *failed = None;
+                            metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "reloaded")
+                                .increment(1);
+                            tracing::info!(client = alias, "app client secret reloaded");
+                        }
+                        Some(Err(err)) => {
+                            let problem = err.to_string();
+                            if failed.as_ref() != Some(&problem) {
+                                metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "failed")
+                                    .increment(1);
+                                tracing::error!(
+                                    client = alias,
+                                    error = %problem,
+                                    "app client secret not reloaded; the previous one stays in use"
+                                );
+                                *failed = Some(problem);
+                            }
+                        }
+                    }
+                }
             }
+        }))
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails in a way that is not safe to retry, has been tried
+/// [`MAX_ATTEMPTS`] times, or the budget runs out. Backoff is jittered exponential from
+/// [`INITIAL_BACKOFF`]; a retry that could not start before the deadline is not made.
+async fn call<T, E, F, Fut>(
+    operation: &'static str,
+    budget: Budget,
+    mut attempt: F,
+) -> Result<T, UpstreamError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    // When the attempt in progress was sent, so an attempt cut off by the deadline is
+    // observed too.
+    let current = std::sync::Mutex::new(Instant::now());
+    let attempts = async {
+        let mut backoff = INITIAL_BACKOFF;
+        let mut made = 1;
+        loop {
+            let sent = Instant::now();
+            *current.lock().expect("attempt clock") = sent;
+            let result = attempt().await.map_err(UpstreamError::from_sdk);
+            record(operation, sent, result.as_ref().err());
+            let error = match result {
+                Ok(output) => return Ok(output),
+                Err(error) => error,
+            };
+            let pause = rand::rng().random_range(backoff / 2..=backoff);
+            if made >= MAX_ATTEMPTS
+                || !error.is_retryable()
+                || Instant::now() + pause >= budget.deadline
+            {
+                return Err(error);
+            }
+            tracing::debug!(
+                attempt = made,
+                ?pause,
+                cognito.code = error.cognito_code(),
+                "retrying Cognito call"
+            );
+            tokio::time::sleep(pause).await;
+            backoff *= 2;
+            made += 1;
+        }
+    };
+    match tokio::time::timeout_at(budget.deadline, attempts).await {
+        Ok(result) => result,
+        Err(_) => {
+            let timeout = UpstreamError::Timeout {
+                set_by_caller: budget.set_by_caller,
+            };
+            let sent = *current.lock().expect("attempt clock");
+            record(operation, sent, Some(&timeout));
+            Err(timeout)
         }
     }
 }
@@ -583,19 +688,59 @@ mod tests {
         );
     }
 
+    fn client(alias: &str, region: &str, endpoint_url: Option<String>) -> ClientSettings {
+        ClientSettings {
+            alias: alias.into(),
+            client_id: ClientId::parse("client_id", format!("client{alias}")).unwrap(),
+            user_pool_id: Some(format!("{region}_Pool")),
+            region: Some(region.into()),
+            endpoint_url,
+            timeout: Duration::from_secs(5),
+            secret: None,
+            secret_file: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn clients_are_found_by_id_and_share_one_sdk_client_per_region() {
+        let settings = CognitoSettings {
+            clients: vec![
+                client("a", "eu-west-1", None),
+                client("b", "eu-west-1", None),
+                client("c", "us-east-1", None),
+            ],
+            default: 1,
+            secret_reload_interval: Duration::from_secs(10),
+        };
+        let cognito = Cognito::connect(&settings).await.unwrap();
+
+        assert_eq!(cognito.select(None).unwrap().alias, "b");
+        let id = |s: &str| ClientId::parse("client_id", s.into()).unwrap();
+        let c = cognito.select(Some(&id("clientc"))).unwrap();
+        assert_eq!((c.alias.as_str(), c.region()), ("c", "us-east-1"));
+        assert_eq!(
+            cognito.select(Some(&id("clienta"))).unwrap().region(),
+            "eu-west-1"
+        );
+        assert!(cognito.select(Some(&id("someoneelse"))).is_none());
+        // One SDK client (one configuration, one connection pool) per region.
+        let [a, b, c] = [0, 1, 2].map(|i| cognito.clients()[i].sdk.config().clone());
+        assert_eq!(format!("{:?}", a.region()), format!("{:?}", b.region()));
+        assert_ne!(format!("{:?}", a.region()), format!("{:?}", c.region()));
+    }
+
     #[tokio::test]
     async fn a_refused_connection_is_known_to_be_unprocessed() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let settings = CognitoSettings {
-            client_id: ClientId::parse("COGNITO_CLIENT_ID", "client".into()).unwrap(),
-            client_secret: None,
-            timeout: Duration::from_secs(5),
-            region: Some("us-east-1".into()),
-            endpoint_url: Some(format!("http://{addr}")),
+            clients: vec![client("only", "us-east-1", Some(format!("http://{addr}")))],
+            default: 0,
+            secret_reload_interval: Duration::from_secs(10),
         };
         let cognito = Cognito::connect(&settings).await.unwrap();
+        let client = cognito.select(None).unwrap();
         let request = ForgotPassword {
             account: Account {
                 username: Username::parse("username", "a".into()).unwrap(),
@@ -603,9 +748,9 @@ mod tests {
             },
             pass_through: PassThrough::default(),
         };
-        let budget = Budget::new(Instant::now(), settings.timeout, None);
+        let budget = Budget::new(Instant::now(), client.timeout, None);
 
-        let err = cognito.forgot_password(&request, budget).await.unwrap_err();
+        let err = client.forgot_password(&request, budget).await.unwrap_err();
 
         assert!(
             matches!(

@@ -4,7 +4,7 @@
 //! waiting on Cognito at once.
 //!
 //! Both limiters are GCRA: governor's for the global one; for the per-username one, a compact
-//! table of its own ([`UsernameTable`]) from a keyed 64-bit hash of (RPC, normalised username)
+//! table of its own ([`UsernameTable`]) from a keyed 64-bit hash of (RPC, user pool, normalised username)
 //! to the bucket's theoretical arrival time. A bucket leaves the table only when it is full
 //! again, so nothing is ever forgiven; when the table is full of live buckets, a *new* username
 //! is refused (`username_capacity`) rather than forgetting anyone else.
@@ -26,8 +26,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod shared;
 
+use crate::domain::PoolUser;
 pub(crate) use crate::domain::Rpc;
-use crate::domain::Username;
 pub(crate) use shared::{
     BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, SharedLimits, check_url,
 };
@@ -207,8 +207,8 @@ impl UsernameTable {
         self.spec
     }
 
-    fn key(&self, rpc: Rpc, username: &Username) -> u64 {
-        self.keys.hash_one((rpc as u8, username.normalised()))
+    fn key(&self, rpc: Rpc, user: PoolUser<'_>) -> u64 {
+        self.keys.hash_one((rpc as u8, user.key()))
     }
 
     fn now(&self) -> u64 {
@@ -216,8 +216,8 @@ impl UsernameTable {
     }
 
     /// Charges the bucket of (`rpc`, `username`), making it if the table has room.
-    pub(crate) fn check(&self, rpc: Rpc, username: &Username) -> Verdict {
-        let key = self.key(rpc, username);
+    pub(crate) fn check(&self, rpc: Rpc, user: PoolUser<'_>) -> Verdict {
+        let key = self.key(rpc, user);
         self.check_key(key, self.now())
     }
 
@@ -362,26 +362,26 @@ impl Limits {
 
     /// Charges the limits, fleet-wide on Redis when configured and answering, else this
     /// replica's own.
-    pub(crate) async fn admit(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
+    pub(crate) async fn admit(&self, rpc: Rpc, user: PoolUser<'_>) -> Result<(), RateLimited> {
         if let Some(shared) = &self.shared {
             // None: Redis is unavailable, and this replica's own limits judge.
-            if let Some(verdict) = self.check_shared(shared, rpc, username).await {
+            if let Some(verdict) = self.check_shared(shared, rpc, user).await {
                 return verdict;
             }
         }
-        self.check(rpc, username)
+        self.check(rpc, user)
     }
 
     async fn check_shared(
         &self,
         shared: &SharedLimits,
         rpc: Rpc,
-        username: &Username,
+        user: PoolUser<'_>,
     ) -> Option<Result<(), RateLimited>> {
         let username = self
             .username
             .as_ref()
-            .map(|(table, limit)| (table.spec(), shared.username_key(rpc, username), limit));
+            .map(|(table, limit)| (table.spec(), shared.username_key(rpc, user), limit));
         if let Some((_, key, limit)) = &username
             && let Some(wait) = shared.remembered_denial(key)
         {
@@ -422,7 +422,7 @@ impl Limits {
     }
 
     /// Charges the global limiter, then the per-username one; the first that refuses decides.
-    pub(crate) fn check(&self, rpc: Rpc, username: &Username) -> Result<(), RateLimited> {
+    pub(crate) fn check(&self, rpc: Rpc, user: PoolUser<'_>) -> Result<(), RateLimited> {
         if let Some((limiter, _, limit)) = &self.global {
             limiter.check().map_err(|not_until| {
                 refused(
@@ -433,7 +433,7 @@ impl Limits {
             })?;
         }
         if let Some((table, limit)) = &self.username {
-            match table.check(rpc, username) {
+            match table.check(rpc, user) {
                 Verdict::Admitted => {}
                 Verdict::Limited(wait) => return Err(refused(Limiter::Username, limit, wait)),
                 Verdict::AtCapacity(wait) => {
@@ -468,6 +468,7 @@ fn refused(limiter: Limiter, limit: &str, retry_after: Duration) -> RateLimited 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Username;
 
     fn user(name: &str) -> Username {
         Username::parse("username", name.to_owned()).unwrap()
@@ -501,10 +502,12 @@ mod tests {
     fn the_burst_passes_then_the_true_wait_is_one_refill() {
         let limits = Limits::new(&settings("5/15m", 0));
         for _ in 0..5 {
-            limits.check(Rpc::ForgotPassword, &user("alice")).unwrap();
+            limits
+                .check(Rpc::ForgotPassword, PoolUser::new(None, &user("alice")))
+                .unwrap();
         }
         let refused = limits
-            .check(Rpc::ForgotPassword, &user("alice"))
+            .check(Rpc::ForgotPassword, PoolUser::new(None, &user("alice")))
             .unwrap_err();
         assert_eq!(refused.limiter, Limiter::Username);
         assert_eq!(refused.limit, "5/15m");
@@ -520,29 +523,64 @@ mod tests {
     fn buckets_are_per_rpc_and_case_insensitive() {
         let limits = Limits::new(&settings("1/1h", 0));
         limits
-            .check(Rpc::ForgotPassword, &user("Ünïcode@Example.com"))
+            .check(
+                Rpc::ForgotPassword,
+                PoolUser::new(None, &user("Ünïcode@Example.com")),
+            )
             .unwrap();
         assert!(
             limits
-                .check(Rpc::ForgotPassword, &user("ünïcode@example.COM"))
+                .check(
+                    Rpc::ForgotPassword,
+                    PoolUser::new(None, &user("ünïcode@example.COM"))
+                )
                 .is_err()
         );
         limits
-            .check(Rpc::ConfirmForgotPassword, &user("ünïcode@example.com"))
+            .check(
+                Rpc::ConfirmForgotPassword,
+                PoolUser::new(None, &user("ünïcode@example.com")),
+            )
             .expect("another RPC has its own bucket");
         limits
-            .check(Rpc::ForgotPassword, &user("someone-else"))
+            .check(
+                Rpc::ForgotPassword,
+                PoolUser::new(None, &user("someone-else")),
+            )
             .unwrap();
+    }
+
+    #[test]
+    fn a_user_has_one_bucket_per_pool_whatever_the_client() {
+        let limits = Limits::new(&settings("1/1h", 0));
+        let alice = user("alice");
+        let in_pool = |pool| PoolUser::new(pool, &alice);
+        limits
+            .check(Rpc::ForgotPassword, in_pool(Some("eu-west-1_A")))
+            .unwrap();
+        assert!(
+            limits
+                .check(Rpc::ForgotPassword, in_pool(Some("eu-west-1_A")))
+                .is_err(),
+            "another client of the same pool shares the bucket"
+        );
+        limits
+            .check(Rpc::ForgotPassword, in_pool(Some("eu-west-1_B")))
+            .expect("another pool's alice is another user");
     }
 
     #[test]
     fn the_global_limit_is_charged_first() {
         let limits = Limits::new(&settings("off", 2));
-        limits.check(Rpc::ForgotPassword, &user("a")).unwrap();
         limits
-            .check(Rpc::ConfirmForgotPassword, &user("b"))
+            .check(Rpc::ForgotPassword, PoolUser::new(None, &user("a")))
             .unwrap();
-        let refused = limits.check(Rpc::ForgotPassword, &user("c")).unwrap_err();
+        limits
+            .check(Rpc::ConfirmForgotPassword, PoolUser::new(None, &user("b")))
+            .unwrap();
+        let refused = limits
+            .check(Rpc::ForgotPassword, PoolUser::new(None, &user("c")))
+            .unwrap_err();
         assert_eq!(refused.limiter, Limiter::Global);
         assert_eq!(refused.limit, "2/1s");
         assert!(refused.retry_after <= Duration::from_millis(500));

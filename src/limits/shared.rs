@@ -20,7 +20,7 @@ use redis::{IntoConnectionInfo, Script};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::ConfigError;
-use crate::domain::{Rpc, Username};
+use crate::domain::{PoolUser, Rpc};
 use crate::privacy::UsernameHasher;
 
 /// Calls judged by Redis, by outcome, and its latency.
@@ -155,9 +155,9 @@ impl SharedLimits {
         format!("{}global", self.prefix)
     }
 
-    /// The key of `username`'s bucket for `rpc`: a keyed hash, never the username.
-    pub(crate) fn username_key(&self, rpc: Rpc, username: &Username) -> String {
-        let digest = self.keys.digest(username);
+    /// The key of `user`'s bucket for `rpc`: a keyed hash, never the username.
+    pub(crate) fn username_key(&self, rpc: Rpc, user: PoolUser<'_>) -> String {
+        let digest = self.keys.digest(user);
         let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         format!("{}username:{}:{hash}", self.prefix, rpc.method())
     }
