@@ -147,3 +147,64 @@ async fn the_binary_serves_logs_json_without_secrets_and_exits_zero_on_sigterm()
         "no credentials were used"
     );
 }
+
+#[tokio::test]
+async fn every_problem_of_the_clients_file_is_one_line_naming_alias_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = |alias: &str, id: &str, extra: &str| {
+        format!(
+            "[clients.{alias}]\nclient_id = \"{id}\"\nuser_pool_id = \"eu-west-1_Pool\"\n\
+             region = \"eu-west-1\"\n{extra}\n"
+        )
+    };
+    let cases = [
+        (
+            format!(
+                "default = \"a\"\n{}{}",
+                client("a", "one", ""),
+                client("b", "one", "")
+            ),
+            "clients.b.client_id",
+        ),
+        (
+            format!("{}{}", client("a", "one", ""), client("b", "two", "")),
+            "default",
+        ),
+        (
+            client("a", "one", "secret_file = \"/nonexistent/web\""),
+            "clients.a.secret_file",
+        ),
+        (
+            client("a", "one", "").replace("region = \"eu-west-1\"", "region = \"mars-1\""),
+            "clients.a.region",
+        ),
+        (
+            client("a", "one", "secrets = \"x\""),
+            "unknown field `secrets`",
+        ),
+    ];
+    for (index, (text, named)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("clients-{index}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, stderr) = exit_with_stderr(&[
+            ("COGNITO_CLIENTS_FILE", path.to_str().unwrap()),
+            ("AWS_REGION", "us-east-1"),
+        ])
+        .await;
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("COGNITO_CLIENTS_FILE"), "{stderr}");
+        assert!(stderr.contains(named), "{named} not in {stderr}");
+    }
+
+    // Both styles at once.
+    let path = dir.path().join("clients-0.toml");
+    let (code, stderr) = exit_with_stderr(&[
+        ("COGNITO_CLIENTS_FILE", path.to_str().unwrap()),
+        ("COGNITO_CLIENT_ID", CLIENT_ID),
+        ("AWS_REGION", "us-east-1"),
+    ])
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not both"), "{stderr}");
+}

@@ -28,7 +28,9 @@ use common::process::ServiceProcess;
 use common::tools::run_grpcurl;
 use common::{assert_error, forgot};
 use password_recovery::cognito::secret_hash;
-use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, DeliveryMedium};
+use password_recovery::proto::v1::{
+    ConfirmForgotPasswordRequest, DeliveryMedium, ForgotPasswordRequest,
+};
 use tonic::Code;
 
 const USER: &str = "demo@example.com";
@@ -56,16 +58,31 @@ async fn stack(recovery: Recovery) -> (Moto, Pool, ServiceProcess) {
 
 /// Signs in with USER_PASSWORD_AUTH directly against moto; the error code on failure.
 async fn sign_in(moto: &Moto, pool: &Pool, password: &str) -> Result<(), String> {
+    let secret = Some(pool.client_secret.as_str());
+    sign_in_as(moto, &pool.client_id, secret, USER, password).await
+}
+
+/// Signs `user` in through app client `client_id` (with its secret, if it has one).
+async fn sign_in_as(
+    moto: &Moto,
+    client_id: &str,
+    secret: Option<&str>,
+    user: &str,
+    password: &str,
+) -> Result<(), String> {
+    let mut parameters = std::collections::HashMap::from([
+        ("USERNAME".to_owned(), user.to_owned()),
+        ("PASSWORD".to_owned(), password.to_owned()),
+    ]);
+    if let Some(secret) = secret {
+        let hash = secret_hash(&secret.to_owned().into(), user, client_id);
+        parameters.insert("SECRET_HASH".to_owned(), hash);
+    }
     moto.admin()
         .initiate_auth()
-        .client_id(&pool.client_id)
+        .client_id(client_id)
         .auth_flow(AuthFlowType::UserPasswordAuth)
-        .auth_parameters("USERNAME", USER)
-        .auth_parameters("PASSWORD", password)
-        .auth_parameters(
-            "SECRET_HASH",
-            secret_hash(&pool.client_secret.clone().into(), USER, &pool.client_id),
-        )
+        .set_auth_parameters(Some(parameters))
         .send()
         .await
         .map(|_| ())
@@ -167,6 +184,85 @@ async fn the_full_reset_flow_sets_the_new_password() {
         sign_in(&moto, &pool, OLD_PASSWORD).await,
         Err("NotAuthorizedException".to_owned())
     );
+}
+
+#[tokio::test]
+async fn one_pool_with_two_app_clients_resets_through_each() {
+    // Arrange: one pool, a client with a secret (web, the default) and one without (mobile),
+    // served from a clients file; the service reaches moto through the code tap.
+    let moto = Moto::start();
+    let pool = moto.create_pool(Recovery::VerifiedEmail).await;
+    let (mobile, no_secret) = moto.create_client(&pool.pool_id, false).await;
+    assert_eq!(no_secret, None);
+    let users = ["web.user@example.com", "mobile.user@example.com"];
+    for user in users {
+        moto.create_user(&pool, user, OLD_PASSWORD).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("web");
+    std::fs::write(&secret_file, &pool.client_secret).unwrap();
+    let clients = dir.path().join("clients.toml");
+    std::fs::write(
+        &clients,
+        format!(
+            "default = \"web\"\n\
+             [clients.web]\nclient_id = \"{}\"\nuser_pool_id = \"{}\"\nregion = \"{REGION}\"\n\
+             secret_file = \"{}\"\n\
+             [clients.mobile]\nclient_id = \"{mobile}\"\nuser_pool_id = \"{}\"\nregion = \"{REGION}\"\n",
+            pool.client_id,
+            pool.pool_id,
+            secret_file.display(),
+            pool.pool_id,
+        ),
+    )
+    .unwrap();
+    let tap = CodeTap::start(moto.addr).await;
+    let service = ServiceProcess::start(&[
+        ("COGNITO_CLIENTS_FILE", clients.to_str().unwrap()),
+        ("AWS_ENDPOINT_URL", &tap.url),
+    ])
+    .await;
+    let mut client = service.client().await;
+    let secret = Some(pool.client_secret.as_str());
+
+    for (user, client_id, client_secret) in
+        [(users[0], "", secret), (users[1], mobile.as_str(), None)]
+    {
+        // Act
+        client
+            .forgot_password(ForgotPasswordRequest {
+                username: user.into(),
+                client_id: client_id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ForgotPassword for {user}: {e:?}"));
+        let code = tap.last_code().expect("moto sent a code");
+        client
+            .confirm_forgot_password(ConfirmForgotPasswordRequest {
+                username: user.into(),
+                confirmation_code: code,
+                password: NEW_PASSWORD.into(),
+                client_id: client_id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ConfirmForgotPassword for {user}: {e:?}"));
+
+        // Assert: the new password signs in through the client the reset went through.
+        let signing_client = if client_id.is_empty() {
+            pool.client_id.as_str()
+        } else {
+            client_id
+        };
+        let sign_in = |password| sign_in_as(&moto, signing_client, client_secret, user, password);
+        assert_eq!(sign_in(NEW_PASSWORD).await, Ok(()), "{user}");
+        assert_eq!(
+            sign_in(OLD_PASSWORD).await,
+            Err("NotAuthorizedException".to_owned()),
+            "{user}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -117,22 +117,37 @@ impl Moto {
             .await
             .expect("CreateUserPool");
         let pool_id = pool.user_pool().unwrap().id().unwrap().to_owned();
-        let client = admin
+        let (client_id, client_secret) = self.create_client(&pool_id, true).await;
+        Pool {
+            pool_id,
+            client_id,
+            client_secret: client_secret.expect("generated"),
+        }
+    }
+
+    /// Creates an app client of `pool_id` that allows USER_PASSWORD_AUTH, with a generated
+    /// secret when `with_secret`; returns its id and secret.
+    pub async fn create_client(
+        &self,
+        pool_id: &str,
+        with_secret: bool,
+    ) -> (String, Option<String>) {
+        let created = self
+            .admin()
             .create_user_pool_client()
-            .user_pool_id(&pool_id)
-            .client_name("password-recovery-e2e")
-            .generate_secret(true)
+            .user_pool_id(pool_id)
+            .client_name(if with_secret { "with-secret" } else { "public" })
+            .generate_secret(with_secret)
             .explicit_auth_flows(ExplicitAuthFlowsType::AllowUserPasswordAuth)
             .explicit_auth_flows(ExplicitAuthFlowsType::AllowRefreshTokenAuth)
             .send()
             .await
             .expect("CreateUserPoolClient");
-        let client = client.user_pool_client().unwrap();
-        Pool {
-            pool_id,
-            client_id: client.client_id().unwrap().to_owned(),
-            client_secret: client.client_secret().unwrap().to_owned(),
-        }
+        let client = created.user_pool_client().unwrap();
+        (
+            client.client_id().unwrap().to_owned(),
+            client.client_secret().map(str::to_owned),
+        )
     }
 
     /// Creates a confirmed user whose email is verified, with a permanent password.
