@@ -248,3 +248,43 @@ async fn clients_of_one_pool_share_a_users_limit_and_other_pools_do_not() {
     assert_error(&through_mobile, Code::ResourceExhausted, "RATE_LIMITED");
     assert_eq!(app.cognito.recorded().len(), 1);
 }
+
+#[tokio::test]
+async fn the_one_client_settings_secret_file_is_reloaded_too() {
+    let mut secrets = SecretDir::new(&[("secret", "shorthand-1\n")]);
+    let file = secrets.path("secret");
+    let app = TestApp::spawn_with(&[
+        ("COGNITO_CLIENT_SECRET", ""),
+        ("COGNITO_CLIENT_SECRET_FILE", file.to_str().unwrap()),
+        ("TLS_RELOAD_INTERVAL", "50ms"),
+    ])
+    .await;
+    let mut client = app.client().await;
+    client.forgot_password(forgot("dee")).await.unwrap();
+
+    secrets.write(&[("secret", "shorthand-2\n")]);
+    let metrics_addr = app.metrics_addr.to_string();
+    let reloaded = async {
+        loop {
+            let text = scrape(&metrics_addr).await;
+            let labels = ["client=\"default\"", "result=\"reloaded\""];
+            if metric(&text, "cognito_client_secret_reloads_total", &labels).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), reloaded)
+        .await
+        .expect("the rotation is noticed");
+    client.forgot_password(forgot("dee")).await.unwrap();
+
+    let hashes: Vec<_> = app
+        .cognito
+        .recorded()
+        .iter()
+        .map(|r| r.body["SecretHash"].as_str().unwrap().to_owned())
+        .collect();
+    let hash = |secret: &str| secret_hash(&secret.to_owned().into(), "dee", common::CLIENT_ID);
+    assert_eq!(hashes, [hash("shorthand-1"), hash("shorthand-2")]);
+}

@@ -313,6 +313,19 @@ async fn boots_and_serves(
     let cognito = FakeCognito::start().await;
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
+    // The clients ConfigMap's file, its secrets where the pod mounts them: in the directory.
+    let secrets = dir.join("cognito");
+    std::fs::create_dir(&secrets).unwrap();
+    let clients = clients_toml().replace(CLIENT_SECRETS_MOUNT, secrets.to_str().unwrap());
+    for path in secret_files_of(&clients) {
+        std::fs::write(&path, "deploy-test-client-secret\n").unwrap();
+    }
+    std::fs::write(dir.join("clients.toml"), clients).unwrap();
+    vars.retain(|(k, _)| k != "COGNITO_CLIENTS_FILE");
+    vars.push((
+        "COGNITO_CLIENTS_FILE".into(),
+        dir.join("clients.toml").to_string_lossy().into_owned(),
+    ));
     for (setting, file, content) in secret_files {
         std::fs::write(dir.join(file), content).unwrap();
         vars.retain(|(k, _)| k != setting);
@@ -338,18 +351,90 @@ async fn boots_and_serves(
     assert!(status.success(), "{stderr}");
 }
 
-const POD_SECRET_FILES: [(&str, &str, &str); 2] = [
-    (
-        "COGNITO_CLIENT_SECRET_FILE",
-        "client-secret",
-        "deploy-test-secret\n",
-    ),
-    (
-        "USERNAME_HASH_KEY_FILE",
-        "username-hash-key",
-        "0123456789abcdef0123456789abcdef",
-    ),
-];
+/// Where the Deployment mounts the Secret of the app clients' secrets.
+const CLIENT_SECRETS_MOUNT: &str = "/var/run/secrets/cognito";
+
+/// `clients.toml` of the clients ConfigMap.
+fn clients_toml() -> String {
+    load("clients-configmap.yaml")["data"]["clients.toml"]
+        .as_str()
+        .expect("the ConfigMap holds clients.toml")
+        .to_owned()
+}
+
+/// The `secret_file` of every client in a clients file.
+fn secret_files_of(clients: &str) -> Vec<String> {
+    let parsed: toml::Table = toml::from_str(clients).expect("TOML");
+    parsed["clients"]
+        .as_table()
+        .expect("[clients.*]")
+        .values()
+        .filter_map(|client| client.get("secret_file")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_clients_file_and_its_secrets_are_mounted_whole_where_the_settings_point() {
+    let deployment = load("deployment.yaml");
+    let container = container(&deployment);
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap();
+    let mount_of = |volume: &str| {
+        container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume)
+            .unwrap_or_else(|| panic!("{volume} is not mounted"))
+            .clone()
+    };
+    for mount in container["volumeMounts"].as_sequence().unwrap() {
+        assert!(
+            mount.get("subPath").is_none(),
+            "a subPath mount never sees a rotation: {mount:?}"
+        );
+    }
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap().clone();
+
+    let clients = volume("clients");
+    assert_eq!(
+        clients["configMap"]["name"],
+        load("clients-configmap.yaml")["metadata"]["name"]
+    );
+    let file = load("configmap.yaml")["data"]["COGNITO_CLIENTS_FILE"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mounted = mount_of("clients")["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(file, format!("{mounted}/clients.toml"));
+
+    assert_eq!(
+        volume("client-secrets")["secret"]["secretName"],
+        "password-recovery-clients"
+    );
+    assert_eq!(
+        mount_of("client-secrets")["mountPath"],
+        CLIENT_SECRETS_MOUNT
+    );
+    let secret_files = secret_files_of(&clients_toml());
+    assert!(!secret_files.is_empty());
+    for path in secret_files {
+        assert!(
+            path.starts_with(&format!("{CLIENT_SECRETS_MOUNT}/")),
+            "{path} is outside the mounted Secret"
+        );
+    }
+}
+
+const POD_SECRET_FILES: [(&str, &str, &str); 1] = [(
+    "USERNAME_HASH_KEY_FILE",
+    "username-hash-key",
+    "0123456789abcdef0123456789abcdef",
+)];
 
 #[tokio::test]
 async fn the_configmap_starts_the_real_server() {
