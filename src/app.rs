@@ -178,13 +178,22 @@ impl Application {
             "abuse limits"
         );
         let calls = Arc::new(InFlightCalls::default());
+        let regions: Vec<String> = cognito
+            .clients()
+            .iter()
+            .map(|c| c.region().to_owned())
+            .collect();
         let secret_reload_interval = config.cognito.secret_reload_interval;
         let secret_reloader = cognito.spawn_secret_reloader(secret_reload_interval);
         let service = PasswordRecoveryService::new(
             cognito,
             limits,
             usernames,
-            Masking::new(config.enumeration_protection, masking),
+            Masking::new(
+                config.enumeration_protection,
+                masking,
+                regions.iter().map(String::as_str),
+            ),
             calls.clone(),
         );
 

@@ -1,9 +1,10 @@
 //! Enumeration protection: an unknown user must be indistinguishable from a known one, by
 //! what the answer says and by when it comes. This module owns both halves: the simulated
 //! delivery details (following the username's shape, in Cognito's own masking), and the
-//! latency a masked answer imitates (a rolling sample of real answers' latencies per imitated
-//! outcome, drawn from at random).
+//! latency a masked answer imitates (a rolling sample of real answers' latencies per region and
+//! imitated outcome, drawn from at random: pools in other regions answer in other times).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,27 +32,52 @@ pub enum Imitated {
     CodeMismatch,
 }
 
+/// The latencies of one region's real answers, per imitated outcome.
+#[derive(Debug)]
+struct RegionSamples {
+    delivery: LatencySample,
+    code_mismatch: LatencySample,
+}
+
+impl RegionSamples {
+    fn new() -> Self {
+        Self {
+            delivery: LatencySample::new(DEFAULT_DELIVERY_LATENCY),
+            code_mismatch: LatencySample::new(DEFAULT_MISMATCH_LATENCY),
+        }
+    }
+}
+
 /// Simulated answers and their timing.
 #[derive(Debug)]
 pub struct Masking {
     enabled: bool,
     hasher: UsernameHasher,
-    delivery: LatencySample,
-    code_mismatch: LatencySample,
+    /// By the region of the user pools whose answers are imitated.
+    regions: HashMap<String, RegionSamples>,
+    /// For a region not named at construction.
+    elsewhere: RegionSamples,
     /// How late a timer wakes up, on average (µs): a masked answer aims this much earlier,
     /// so busy workers do not make it systematically slower than the real one.
     lateness_us: AtomicU64,
 }
 
 impl Masking {
-    /// Masks unknown users when `enabled`; usernames of no recognised shape get destinations
-    /// keyed by `hasher`.
-    pub fn new(enabled: bool, hasher: UsernameHasher) -> Self {
+    /// Masks unknown users when `enabled`, imitating the answers of pools in `regions`;
+    /// usernames of no recognised shape get destinations keyed by `hasher`.
+    pub fn new<'a>(
+        enabled: bool,
+        hasher: UsernameHasher,
+        regions: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
         Self {
             enabled,
             hasher,
-            delivery: LatencySample::new(DEFAULT_DELIVERY_LATENCY),
-            code_mismatch: LatencySample::new(DEFAULT_MISMATCH_LATENCY),
+            regions: regions
+                .into_iter()
+                .map(|region| (region.to_owned(), RegionSamples::new()))
+                .collect(),
+            elsewhere: RegionSamples::new(),
             lateness_us: AtomicU64::new(0),
         }
     }
@@ -61,22 +87,23 @@ impl Masking {
         self.enabled
     }
 
-    fn sample(&self, outcome: Imitated) -> &LatencySample {
+    fn sample(&self, region: &str, outcome: Imitated) -> &LatencySample {
+        let samples = self.regions.get(region).unwrap_or(&self.elsewhere);
         match outcome {
-            Imitated::Delivery => &self.delivery,
-            Imitated::CodeMismatch => &self.code_mismatch,
+            Imitated::Delivery => &samples.delivery,
+            Imitated::CodeMismatch => &samples.code_mismatch,
         }
     }
 
-    /// Remembers how long a real `outcome` took, counting from when it was sent.
-    pub fn observe(&self, outcome: Imitated, latency: Duration) {
-        self.sample(outcome).record(latency);
+    /// Remembers how long a real `outcome` from `region` took, counting from when it was sent.
+    pub fn observe(&self, region: &str, outcome: Imitated, latency: Duration) {
+        self.sample(region, outcome).record(latency);
     }
 
-    /// Waits until a latency drawn from the real `outcome`s has passed since `sent`, but never
-    /// past `deadline`. Holds nothing but a timer.
-    pub async fn imitate(&self, outcome: Imitated, sent: Instant, deadline: Instant) {
-        let target = sent + self.sample(outcome).draw();
+    /// Waits until a latency drawn from `region`'s real `outcome`s has passed since `sent`, but
+    /// never past `deadline`. Holds nothing but a timer.
+    pub async fn imitate(&self, region: &str, outcome: Imitated, sent: Instant, deadline: Instant) {
+        let target = sent + self.sample(region, outcome).draw();
         let lateness = Duration::from_micros(self.lateness_us.load(Ordering::Relaxed));
         let wake = target.checked_sub(lateness).unwrap_or(target).min(deadline);
         if wake <= Instant::now() {
@@ -203,7 +230,11 @@ mod tests {
     }
 
     fn masking() -> Masking {
-        Masking::new(true, UsernameHasher::derived(b"secret", "test"))
+        Masking::new(
+            true,
+            UsernameHasher::derived(b"secret", "test"),
+            ["eu-west-1"],
+        )
     }
 
     #[test]
@@ -301,10 +332,44 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_imitation_never_outlasts_the_deadline() {
         let m = masking();
-        m.observe(Imitated::Delivery, Duration::from_secs(60));
+        m.observe("eu-west-1", Imitated::Delivery, Duration::from_secs(60));
         let sent = Instant::now();
-        m.imitate(Imitated::Delivery, sent, sent + Duration::from_secs(2))
-            .await;
+        m.imitate(
+            "eu-west-1",
+            Imitated::Delivery,
+            sent,
+            sent + Duration::from_secs(2),
+        )
+        .await;
         assert_eq!(sent.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_region_imitates_its_own_answers() {
+        let m = Masking::new(
+            true,
+            UsernameHasher::random(),
+            ["eu-west-1", "ap-southeast-2"],
+        );
+        m.observe(
+            "ap-southeast-2",
+            Imitated::Delivery,
+            Duration::from_secs(30),
+        );
+        let sent = Instant::now();
+        let deadline = sent + Duration::from_secs(60);
+
+        m.imitate("eu-west-1", Imitated::Delivery, sent, deadline)
+            .await;
+        let near = sent.elapsed();
+        m.imitate("ap-southeast-2", Imitated::Delivery, sent, deadline)
+            .await;
+
+        assert!(near <= DEFAULT_DELIVERY_LATENCY * 6 / 5, "{near:?}");
+        assert!(
+            sent.elapsed() >= Duration::from_secs(29),
+            "{:?}",
+            sent.elapsed()
+        );
     }
 }

@@ -291,7 +291,8 @@ impl Shared {
         let (sent, budget) = (Instant::now(), served.budget);
         match client.forgot_password(&request, budget).await {
             Ok(delivery) => {
-                self.masking.observe(Imitated::Delivery, sent.elapsed());
+                self.masking
+                    .observe(client.region(), Imitated::Delivery, sent.elapsed());
                 Outcome::plain(Ok(delivery))
             }
             Err(UpstreamError::Service { code, .. })
@@ -299,7 +300,7 @@ impl Shared {
             {
                 drop(permit);
                 self.masking
-                    .imitate(Imitated::Delivery, sent, budget.deadline)
+                    .imitate(client.region(), Imitated::Delivery, sent, budget.deadline)
                     .await;
                 Outcome {
                     result: Ok(self.masking.simulated_delivery(PoolUser::new(
@@ -331,7 +332,8 @@ impl Shared {
             Err(err @ UpstreamError::Service { .. })
                 if err.cognito_code() == Some(CODE_MISMATCH) =>
             {
-                self.masking.observe(Imitated::CodeMismatch, sent.elapsed());
+                self.masking
+                    .observe(client.region(), Imitated::CodeMismatch, sent.elapsed());
                 Outcome::plain(Err(Error::Upstream(err)))
             }
             // Answer exactly as a wrong code does, as late as one does.
@@ -340,7 +342,12 @@ impl Shared {
             }) if self.masking.enabled() && code == USER_NOT_FOUND => {
                 drop(permit);
                 self.masking
-                    .imitate(Imitated::CodeMismatch, sent, budget.deadline)
+                    .imitate(
+                        client.region(),
+                        Imitated::CodeMismatch,
+                        sent,
+                        budget.deadline,
+                    )
                     .await;
                 Outcome {
                     result: Err(Error::Upstream(UpstreamError::Service {

@@ -373,9 +373,12 @@ impl Cognito {
     /// AWS profile (never the instance-metadata service). No credentials, no SDK retries (see
     /// [`call`]).
     pub(crate) async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
-        let default_region = RegionProviderChain::default_provider()
-            .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new())
-            .or_else(aws_config::profile::ProfileFileRegionProvider::new());
+        // For a client without a region: the environment, then the profile; never the
+        // instance-metadata service (the default chain's last resort).
+        let default_region = RegionProviderChain::first_try(
+            aws_config::environment::EnvironmentVariableRegionProvider::new(),
+        )
+        .or_else(aws_config::profile::ProfileFileRegionProvider::new());
         let base = aws_config::defaults(BehaviorVersion::latest())
             .region(default_region)
             .no_credentials()
