@@ -550,7 +550,7 @@ async fn grpc_and_connect_share_the_port_and_connect_protocol_false_closes_the_j
 }
 
 #[tokio::test]
-async fn the_json_door_works_over_tls_with_http1() {
+async fn the_json_door_works_over_tls_with_http1_and_h2() {
     let ca = Ca::new("test CA");
     let mount = SecretMount::new(&ca.server("server"), None);
     let (cert, key) = (mount.cert(), mount.key());
@@ -567,26 +567,29 @@ async fn the_json_door_works_over_tls_with_http1() {
         app.addr.port()
     );
     let resolve = format!("localhost:{}:127.0.0.1", app.addr.port());
-    let output = tokio::process::Command::new(curl())
-        .args(["--silent", "--show-error", "--include", "--verbose"])
-        .args(["--http1.1", "--max-time", "20", "--resolve", &resolve])
-        .args(["--cacert", ca_file.to_str().unwrap()])
-        .args(["--header", "content-type: application/json"])
-        .args(["--data-binary", r#"{"username": "tls-user"}"#])
-        .arg(&url)
-        .output()
-        .await
-        .unwrap();
-    let verbose = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{verbose}");
-    assert!(
-        verbose.contains("ALPN: server accepted http/1.1")
-            || verbose.contains("ALPN, server accepted to use http/1.1"),
-        "{verbose}"
-    );
-    let answer = parse_answer(&output.stdout);
-    assert_eq!(answer.status, 200, "{answer:?}");
-    assert!(answer.json()["codeDeliveryDetails"].is_object());
+    // ALPN offers both: curl takes HTTP/1.1 when it asks for it, and h2 otherwise.
+    for (version, alpn) in [("--http1.1", "http/1.1"), ("--http2", "h2")] {
+        let output = tokio::process::Command::new(curl())
+            .args(["--silent", "--show-error", "--include", "--verbose"])
+            .args([version, "--max-time", "20", "--resolve", &resolve])
+            .args(["--cacert", ca_file.to_str().unwrap()])
+            .args(["--header", "content-type: application/json"])
+            .args(["--data-binary", r#"{"username": "tls-user"}"#])
+            .arg(&url)
+            .output()
+            .await
+            .unwrap();
+        let verbose = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{verbose}");
+        assert!(
+            verbose.contains(&format!("ALPN: server accepted {alpn}"))
+                || verbose.contains(&format!("ALPN, server accepted to use {alpn}")),
+            "{verbose}"
+        );
+        let answer = parse_answer(&output.stdout);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(answer.json()["codeDeliveryDetails"].is_object());
+    }
 }
 
 #[tokio::test]
