@@ -67,15 +67,6 @@ impl CognitoSettings {
     pub fn default_client(&self) -> &ClientSettings {
         &self.clients[self.default]
     }
-
-    /// The longest time bound of any client: what bounds every call.
-    pub fn longest_timeout(&self) -> Duration {
-        self.clients
-            .iter()
-            .map(|c| c.timeout)
-            .max()
-            .unwrap_or_default()
-    }
 }
 
 /// `COGNITO_CLIENTS_FILE`'s shape.

@@ -6,7 +6,7 @@
 //! credentials are loaded and the instance-metadata service is never asked for anything.
 //! Under the SDK, [`response`] reads every answer with a cap and refuses malformed ones.
 
-pub mod clients;
+pub(crate) mod clients;
 mod response;
 
 use std::borrow::Cow;
