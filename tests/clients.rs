@@ -113,6 +113,38 @@ fn via(client_id: &str, username: &str) -> ForgotPasswordRequest {
     }
 }
 
+/// Waits (at most 20 s) until `app` has counted a secret rotation of `client` with `result`
+/// (`reloaded` or `failed`).
+async fn secret_reload_counted(app: &TestApp, client: &str, result: &str) {
+    let metrics_addr = app.metrics_addr.to_string();
+    let labels = [
+        format!("client=\"{client}\""),
+        format!("result=\"{result}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let counted = async {
+        loop {
+            let text = scrape(&metrics_addr).await;
+            if metric(&text, "cognito_client_secret_reloads_total", &labels).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), counted)
+        .await
+        .unwrap_or_else(|_| panic!("no secret {result} counted for {client}"));
+}
+
+/// The SECRET_HASH of every request `cognito` received, in order.
+fn sent_secret_hashes(cognito: &FakeCognito) -> Vec<String> {
+    cognito
+        .recorded()
+        .iter()
+        .map(|r| r.body["SecretHash"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn each_client_calls_with_its_own_id_secret_and_regions_endpoint() {
     let us_east_1 = FakeCognito::start().await;
@@ -177,49 +209,20 @@ async fn a_secret_rotated_by_the_kubelet_is_used_by_the_next_call() {
     let mut secrets = SecretDir::new(&[("web", "before-rotation")]);
     let app = spawn(&secrets, &us_east_1, &[]).await;
     let mut client = app.client().await;
-    let metrics_addr = app.metrics_addr.to_string();
-    let reloads = |result: &'static str| {
-        let metrics_addr = metrics_addr.clone();
-        async move {
-            let text = scrape(&metrics_addr).await;
-            let labels = ["client=\"web\"".to_owned(), format!("result=\"{result}\"")];
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            metric(&text, "cognito_client_secret_reloads_total", &labels).unwrap_or(0.0)
-        }
-    };
-    let wait_for = |result: &'static str, count: f64| {
-        let reloads = &reloads;
-        async move {
-            let counted = async {
-                while reloads(result).await < count {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(20), counted)
-                .await
-                .unwrap_or_else(|_| panic!("no secret {result} counted"));
-        }
-    };
     client.forgot_password(forgot("bea")).await.unwrap();
 
     secrets.write(&[("web", "after-rotation\n")]);
-    wait_for("reloaded", 1.0).await;
+    secret_reload_counted(&app, "web", "reloaded").await;
     client.forgot_password(forgot("bea")).await.unwrap();
 
     // A broken rotation (an empty file) keeps the secret in use.
     secrets.write(&[("web", "")]);
-    wait_for("failed", 1.0).await;
+    secret_reload_counted(&app, "web", "failed").await;
     client.forgot_password(forgot("bea")).await.unwrap();
 
-    let sent: Vec<_> = app
-        .cognito
-        .recorded()
-        .iter()
-        .map(|r| r.body["SecretHash"].as_str().unwrap().to_owned())
-        .collect();
     let hash = |secret: &str| secret_hash(&secret.to_owned().into(), "bea", WEB);
     assert_eq!(
-        sent,
+        sent_secret_hashes(&app.cognito),
         [
             hash("before-rotation"),
             hash("after-rotation"),
@@ -263,28 +266,12 @@ async fn the_one_client_settings_secret_file_is_reloaded_too() {
     client.forgot_password(forgot("dee")).await.unwrap();
 
     secrets.write(&[("secret", "shorthand-2\n")]);
-    let metrics_addr = app.metrics_addr.to_string();
-    let reloaded = async {
-        loop {
-            let text = scrape(&metrics_addr).await;
-            let labels = ["client=\"default\"", "result=\"reloaded\""];
-            if metric(&text, "cognito_client_secret_reloads_total", &labels).is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), reloaded)
-        .await
-        .expect("the rotation is noticed");
+    secret_reload_counted(&app, "default", "reloaded").await;
     client.forgot_password(forgot("dee")).await.unwrap();
 
-    let hashes: Vec<_> = app
-        .cognito
-        .recorded()
-        .iter()
-        .map(|r| r.body["SecretHash"].as_str().unwrap().to_owned())
-        .collect();
     let hash = |secret: &str| secret_hash(&secret.to_owned().into(), "dee", common::CLIENT_ID);
-    assert_eq!(hashes, [hash("shorthand-1"), hash("shorthand-2")]);
+    assert_eq!(
+        sent_secret_hashes(&app.cognito),
+        [hash("shorthand-1"), hash("shorthand-2")]
+    );
 }

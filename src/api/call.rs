@@ -188,6 +188,15 @@ impl Call {
         &self.span
     }
 
+    /// Finishes a call refused before it reached the service with `error`: its log line,
+    /// audit event and metrics, and the status to answer.
+    pub fn refuse(self, error: Error, ending: Ending) -> Status {
+        match self.finish::<()>(None, Outcome::plain(Err(error)), ending) {
+            Err(status) => status,
+            Ok(_) => Error::Internal.into(),
+        }
+    }
+
     /// Turns the outcome into the answer, carrying the request id (in headers on success,
     /// trailers on error), and leaves the call's log line, audit event and metrics.
     pub fn finish<T>(

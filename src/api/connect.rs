@@ -12,8 +12,6 @@
 //! `Retry-After` wherever a `RetryInfo` is.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,10 +28,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tower::Service;
 
-use super::SERVICE_NAME;
-use super::call::{Ending, Outcome, Protocol};
+use super::call::{Ending, Protocol};
 use super::intake::{CancelUnclaimed, Gate, Unclaimed};
-use super::{PasswordRecovery, PasswordRecoveryService};
+use super::{Answer, AnswerFuture, PasswordRecovery, PasswordRecoveryService, SERVICE_NAME};
 use crate::domain::{FieldViolation, Rpc};
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -134,7 +131,7 @@ impl Connect {
     }
 
     /// Answers one HTTP request that is not gRPC.
-    async fn serve(self, request: http::Request<Body>) -> http::Response<Body> {
+    async fn serve(self, request: http::Request<Body>) -> Answer {
         let Some(rpc) = Rpc::from_path(SERVICE_NAME, request.uri().path()) else {
             return protocol_error(
                 StatusCode::NOT_FOUND,
@@ -244,19 +241,18 @@ async fn read_body(
 }
 
 /// Finishes the unclaimed call with `error` before it reached the service, and answers it.
-fn refuse(slot: &Unclaimed, error: Error, ending: Ending) -> http::Response<Body> {
+fn refuse(slot: &Unclaimed, error: Error, ending: Ending) -> Answer {
     let Some(call) = slot.claim() else {
         return error_answer(&Error::Internal.into());
     };
-    let refused = call.finish::<()>(None, Outcome::plain(Err(error)), ending);
-    error_answer(&refused.err().unwrap_or_else(|| Error::Internal.into()))
+    error_answer(&call.refuse(error, ending))
 }
 
 /// The service's answer as a Connect response.
 fn answer<M: Message + serde::Serialize>(
     codec: Codec,
     result: Result<tonic::Response<M>, Status>,
-) -> http::Response<Body> {
+) -> Answer {
     let response = match result {
         Ok(response) => response,
         Err(status) => return error_answer(&status),
@@ -271,7 +267,7 @@ fn answer<M: Message + serde::Serialize>(
 
 /// A Connect error answer for `status`: its HTTP status, the JSON error with every detail,
 /// `Retry-After` when the details hold a `RetryInfo`, and the request id.
-fn error_answer(status: &Status) -> http::Response<Body> {
+fn error_answer(status: &Status) -> Answer {
     let details = decoded_details(status);
     let retry_after = details.iter().find_map(|detail| detail.retry_after);
     let body = json!({
@@ -289,14 +285,14 @@ fn error_answer(status: &Status) -> http::Response<Body> {
 }
 
 /// An error of the protocol itself (no call started): no details.
-fn protocol_error(http: StatusCode, code: Code, message: &str) -> http::Response<Body> {
+fn protocol_error(http: StatusCode, code: Code, message: &str) -> Answer {
     json_error(
         http,
         &json!({ "code": code_name(code), "message": message }),
     )
 }
 
-fn json_error(http: StatusCode, body: &Value) -> http::Response<Body> {
+fn json_error(http: StatusCode, body: &Value) -> Answer {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut answer = http::Response::new(Body::new(Full::new(Bytes::from(bytes))));
     *answer.status_mut() = http;
@@ -494,8 +490,6 @@ impl<S> tower::Layer<S> for ProtocolsLayer {
     }
 }
 
-type Answer = http::Response<Body>;
-
 impl<S> Service<http::Request<Body>> for Protocols<S>
 where
     S: Service<http::Request<Body>, Response = Answer, Error = Infallible>,
@@ -503,7 +497,7 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    type Future = AnswerFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.grpc.poll_ready(cx)

@@ -8,8 +8,6 @@
 //! A call whose caller goes away before the handler claims it is finished as `CANCELLED`.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -19,8 +17,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 use tower::Service;
 
-use super::SERVICE_NAME;
-use super::call::{Call, Ending, Outcome, Protocol};
+use super::call::{Call, Ending, Protocol};
+use super::{Answer, AnswerFuture, SERVICE_NAME};
 use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
@@ -48,11 +46,7 @@ pub(crate) struct CancelUnclaimed(pub Unclaimed);
 impl Drop for CancelUnclaimed {
     fn drop(&mut self) {
         if let Some(call) = self.0.claim() {
-            let _ = call.finish::<()>(
-                None,
-                Outcome::plain(Err(Error::Cancelled)),
-                Ending::CallerGone,
-            );
+            call.refuse(Error::Cancelled, Ending::CallerGone);
         }
     }
 }
@@ -100,12 +94,7 @@ impl Gate {
         let mut call = Call::start(rpc, protocol, headers, extensions);
         let Ok(permit) = self.calls.clone().try_acquire_owned() else {
             metrics::counter!(UPSTREAM_REJECTED, "reason" => "calls").increment(1);
-            let refused = call.finish::<()>(
-                None,
-                Outcome::plain(Err(Error::Overloaded)),
-                Ending::Answered,
-            );
-            return Err(refused.err().unwrap_or_else(|| Error::Internal.into()));
+            return Err(call.refuse(Error::Overloaded, Ending::Answered));
         };
         call.hold(permit);
         Ok(call)
@@ -130,8 +119,6 @@ impl<S: NamedService> NamedService for Intake<S> {
     const NAME: &'static str = S::NAME;
 }
 
-type Answer = http::Response<Body>;
-
 impl<S> Service<http::Request<Body>> for Intake<S>
 where
     S: Service<http::Request<Body>, Response = Answer, Error = Infallible> + Send + 'static,
@@ -139,7 +126,7 @@ where
 {
     type Response = Answer;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+    type Future = AnswerFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -184,19 +171,7 @@ where
                 }
                 _ => (Error::MalformedRequest, Ending::Answered),
             };
-            Ok(answer(call.finish::<()>(
-                None,
-                Outcome::plain(Err(error)),
-                ending,
-            )))
+            Ok(call.refuse(error, ending).into_http())
         })
-    }
-}
-
-/// An error answer as the HTTP response tonic would send (trailers-only).
-fn answer(result: Result<tonic::Response<()>, Status>) -> Answer {
-    match result {
-        Err(status) => status.into_http(),
-        Ok(_) => Status::from(Error::Internal).into_http(),
     }
 }

@@ -58,6 +58,12 @@ const FORGOT_PASSWORD_MASKED: &[&str] = &["UserNotFoundException", "InvalidParam
 /// Cognito's answer to a wrong code, which a ConfirmForgotPassword for an unknown user imitates.
 const CODE_MISMATCH: &str = "CodeMismatchException";
 const USER_NOT_FOUND: &str = "UserNotFoundException";
+/// An HTTP answer of the layers in front of tonic's routes (`intake`, `connect`).
+type Answer = http::Response<tonic::body::Body>;
+/// What those layers' services return.
+type AnswerFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Answer, std::convert::Infallible>> + Send>>;
+
 /// The alias logs and metrics give a `client_id` this server does not serve.
 const UNKNOWN_CLIENT: &str = "unknown";
 
