@@ -26,7 +26,7 @@ use crate::api::{
 };
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
-use crate::connections;
+use crate::connections::{self, ConnectionSettings};
 use crate::limits::{Limits, SharedLimits};
 use crate::masking::Masking;
 use crate::memory;
@@ -116,11 +116,9 @@ pub struct Application {
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,
     keepalive_interval: Duration,
-    idle_timeout: Duration,
-    max_connections: usize,
+    /// The gRPC listener's connections: their caps, shares and time bounds.
+    connections: ConnectionSettings,
     max_concurrent_streams: u32,
-    /// What an HTTP/1.1 client may send before it is answered (`connections`).
-    max_http1_unanswered: usize,
     calls: Arc<InFlightCalls>,
 }
 
@@ -177,6 +175,16 @@ impl Application {
             max_concurrent_upstream = config.limits.max_concurrent_upstream,
             "abuse limits"
         );
+        tracing::info!(
+            max_connections = config.max_connections,
+            max_connections_per_peer = config.max_connections_per_peer,
+            max_concurrent_calls = config.max_concurrent_calls,
+            max_concurrent_calls_per_peer = config.max_concurrent_calls_per_peer,
+            peer_key = ?config.peer_key,
+            request_header_timeout = %humantime::format_duration(config.request_header_timeout),
+            request_body_timeout = %humantime::format_duration(config.request_body_timeout),
+            "places, fair shares and time bounds"
+        );
         let calls = Arc::new(InFlightCalls::default());
         let regions: Vec<String> = cognito
             .clients()
@@ -218,7 +226,9 @@ impl Application {
         // Calls of both protocols take their places at one gate.
         let gate = Gate::new(IntakeSettings {
             max_calls: config.max_concurrent_calls.get(),
+            max_calls_per_peer: config.max_concurrent_calls_per_peer.get(),
             max_request_bytes: config.max_request_bytes,
+            body_timeout: config.request_body_timeout,
         });
         let connect = config
             .connect_protocol
@@ -256,10 +266,16 @@ impl Application {
             shutdown_delay: config.shutdown_delay,
             shutdown_grace_period: config.shutdown_grace_period,
             keepalive_interval: config.keepalive_interval,
-            idle_timeout: config.idle_timeout,
-            max_connections: config.max_connections.get(),
+            connections: ConnectionSettings {
+                idle_timeout: config.idle_timeout,
+                header_timeout: config.request_header_timeout,
+                max_connections: config.max_connections.get(),
+                max_per_peer: config.max_connections_per_peer.get(),
+                peer_key: config.peer_key,
+                max_http1_unanswered: memory::HTTP1_HEADER_BYTES as usize
+                    + config.max_request_bytes,
+            },
             max_concurrent_streams: config.max_concurrent_streams,
-            max_http1_unanswered: memory::HTTP1_HEADER_BYTES as usize + config.max_request_bytes,
             calls,
         })
     }
@@ -314,13 +330,7 @@ impl Application {
             .layer(ProtocolsLayer::new(self.connect))
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(
-                connections::incoming(
-                    self.grpc,
-                    self.tls,
-                    self.idle_timeout,
-                    self.max_connections,
-                    self.max_http1_unanswered,
-                ),
+                connections::incoming(self.grpc, self.tls, self.connections),
                 closing(),
             );
         servers.spawn(async move { serve.await.map_err(StartupError::from) });

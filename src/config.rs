@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
 use crate::limits::{LimitSettings, RedisSettings, UsernameRateLimit};
+use crate::places::PeerKey;
 use crate::telemetry::{LogFormat, LogSettings};
 use crate::tls::TlsSettings;
 
@@ -61,6 +62,16 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Serve the RPCs by the Connect protocol (JSON over HTTP) on the gRPC port too.
     pub connect_protocol: bool,
+    /// How long a request's headers may take to arrive.
+    pub request_header_timeout: Duration,
+    /// How long a request's message may take to arrive after its headers.
+    pub request_body_timeout: Duration,
+    /// Connections one peer may hold at once.
+    pub max_connections_per_peer: NonZeroUsize,
+    /// Calls in progress one peer may hold at once.
+    pub max_concurrent_calls_per_peer: NonZeroUsize,
+    /// What a peer is, for the per-peer shares.
+    pub peer_key: PeerKey,
 }
 
 /// A setting that is missing or malformed. Displays as one line naming the setting.
@@ -213,6 +224,30 @@ struct Cli {
     /// Connections open at once on the gRPC port; one more is closed at once.
     #[arg(long, env = "MAX_CONNECTIONS", default_value = "256")]
     max_connections: NonZeroUsize,
+
+    /// Connections one peer (see PEER_KEY) may hold at once; at most MAX_CONNECTIONS.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_PEER", default_value = "64")]
+    max_connections_per_peer: NonZeroUsize,
+
+    /// Calls in progress one peer (see PEER_KEY) may hold at once; at most
+    /// MAX_CONCURRENT_CALLS.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS_PER_PEER", default_value = "32")]
+    max_concurrent_calls_per_peer: NonZeroUsize,
+
+    /// What a peer is for the per-peer shares: its source address, or none (behind a proxy
+    /// or sidecar, where every connection comes from one address).
+    #[arg(long, env = "PEER_KEY", default_value = "address", value_enum)]
+    peer_key: PeerKey,
+
+    /// How long a request's headers may take to arrive (from the connection's start, or the
+    /// first byte of a later HTTP/1.1 request); past it the connection is closed.
+    #[arg(long, env = "REQUEST_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    request_header_timeout: Duration,
+
+    /// How long a request's message may take to arrive after its headers; past it the call
+    /// is answered DEADLINE_EXCEEDED (REQUEST_TIMEOUT).
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    request_body_timeout: Duration,
 
     /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value = "32", value_parser = clap::value_parser!(u32).range(1..))]
@@ -449,6 +484,11 @@ impl Config {
             max_connections: cli.max_connections,
             max_concurrent_streams: cli.grpc_max_concurrent_streams,
             connect_protocol: cli.connect_protocol,
+            request_header_timeout: cli.request_header_timeout,
+            request_body_timeout: cli.request_body_timeout,
+            max_connections_per_peer: cli.max_connections_per_peer,
+            max_concurrent_calls_per_peer: cli.max_concurrent_calls_per_peer,
+            peer_key: cli.peer_key,
         })))
     }
 }
@@ -658,6 +698,11 @@ mod tests {
         assert_eq!(config.max_concurrent_calls.get(), 128);
         assert_eq!(config.max_connections.get(), 256);
         assert_eq!(config.max_concurrent_streams, 32);
+        assert_eq!(config.max_connections_per_peer.get(), 64);
+        assert_eq!(config.max_concurrent_calls_per_peer.get(), 32);
+        assert_eq!(config.peer_key, PeerKey::Address);
+        assert_eq!(config.request_header_timeout, Duration::from_secs(10));
+        assert_eq!(config.request_body_timeout, Duration::from_secs(10));
         assert_eq!(config.keepalive_interval, Duration::from_secs(30));
         assert_eq!(config.idle_timeout, Duration::from_secs(300));
         assert!(config.username_hash_key.is_none());

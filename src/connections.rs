@@ -1,9 +1,18 @@
 //! The gRPC listener's connections: accepted over TCP, through TLS when it is configured, each
-//! carrying a [`ConnectionInfo`] into every request (the mTLS client's identity, and the
-//! activity that drives the idle timeout). A connection with no call in progress and none
-//! started for `GRPC_IDLE_TIMEOUT` is closed; HTTP/2 keepalive pings do not count as activity,
-//! so idle clients do not pin connections forever. At most `MAX_CONNECTIONS` are open at once:
-//! one more is closed as soon as it is accepted, and counted.
+//! carrying a [`ConnectionInfo`] into every request (the peer, the mTLS client's identity, and
+//! the activity that drives the timeouts and the taking back of places).
+//!
+//! Every connection holds one of `MAX_CONNECTIONS` places, at most `MAX_CONNECTIONS_PER_PEER`
+//! of them for one peer (`places`). A newcomer that finds none free takes back the place of a
+//! connection that has sent no request yet (the oldest first), else of the one idle longest;
+//! only when every connection has a call in progress is it closed at once, and counted.
+//!
+//! Time bounds: a connection with no call in progress and none started for
+//! `GRPC_IDLE_TIMEOUT` is closed (HTTP/2 keepalive pings do not count as activity). A request's
+//! headers must arrive within `REQUEST_HEADER_TIMEOUT`: from the connection's start (after
+//! TLS) for its first request, and on HTTP/1.1 from the first byte of each later one; an
+//! HTTP/2 client is held to it until its connection preface is complete, after which its
+//! streams' headers arrive in frames HTTP/2 itself bounds. Past it the connection is closed.
 //!
 //! HTTP/2 bounds what a client may send unread (flow-control windows, the header list). An
 //! HTTP/1.1 client (the Connect protocol) has no such windows, so the connection bounds it: it
@@ -12,6 +21,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,26 +30,60 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::either::Either;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::metrics as m;
+use crate::places::{Crowded, Holder, PeerKey, Place, Places, Standing};
+use crate::telemetry::Occasionally;
 use crate::tls::ReloadingTls;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Refused connections are logged at warn at most this often.
-const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Refusals, places taken back and header timeouts are each logged at warn at most this often.
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
+static REFUSED_WARNING: Occasionally = Occasionally::every(WARN_INTERVAL);
+static TAKEN_BACK_WARNING: Occasionally = Occasionally::every(WARN_INTERVAL);
+static HEADER_TIMEOUT_WARNING: Occasionally = Occasionally::every(WARN_INTERVAL);
+
+/// The listener's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionSettings {
+    /// `GRPC_IDLE_TIMEOUT`.
+    pub idle_timeout: Duration,
+    /// `REQUEST_HEADER_TIMEOUT`.
+    pub header_timeout: Duration,
+    /// `MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// `MAX_CONNECTIONS_PER_PEER`.
+    pub max_per_peer: usize,
+    /// `PEER_KEY`: what a peer is.
+    pub peer_key: PeerKey,
+    /// What an HTTP/1.1 client may send before it is answered.
+    pub max_http1_unanswered: usize,
+}
+
+/// The label value of a crowding reason in the connection and call metrics.
+pub(crate) fn crowded_label(crowded: Crowded, cap: &'static str) -> &'static str {
+    match crowded {
+        Crowded::Full => cap,
+        Crowded::PeerShare => "peer_share",
+    }
+}
 
 /// What every request on a connection can know about it.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     /// The mTLS client certificate's URI SAN, else its common name.
     pub peer_identity: Option<String>,
+    /// The peer, as `PEER_KEY` tells peers apart; `None` when it does not.
+    pub(crate) peer: Option<IpAddr>,
     activity: Arc<Activity>,
 }
 
@@ -50,9 +94,15 @@ impl ConnectionInfo {
         self.activity.touch();
         CallInProgress(self.activity.clone())
     }
+
+    /// A request's headers have arrived: the connection has proven it sends requests.
+    pub(crate) fn request_arrived(&self) {
+        self.activity.requests.fetch_add(1, Ordering::SeqCst);
+        self.activity.touch();
+    }
 }
 
-/// A call in progress; keeps its connection from idling out.
+/// A call in progress; keeps its connection from idling out or being taken back.
 #[derive(Debug)]
 pub struct CallInProgress(Arc<Activity>);
 
@@ -66,9 +116,13 @@ impl Drop for CallInProgress {
 #[derive(Debug)]
 struct Activity {
     opened: Instant,
-    /// Milliseconds after `opened` of the last call start or end.
+    /// Milliseconds after `opened` of the last request, call start or call end.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests whose headers have arrived.
+    requests: AtomicU64,
+    /// Cancelled when the connection's place is taken back.
+    taken_back: CancellationToken,
 }
 
 impl Activity {
@@ -77,6 +131,8 @@ impl Activity {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            taken_back: CancellationToken::new(),
         }
     }
 
@@ -85,29 +141,62 @@ impl Activity {
         self.last_ms.fetch_max(ms, Ordering::SeqCst);
     }
 
+    fn last_active(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last_ms.load(Ordering::SeqCst))
+    }
+
     /// When the connection may be closed for idleness, counting from the last activity; `None`
     /// while a call is in progress.
     fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let last = Duration::from_millis(self.last_ms.load(Ordering::SeqCst));
-        Some(self.opened + last + timeout)
+        Some(self.last_active() + timeout)
+    }
+}
+
+/// A connection's place is taken back first when it has sent no request (the oldest first),
+/// then when it is idle (the longest idle first); never while a call is in progress.
+impl Holder for Arc<Activity> {
+    fn standing(&self) -> Option<Standing> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 || self.taken_back.is_cancelled() {
+            return None;
+        }
+        Some(match self.requests.load(Ordering::SeqCst) {
+            0 => Standing {
+                tier: 0,
+                since: self.opened,
+            },
+            _ => Standing {
+                tier: 1,
+                since: self.last_active(),
+            },
+        })
+    }
+
+    fn take_back(&self, _: Crowded) -> bool {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        self.taken_back.cancel();
+        true
     }
 }
 
 /// A connection's byte stream: plain TCP, or TLS over it.
 type Transport = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
-/// The HTTP/2 connection preface's first bytes; no HTTP/1.1 method begins with them.
-const HTTP2_PREFACE_START: &[u8] = b"PRI";
+/// The HTTP/2 client connection preface; no HTTP/1.1 method begins with its first three bytes.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How many bytes of the preface tell HTTP/2 from HTTP/1.1.
+const HTTP2_PREFACE_DECIDES: usize = 3;
 
 /// Which HTTP a connection speaks, as its first bytes tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
-    /// Too few bytes yet: this many have matched the HTTP/2 preface's start.
-    Unknown(usize),
-    /// HTTP/2: its own windows bound what it holds.
+    /// This many bytes have matched the HTTP/2 preface, and it is not complete yet.
+    Preface(usize),
+    /// HTTP/2, its preface complete: its own windows bound what it holds.
     Http2,
     /// HTTP/1.1: the bytes read since the server last wrote.
     Http1 { unanswered: usize },
@@ -117,18 +206,20 @@ impl Framing {
     /// The framing once `bytes` more have been read.
     fn after(self, bytes: &[u8]) -> Self {
         match self {
-            Self::Unknown(matched) => {
-                let wanted = &HTTP2_PREFACE_START[matched..];
+            Self::Preface(matched) => {
+                let wanted = &HTTP2_PREFACE[matched..];
                 let n = bytes.len().min(wanted.len());
-                if bytes[..n] != wanted[..n] {
+                let deciding = n.min(HTTP2_PREFACE_DECIDES.saturating_sub(matched));
+                if bytes[..deciding] != wanted[..deciding] {
                     Self::Http1 {
                         unanswered: matched,
                     }
                     .after(bytes)
-                } else if matched + n == HTTP2_PREFACE_START.len() {
+                } else if matched + n == HTTP2_PREFACE.len() {
+                    // A preface gone wrong after its first bytes is HTTP/2's to refuse.
                     Self::Http2
                 } else {
-                    Self::Unknown(matched + n)
+                    Self::Preface(matched + n)
                 }
             }
             Self::Http2 => Self::Http2,
@@ -139,53 +230,53 @@ impl Framing {
     }
 }
 
-/// An accepted connection with its info and idle timer.
+/// An accepted connection with its info, place and timers.
 #[derive(Debug)]
 pub struct Connection {
     transport: Transport,
     info: ConnectionInfo,
     idle_timeout: Duration,
     idle_check: Pin<Box<Sleep>>,
+    header_timeout: Duration,
+    /// When a request's headers are due; `None` while none is owed.
+    headers_due: Option<Instant>,
+    header_check: Pin<Box<Sleep>>,
+    /// HTTP/1.1, answered with no call in progress: the next bytes begin a request.
+    between_requests: bool,
+    /// `Activity::requests` as last seen.
+    requests_seen: u64,
+    taken_back: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Set once the connection is to end: every read is end of stream.
+    ended: bool,
     framing: Framing,
     max_http1_unanswered: usize,
-    _open: OpenConnection,
-}
-
-/// One of the `MAX_CONNECTIONS` places, counted in `grpc_connections_open` while held.
-#[derive(Debug)]
-struct OpenConnection {
-    _place: OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    fn new(place: OwnedSemaphorePermit) -> Self {
-        metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
-        Self { _place: place }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
-    }
+    _place: Place<Arc<Activity>>,
 }
 
 impl Connection {
     fn new(
         transport: Transport,
         info: ConnectionInfo,
-        idle_timeout: Duration,
-        max_http1_unanswered: usize,
-        open: OpenConnection,
+        settings: &ConnectionSettings,
+        place: Place<Arc<Activity>>,
     ) -> Self {
+        let now = Instant::now();
+        let taken_back = info.activity.taken_back.clone().cancelled_owned();
         Self {
             transport,
-            idle_check: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_check: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+            idle_timeout: settings.idle_timeout,
+            header_timeout: settings.header_timeout,
+            headers_due: Some(now + settings.header_timeout),
+            header_check: Box::pin(tokio::time::sleep_until(now + settings.header_timeout)),
+            between_requests: false,
+            requests_seen: 0,
+            taken_back: Box::pin(taken_back),
+            ended: false,
             info,
-            idle_timeout,
-            framing: Framing::Unknown(0),
-            max_http1_unanswered,
-            _open: open,
+            framing: Framing::Preface(0),
+            max_http1_unanswered: settings.max_http1_unanswered,
+            _place: place,
         }
     }
 
@@ -193,16 +284,37 @@ impl Connection {
     fn allowance(&self) -> usize {
         match self.framing {
             Framing::Http1 { unanswered } => self.max_http1_unanswered.saturating_sub(unanswered),
-            Framing::Unknown(_) | Framing::Http2 => usize::MAX,
+            Framing::Preface(_) | Framing::Http2 => usize::MAX,
         }
     }
 
-    /// Something was written back: an HTTP/1.1 client may send again.
+    /// Something was written back: an HTTP/1.1 client may send again, and with no call in
+    /// progress its next bytes begin a new request.
     fn answered(&mut self, written: usize) {
         if written > 0
             && let Framing::Http1 { unanswered } = &mut self.framing
         {
             *unanswered = 0;
+            if self.info.activity.in_flight.load(Ordering::SeqCst) == 0 {
+                self.between_requests = true;
+                self.headers_due = None;
+            }
+        }
+    }
+
+    /// Bytes were read: the framing, and whether they begin a request whose headers are due.
+    fn received(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.framing = self.framing.after(bytes);
+        match self.framing {
+            Framing::Http2 => self.headers_due = None,
+            Framing::Http1 { .. } if self.between_requests => {
+                self.between_requests = false;
+                self.headers_due = Some(Instant::now() + self.header_timeout);
+            }
+            Framing::Http1 { .. } | Framing::Preface(_) => {}
         }
     }
 
@@ -219,6 +331,44 @@ impl Connection {
             }
         }
         false
+    }
+
+    /// True once a request's headers are overdue; arms the timer while they are due.
+    fn headers_overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        let requests = self.info.activity.requests.load(Ordering::SeqCst);
+        if requests != self.requests_seen {
+            self.requests_seen = requests;
+            self.headers_due = None;
+        }
+        let Some(due) = self.headers_due else {
+            return false;
+        };
+        if self.header_check.deadline() != due {
+            self.header_check.as_mut().reset(due);
+        }
+        self.header_check.as_mut().poll(cx).is_ready()
+    }
+
+    /// Whether the connection must end now, and if so, records why.
+    fn must_end(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.ended {
+            return true;
+        }
+        if self.taken_back.as_mut().poll(cx).is_ready() || self.idled_out(cx) {
+            self.ended = true;
+        } else if self.headers_overdue(cx) {
+            self.ended = true;
+            metrics::counter!(m::REQUEST_TIMEOUTS, "stage" => "headers").increment(1);
+            if let Some(held_back) = HEADER_TIMEOUT_WARNING.due() {
+                tracing::warn!(
+                    header_timeout = %humantime::format_duration(self.header_timeout),
+                    since_last_warning = held_back,
+                    "a connection sent no complete request headers within \
+                     REQUEST_HEADER_TIMEOUT: closed"
+                );
+            }
+        }
+        self.ended
     }
 }
 
@@ -237,7 +387,7 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let filled_before = buf.filled().len();
-        if self.idled_out(cx) {
+        if self.must_end(cx) {
             // End of stream: the HTTP server closes the connection.
             return Poll::Ready(Ok(()));
         }
@@ -260,8 +410,7 @@ impl AsyncRead for Connection {
             Pin::new(&mut this.transport).poll_read(cx, buf)
         };
         if read.is_ready() {
-            let new = &buf.filled()[filled_before..];
-            this.framing = this.framing.after(new);
+            this.received(&buf.filled()[filled_before..]);
         }
         read
     }
@@ -306,27 +455,28 @@ impl AsyncWrite for Connection {
 }
 
 /// Accepts connections on `listener`, through TLS when `tls` is given, and yields them to the
-/// gRPC server. Failed handshakes (e.g. a client without an accepted certificate) are logged
-/// and dropped. Beyond `max_connections` open at once, a new connection is closed at once. An
-/// HTTP/1.1 client may send `max_http1_unanswered` bytes before it is answered. Stops
-/// accepting when the stream is dropped.
-pub fn incoming(
+/// gRPC server, each in a place of its own (see the module docs). Failed handshakes (e.g. a
+/// client without an accepted certificate) are logged and dropped. Stops accepting when the
+/// stream is dropped.
+pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<ReloadingTls>,
-    idle_timeout: Duration,
-    max_connections: usize,
-    max_http1_unanswered: usize,
+    settings: ConnectionSettings,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (send, receive) = mpsc::channel(64);
-    let places = Arc::new(Semaphore::new(max_connections));
-    let mut last_warned: Option<Instant> = None;
+    let places = Places::new(
+        settings.max_connections,
+        settings.max_per_peer,
+        Some(m::CONNECTIONS_OPEN),
+    );
+    let settings = Arc::new(settings);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = send.closed() => return,
             };
-            let (stream, peer) = match accepted {
+            let (stream, addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "accept failed");
@@ -334,65 +484,110 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(place) = places.clone().try_acquire_owned() else {
+            let peer = settings.peer_key.peer(addr);
+            let activity = Arc::new(Activity::new());
+            let Some(place) = place_for(&places, &settings, peer, activity.clone()) else {
                 drop(stream);
-                metrics::counter!(m::CONNECTIONS_REFUSED).increment(1);
-                if last_warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_INTERVAL) {
-                    last_warned = Some(Instant::now());
-                    tracing::warn!(
-                        max_connections,
-                        "MAX_CONNECTIONS reached: new connections are closed at once"
-                    );
-                }
                 continue;
             };
-            let open = OpenConnection::new(place);
             let _ = stream.set_nodelay(true);
-            let send = send.clone();
-            let tls = tls.clone();
+            let (send, tls, settings) = (send.clone(), tls.clone(), settings.clone());
             tokio::spawn(async move {
-                let (transport, peer_identity) = match tls {
-                    None => (Either::Left(stream), None),
-                    Some(tls) => {
-                        let handshake = tls.acceptor().accept(stream);
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                            Ok(Ok(stream)) => {
-                                let identity = stream
-                                    .get_ref()
-                                    .1
-                                    .peer_certificates()
-                                    .and_then(|certs| certs.first())
-                                    .and_then(|cert| certificate_identity(cert));
-                                (Either::Right(Box::new(stream)), identity)
-                            }
-                            Ok(Err(err)) => {
-                                tracing::info!(%peer, error = %err, "TLS handshake refused");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::info!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        }
-                    }
+                let taken_back = activity.taken_back.clone();
+                let handshake = secure(stream, tls, addr);
+                let (transport, peer_identity) = tokio::select! {
+                    secured = handshake => match secured {
+                        Some(secured) => secured,
+                        None => return,
+                    },
+                    () = taken_back.cancelled() => return,
                 };
                 let info = ConnectionInfo {
                     peer_identity,
-                    activity: Arc::new(Activity::new()),
+                    peer,
+                    activity,
                 };
-                let _ = send
-                    .send(Ok(Connection::new(
-                        transport,
-                        info,
-                        idle_timeout,
-                        max_http1_unanswered,
-                        open,
-                    )))
-                    .await;
+                let connection = Connection::new(transport, info, &settings, place);
+                let _ = send.send(Ok(connection)).await;
             });
         }
     });
     ReceiverStream::new(receive)
+}
+
+/// A place among the connections for one from `peer`, taken back from another if need be;
+/// `None` (counted, and logged at most once a minute) when every connection is in use.
+fn place_for(
+    places: &Arc<Places<Arc<Activity>>>,
+    settings: &ConnectionSettings,
+    peer: Option<IpAddr>,
+    activity: Arc<Activity>,
+) -> Option<Place<Arc<Activity>>> {
+    match places.take(peer, activity) {
+        Ok(taken) => {
+            if let Some(crowded) = taken.took_back {
+                let reason = crowded_label(crowded, "max_connections");
+                metrics::counter!(m::CONNECTIONS_TAKEN_BACK, "reason" => reason).increment(1);
+                if let Some(held_back) = TAKEN_BACK_WARNING.due() {
+                    tracing::warn!(
+                        reason,
+                        max_connections = settings.max_connections,
+                        max_connections_per_peer = settings.max_per_peer,
+                        since_last_warning = held_back,
+                        "connections are crowded: an idle connection, or one that sent no \
+                         request, was closed to let a new one in"
+                    );
+                }
+            }
+            Some(taken.place)
+        }
+        Err(crowded) => {
+            let reason = crowded_label(crowded, "max_connections");
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+            if let Some(held_back) = REFUSED_WARNING.due() {
+                tracing::warn!(
+                    reason,
+                    max_connections = settings.max_connections,
+                    max_connections_per_peer = settings.max_per_peer,
+                    since_last_warning = held_back,
+                    "every connection has a call in progress: new connections are closed at once"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// The connection's transport, through TLS when `tls` is given, with the client
+/// certificate's identity; `None` when the handshake failed or timed out.
+async fn secure(
+    stream: TcpStream,
+    tls: Option<ReloadingTls>,
+    addr: std::net::SocketAddr,
+) -> Option<(Transport, Option<String>)> {
+    let Some(tls) = tls else {
+        return Some((Either::Left(stream), None));
+    };
+    let handshake = tls.acceptor().accept(stream);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => {
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| certificate_identity(cert));
+            Some((Either::Right(Box::new(stream)), identity))
+        }
+        Ok(Err(err)) => {
+            tracing::info!(peer = %addr, error = %err, "TLS handshake refused");
+            None
+        }
+        Err(_) => {
+            tracing::info!(peer = %addr, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// A client certificate's identity: its first URI SAN (e.g. a SPIFFE id), else its CN.
@@ -424,10 +619,19 @@ mod tests {
 
     #[test]
     fn the_first_bytes_tell_http2_from_http1_however_they_arrive() {
-        let start = Framing::Unknown(0);
-        assert_eq!(start.after(b"PRI * HTTP/2.0\r\n"), Framing::Http2);
-        assert_eq!(start.after(b"P").after(b"R").after(b"I *"), Framing::Http2);
-        assert_eq!(start.after(b""), Framing::Unknown(0));
+        let start = Framing::Preface(0);
+        assert_eq!(start.after(HTTP2_PREFACE), Framing::Http2);
+        assert_eq!(
+            start.after(b"P").after(b"R").after(b"I *"),
+            Framing::Preface(5)
+        );
+        let (head, tail) = HTTP2_PREFACE.split_at(10);
+        assert_eq!(start.after(head).after(tail), Framing::Http2);
+        assert_eq!(
+            start.after(b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n"),
+            Framing::Http2
+        );
+        assert_eq!(start.after(b""), Framing::Preface(0));
         assert_eq!(
             start.after(b"POST / HTTP/1.1\r\n"),
             Framing::Http1 { unanswered: 17 }
@@ -454,6 +658,7 @@ mod tests {
 
         let info = ConnectionInfo {
             peer_identity: None,
+            peer: None,
             activity: Arc::new(activity),
         };
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -465,5 +670,32 @@ mod tests {
             info.activity.idle_deadline(timeout),
             Some(info.activity.opened + Duration::from_secs(30) + timeout)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_goes_first_then_the_longest_idle_never_a_busy_one() {
+        let silent = Arc::new(Activity::new());
+        let idle = Arc::new(Activity::new());
+        let busy = Arc::new(Activity::new());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for served in [&idle, &busy] {
+            let info = ConnectionInfo {
+                peer_identity: None,
+                peer: None,
+                activity: served.clone(),
+            };
+            info.request_arrived();
+            std::mem::forget(info.call_started());
+        }
+        // `idle`'s call ends; `busy`'s does not.
+        idle.in_flight.fetch_sub(1, Ordering::SeqCst);
+
+        let (s, i) = (silent.standing().unwrap(), idle.standing().unwrap());
+        assert!(s < i, "{s:?} {i:?}");
+        assert_eq!(busy.standing(), None);
+        assert!(!busy.take_back(Crowded::Full));
+        assert!(silent.take_back(Crowded::Full));
+        assert!(silent.taken_back.is_cancelled());
+        assert_eq!(silent.standing(), None, "not taken back twice");
     }
 }

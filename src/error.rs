@@ -115,8 +115,25 @@ pub(crate) enum Error {
     Upstream(UpstreamError),
     /// A limit of this service refused the call before Cognito.
     RateLimited(RateLimited),
-    /// Too many calls are already waiting on Cognito, or in progress.
-    Overloaded,
+    /// Too many calls are already waiting on Cognito, or in progress (in all, or from the
+    /// call's peer).
+    Overloaded {
+        /// The setting whose bound was reached.
+        limit: &'static str,
+    },
+    /// The call's message was still arriving when its place among the calls in progress was
+    /// given to a new call.
+    TakenBack {
+        /// The setting whose bound was reached: `MAX_CONCURRENT_CALLS`, or its per-peer share.
+        limit: &'static str,
+    },
+    /// The call's message did not arrive within `REQUEST_BODY_TIMEOUT` of its headers.
+    RequestTimeout {
+        /// `REQUEST_BODY_TIMEOUT`.
+        limit: Duration,
+    },
+    /// The caller's deadline left too little time to reach Cognito: the call was not sent.
+    DeadlineTooShort,
     /// The request message could not be decoded; the service never saw it.
     MalformedRequest,
     /// The request message was larger than `MAX_REQUEST_BYTES`; it was not read.
@@ -137,6 +154,9 @@ pub(crate) enum Error {
 pub(crate) enum Blame {
     /// The caller or the end user (bad input, wrong code, limits).
     Caller,
+    /// A caller too slow to send its request, as a flood of stalled requests would be: each
+    /// call's line is at info, and a warning at most once a minute.
+    SlowCaller,
     /// Cognito or the network, usually passing.
     Upstream,
     /// This service's own set-up.
@@ -213,15 +233,50 @@ impl Error {
                     Blame::Caller,
                 )
             }
-            Self::Overloaded => {
+            Self::Overloaded { limit } => {
+                metadata.insert("limit".into(), (*limit).into());
                 details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
                 (
                     Code::Unavailable,
                     "OVERLOADED",
-                    "too many calls are in progress or waiting on Cognito; retry shortly".into(),
+                    format!(
+                        "too many calls are in progress or waiting on Cognito ({limit}); retry shortly"
+                    ),
                     Blame::Upstream,
                 )
             }
+            Self::TakenBack { limit } => {
+                metadata.insert("limit".into(), (*limit).into());
+                details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
+                (
+                    Code::Unavailable,
+                    "OVERLOADED",
+                    format!(
+                        "the request message was still arriving when its place among the calls \
+                         in progress ({limit}) was needed by a new call; retry shortly"
+                    ),
+                    Blame::SlowCaller,
+                )
+            }
+            Self::RequestTimeout { limit } => {
+                let limit = humantime::format_duration(*limit).to_string();
+                metadata.insert("limit".into(), limit.clone());
+                (
+                    Code::DeadlineExceeded,
+                    "REQUEST_TIMEOUT",
+                    format!("the request message did not arrive within {limit} of its headers"),
+                    Blame::SlowCaller,
+                )
+            }
+            Self::DeadlineTooShort => (
+                Code::DeadlineExceeded,
+                "DEADLINE_TOO_SHORT",
+                format!(
+                    "the call's deadline left less than {} ms to reach Cognito; it was not sent",
+                    crate::cognito::MIN_UPSTREAM_TIME.as_millis()
+                ),
+                Blame::Caller,
+            ),
             Self::MalformedRequest => (
                 Code::InvalidArgument,
                 "MALFORMED_REQUEST",
@@ -504,7 +559,16 @@ mod tests {
                 limit: "5/15m".into(),
                 retry_after: Duration::from_secs(1),
             }),
-            Error::Overloaded,
+            Error::Overloaded {
+                limit: "MAX_CONCURRENT_CALLS",
+            },
+            Error::TakenBack {
+                limit: "MAX_CONCURRENT_CALLS",
+            },
+            Error::RequestTimeout {
+                limit: Duration::from_secs(10),
+            },
+            Error::DeadlineTooShort,
             Error::Cancelled,
             Error::Internal,
             Error::ShuttingDown,
@@ -691,13 +755,42 @@ mod tests {
         assert_eq!(quota.violations[0].subject, "username");
         assert!(status.message().contains("3m"), "{}", status.message());
 
-        let status = Status::from(Error::Overloaded);
+        let status = Status::from(Error::Overloaded {
+            limit: "MAX_CONCURRENT_CALLS_PER_PEER",
+        });
         assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(
-            status.get_details_error_info().unwrap().reason,
-            "OVERLOADED"
-        );
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "OVERLOADED");
+        assert_eq!(info.metadata["limit"], "MAX_CONCURRENT_CALLS_PER_PEER");
         assert!(status.get_details_retry_info().is_some());
+    }
+
+    #[test]
+    fn a_stalled_message_is_told_which_bound_it_ran_into_and_is_not_a_warning_each() {
+        let classified = Error::TakenBack {
+            limit: "MAX_CONCURRENT_CALLS",
+        }
+        .classify();
+        assert_eq!(
+            (classified.code, classified.reason),
+            (Code::Unavailable, "OVERLOADED")
+        );
+        assert_eq!(classified.blame, Blame::SlowCaller);
+        let status = Error::RequestTimeout {
+            limit: Duration::from_secs(10),
+        }
+        .classify()
+        .into_status();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "REQUEST_TIMEOUT");
+        assert_eq!(info.metadata["limit"], "10s");
+        let short = Error::DeadlineTooShort.classify();
+        assert_eq!(
+            (short.code, short.reason),
+            (Code::DeadlineExceeded, "DEADLINE_TOO_SHORT")
+        );
+        assert!(short.message.contains("50 ms"), "{}", short.message);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod limits;
 pub(crate) mod masking;
 pub mod memory;
 pub(crate) mod metrics;
+pub mod places;
 pub(crate) mod privacy;
 pub mod proto;
 pub mod telemetry;

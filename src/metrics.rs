@@ -27,8 +27,18 @@ pub const COGNITO_REQUESTS: &str = "cognito_requests_total";
 pub const COGNITO_SECONDS: &str = "cognito_request_seconds";
 /// Connections open on the gRPC port.
 pub const CONNECTIONS_OPEN: &str = "grpc_connections_open";
-/// Connections closed at once because `MAX_CONNECTIONS` were open.
+/// Connections closed at once, by `reason`: `max_connections` (every connection open had a
+/// call in progress) or `peer_share` (so had every one of its peer's).
 pub const CONNECTIONS_REFUSED: &str = "grpc_connections_refused_total";
+/// Open connections closed to let a new one in (one that had sent no request, else the one
+/// idle longest), by `reason`: `max_connections` or `peer_share`.
+pub const CONNECTIONS_TAKEN_BACK: &str = "grpc_connections_taken_back_total";
+/// Calls whose message was still arriving, answered `OVERLOADED` to let a new call in, by
+/// `reason`: `max_concurrent_calls` or `peer_share`.
+pub const CALLS_TAKEN_BACK: &str = "grpc_calls_taken_back_total";
+/// Requests that did not arrive in time, by `stage`: `headers` (the connection was closed)
+/// or `body` (the call was answered `REQUEST_TIMEOUT`).
+pub const REQUEST_TIMEOUTS: &str = "grpc_request_timeouts_total";
 
 /// TLS rotations noticed, by `result`: `reloaded`, or `failed` (the previous certificate stays).
 pub const TLS_RELOADS: &str = "tls_certificate_reloads_total";
@@ -115,7 +125,22 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections closed at once because MAX_CONNECTIONS were open"
+        "Connections closed at once: every connection (or every one of the peer's) had a call \
+         in progress"
+    );
+    describe_counter!(
+        CONNECTIONS_TAKEN_BACK,
+        "Open connections closed to let a new one in: one that had sent no request, else the \
+         one idle longest"
+    );
+    describe_counter!(
+        CALLS_TAKEN_BACK,
+        "Calls whose message was still arriving, answered OVERLOADED to let a new call in"
+    );
+    describe_counter!(
+        REQUEST_TIMEOUTS,
+        "Requests whose headers (connection closed) or message (call answered) did not arrive \
+         in time"
     );
 }
 

@@ -136,6 +136,39 @@ mod otel {
     }
 }
 
+/// Lets a repeated warning through at most once per interval, counting the ones held back in
+/// between, so that a flood (of stalled requests, say) is one line a minute, not one a request.
+pub(crate) struct Occasionally {
+    interval: std::time::Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl Occasionally {
+    /// At most one line per `interval`.
+    pub(crate) const fn every(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            last: std::sync::Mutex::new(None),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be written now, `n` being how many were held back since the
+    /// last one; `None` (and one more held back) otherwise.
+    pub(crate) fn due(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < self.interval) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The request id header: taken from the call, or generated.
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -226,6 +259,19 @@ pub(crate) fn link_remote_parent(span: &tracing::Span, trace: Option<&TraceParen
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_occasional_warning_is_let_through_once_per_interval_counting_the_rest() {
+        let warn = Occasionally::every(std::time::Duration::from_secs(3600));
+        assert_eq!(warn.due(), Some(0));
+        assert_eq!(warn.due(), None);
+        assert_eq!(warn.due(), None);
+        let always = Occasionally::every(std::time::Duration::ZERO);
+        assert_eq!(always.due(), Some(0));
+        assert_eq!(always.due(), Some(0));
+        *warn.last.lock().unwrap() = None;
+        assert_eq!(warn.due(), Some(2), "the two held back are counted");
+    }
 
     #[test]
     fn a_valid_request_id_is_kept_and_anything_else_replaced() {

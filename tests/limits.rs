@@ -244,3 +244,154 @@ async fn idle_connections_are_closed_but_not_during_a_call() {
     app.cognito.release(1);
     call.await.unwrap().expect("a long call is not idle");
 }
+
+/// A raw HTTP/2 ForgotPassword stream that announces a 100-byte message and sends 10 bytes of
+/// it; returns the response to come and the stream, kept open.
+async fn stalled_grpc_message(
+    target: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut ready = h2.ready().await.unwrap();
+    let (response, mut stream) = ready
+        .send_request(common::raw::http2_request(target, "ForgotPassword"), false)
+        .unwrap();
+    let mut partial = vec![0u8; 15];
+    partial[1..5].copy_from_slice(&100u32.to_be_bytes());
+    stream.send_data(partial.into(), false).unwrap();
+    (response, stream)
+}
+
+/// The gRPC status of a trailers-only answer.
+async fn grpc_status(response: h2::client::ResponseFuture) -> tonic::Status {
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered within 10 s")
+        .expect("a response");
+    tonic::Status::from_header_map(response.headers()).expect("a trailers-only gRPC status")
+}
+
+#[tokio::test]
+async fn a_grpc_message_that_does_not_arrive_in_time_is_answered_request_timeout() {
+    let app = TestApp::spawn_with(&[("REQUEST_BODY_TIMEOUT", "500ms")]).await;
+    let started = Instant::now();
+
+    let (response, _stream) = stalled_grpc_message(&app.addr.to_string()).await;
+    let status = grpc_status(response).await;
+
+    let info = assert_error(&status, Code::DeadlineExceeded, "REQUEST_TIMEOUT");
+    assert_eq!(info.metadata["limit"], "500ms");
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    assert!(app.cognito.recorded().is_empty());
+}
+
+#[tokio::test]
+async fn a_stalled_grpc_message_gives_its_place_to_a_complete_call() {
+    let cognito = common::FakeCognito::start().await;
+    let service =
+        common::process::ServiceProcess::against(&cognito, &[("MAX_CONCURRENT_CALLS", "1")]).await;
+    let (response, _stream) = stalled_grpc_message(&service.target).await;
+    service
+        .wait_for_metric("grpc_server_in_flight", &[], |v| v >= 1.0)
+        .await;
+
+    let answered = service
+        .client()
+        .await
+        .forgot_password(forgot("whole"))
+        .await;
+
+    assert!(answered.is_ok(), "{answered:?}");
+    let status = grpc_status(response).await;
+    let info = assert_error(&status, Code::Unavailable, "OVERLOADED");
+    assert_eq!(info.metadata["limit"], "MAX_CONCURRENT_CALLS");
+    assert!(status.message().contains("still arriving"), "{status:?}");
+    assert!(status.get_details_retry_info().is_some());
+    service
+        .wait_for_metric(
+            "grpc_calls_taken_back_total",
+            &["max_concurrent_calls"],
+            |v| v >= 1.0,
+        )
+        .await;
+    service.terminate().await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_request_headers_do_not_arrive_in_time_is_closed() {
+    let app = TestApp::spawn_with(&[("REQUEST_HEADER_TIMEOUT", "300ms")]).await;
+    for first_bytes in [&b""[..], b"POS", b"PRI * HTTP/2.0\r\n"] {
+        let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut slow, first_bytes)
+            .await
+            .unwrap();
+        let started = Instant::now();
+
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink))
+            .await
+            .expect("the server closed the connection")
+            .ok();
+
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{first_bytes:?}: closed after {:?}",
+            started.elapsed()
+        );
+        // Nothing, or (for a preface cut short, which hyper then reads as HTTP/1.1) a 400.
+        assert!(
+            sink.is_empty() || sink.starts_with(b"HTTP/1.1 400"),
+            "{first_bytes:?}: {}",
+            String::from_utf8_lossy(&sink)
+        );
+    }
+    // A client that sends its request promptly is served.
+    app.client()
+        .await
+        .forgot_password(forgot("prompt"))
+        .await
+        .expect("served");
+}
+
+#[tokio::test]
+async fn a_new_connection_takes_the_place_of_one_that_sent_no_request() {
+    let app = TestApp::spawn_with(&[("MAX_CONNECTIONS", "2")]).await;
+    // Two connections that say nothing take both places, the first one first.
+    let mut first = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+
+    let answered = app.client().await.forgot_password(forgot("newcomer")).await;
+
+    assert!(answered.is_ok(), "{answered:?}");
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut sink))
+        .await
+        .expect("the oldest silent connection was closed")
+        .ok();
+}
+
+#[tokio::test]
+async fn a_grpc_deadline_too_short_to_reach_cognito_is_never_sent() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client().await;
+
+    let mut request = tonic::Request::new(forgot("hasty"));
+    request.set_timeout(Duration::from_millis(40));
+    let status = client.forgot_password(request).await.unwrap_err();
+    assert_error(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT");
+
+    // 1 ms: whoever answers first (this service, or tonic's own timer), nothing is sent.
+    let mut request = tonic::Request::new(forgot("hastier"));
+    request.set_timeout(Duration::from_millis(1));
+    let status = client.forgot_password(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // A call with time enough is sent, after them: it is the only one Cognito sees.
+    client.forgot_password(forgot("patient")).await.unwrap();
+    let recorded = app.cognito.recorded();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].body["Username"], "patient");
+}

@@ -45,20 +45,6 @@ fn settled_margin(idle: u64, peak: u64) -> u64 {
     (4 * MIB).max(peak.saturating_sub(idle) / 3)
 }
 
-/// VmRSS and VmHWM (peak) of `pid`, in bytes.
-fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-            * KIB
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 async fn start(cognito: &FakeCognito) -> (ServiceProcess, u64) {
     let service = ServiceProcess::start_release(&[
         ("COGNITO_CLIENT_ID", CLIENT_ID),
@@ -75,13 +61,13 @@ async fn start(cognito: &FakeCognito) -> (ServiceProcess, u64) {
         .forgot_password(forgot("warm"))
         .await
         .unwrap();
-    let (idle, _) = memory(service.pid());
+    let (idle, _) = service.memory();
     (service, idle)
 }
 
 /// Asserts the peak against the bound, then waits (at most 30 s) for RSS to settle near idle.
 async fn peak_within_bound_then_settles(service: ServiceProcess, idle: u64, shape: &str) {
-    let (_, peak) = memory(service.pid());
+    let (_, peak) = service.memory();
     let bound = bound();
     println!(
         "{shape}: idle {} KiB, peak {} KiB, bound {} KiB",
@@ -93,7 +79,7 @@ async fn peak_within_bound_then_settles(service: ServiceProcess, idle: u64, shap
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (rss, _) = memory(service.pid());
+        let (rss, _) = service.memory();
         if rss <= idle + settled_margin(idle, peak) {
             println!("{shape}: settled at {} KiB", rss / KIB);
             break;
@@ -116,9 +102,11 @@ async fn many_streams_holding_partial_messages() {
     let max_request = default_number("MAX_REQUEST_BYTES");
     let mut held = Vec::new();
 
-    // 32 connections × 32 streams, each announcing the largest message and sending half.
-    for _ in 0..32 {
-        let tcp = tokio::net::TcpStream::connect(&service.target)
+    // 32 connections × 32 streams, each announcing the largest message and sending half,
+    // from four peers: together their shares of the calls fill MAX_CONCURRENT_CALLS.
+    let target = service.target.parse().unwrap();
+    for i in 0..32 {
+        let tcp = common::connect_from(common::peer(i % 4), target)
             .await
             .unwrap();
         let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
@@ -143,10 +131,13 @@ async fn many_streams_holding_partial_messages() {
         }
     }
     service
-        .wait_for_metric("grpc_server_in_flight", &[], |v| v >= 128.0)
+        .wait_for_metric("grpc_server_in_flight", &[], |v| {
+            v >= default_number("MAX_CONCURRENT_CALLS") as f64
+        })
         .await;
+    // Past its share, each peer's newest stalled message took the place of its oldest.
     service
-        .wait_for_metric("upstream_rejected_total", &[], |v| v >= 1.0)
+        .wait_for_metric("grpc_calls_taken_back_total", &["peer_share"], |v| v >= 1.0)
         .await;
 
     for task in held {
@@ -160,18 +151,25 @@ async fn more_idle_connections_than_allowed() {
     let cognito = FakeCognito::start().await;
     let (service, idle) = start(&cognito).await;
     let max_connections = default_number("MAX_CONNECTIONS");
+    let per_peer = default_number("MAX_CONNECTIONS_PER_PEER");
+    let target = service.target.parse().unwrap();
     let mut held = Vec::new();
 
-    for _ in 0..max_connections + 100 {
-        let tcp = tokio::net::TcpStream::connect(&service.target)
-            .await
-            .unwrap();
+    // From enough peers that no one's share is reached: the cap is.
+    for i in 0..max_connections + 100 {
+        let peer = common::peer((i / (per_peer - 1)) as usize);
+        let tcp = common::connect_from(peer, target).await.unwrap();
         if let Ok((client, connection)) = h2::client::handshake(tcp).await {
             held.push((client, tokio::spawn(connection)));
         }
     }
+    // None has sent a request: each newcomer past the cap took the place of the oldest.
     service
-        .wait_for_metric("grpc_connections_refused_total", &[], |v| v >= 100.0)
+        .wait_for_metric(
+            "grpc_connections_taken_back_total",
+            &["max_connections"],
+            |v| v >= 100.0,
+        )
         .await;
     let metrics = service.scrape().await;
     assert_eq!(
@@ -192,10 +190,12 @@ async fn concurrent_largest_valid_requests() {
     let (service, idle) = start(&cognito).await;
     cognito.respond_with(|_| Reply::Held(Box::new(Reply::Ok(serde_json::json!({})))));
     let max_request = default_number("MAX_REQUEST_BYTES") as usize;
+    // From eight peers, none past its share of the calls.
     let mut channels = Vec::new();
-    for _ in 0..8 {
+    for i in 0..8 {
         let channel = Channel::from_shared(format!("http://{}", service.target))
             .unwrap()
+            .local_address(Some(common::peer(i)))
             .connect()
             .await
             .unwrap();
@@ -216,7 +216,7 @@ async fn concurrent_largest_valid_requests() {
         })
         .collect();
     cognito.arrived(1 + 64).await;
-    let (_, peak_while_held) = memory(service.pid());
+    let (_, peak_while_held) = service.memory();
 
     cognito.release(1000);
     let mut answered = 0;

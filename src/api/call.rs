@@ -1,12 +1,19 @@
 //! The life of one call, from the moment its headers arrive to its one log line, audit event
-//! and metrics: its span, request id, caller, budget, and the places it holds (a slot among
+//! and metrics: its span, request id, caller, budget, and the places it holds (a place among
 //! the calls in progress, activity on its connection). Every call that starts is finished
 //! exactly once: answered, its caller gone, or abandoned at the end of the grace period.
+//!
+//! While its message is still arriving a call may lose its place to a newcomer ([`Arrival`]),
+//! and its message must arrive within `REQUEST_BODY_TIMEOUT` ([`Call::stalled`]).
 
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Response, Status};
 use tracing::Level;
@@ -16,7 +23,8 @@ use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::Rpc;
 use crate::error::{Blame, Error, code_name};
 use crate::metrics as m;
-use crate::telemetry::{self, TraceParent};
+use crate::places::{Crowded, Holder, Place, Standing};
+use crate::telemetry::{self, Occasionally, TraceParent};
 
 use super::SERVICE_NAME;
 
@@ -85,6 +93,71 @@ pub(crate) enum Ending {
     CallerGone,
 }
 
+/// Whether a call's message is still arriving, and whether its place was taken back for a
+/// newcomer meanwhile: only a call still waiting for its message may lose its place, and the
+/// first of the two to decide (the message arriving, or the taking back) wins.
+pub(crate) struct Arrival {
+    started: Instant,
+    state: AtomicU8,
+    taken_back: CancellationToken,
+}
+
+const ARRIVING: u8 = 0;
+const ARRIVED: u8 = 1;
+/// Taken back because every place was held.
+const TAKEN_BACK_FULL: u8 = 2;
+/// Taken back because its peer held its share.
+const TAKEN_BACK_PEER: u8 = 3;
+
+impl Arrival {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            state: AtomicU8::new(ARRIVING),
+            taken_back: CancellationToken::new(),
+        }
+    }
+}
+
+/// A call waiting for its message may be taken back, the one waiting longest first.
+impl Holder for Arc<Arrival> {
+    fn standing(&self) -> Option<Standing> {
+        (self.state.load(Ordering::SeqCst) == ARRIVING).then_some(Standing {
+            tier: 0,
+            since: self.started,
+        })
+    }
+
+    fn take_back(&self, why: Crowded) -> bool {
+        let taken = match why {
+            Crowded::Full => TAKEN_BACK_FULL,
+            Crowded::PeerShare => TAKEN_BACK_PEER,
+        };
+        let won = self
+            .state
+            .compare_exchange(ARRIVING, taken, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if won {
+            self.taken_back.cancel();
+        }
+        won
+    }
+}
+
+/// The error a call whose place was taken back in `state` is answered with.
+fn taken_back_error(state: u8) -> Error {
+    Error::TakenBack {
+        limit: match state {
+            TAKEN_BACK_PEER => "MAX_CONCURRENT_CALLS_PER_PEER",
+            _ => "MAX_CONCURRENT_CALLS",
+        },
+    }
+}
+
+/// Stalled messages are logged at warn at most this often (each call's own line is at info).
+static REQUEST_TIMEOUT_WARNING: Occasionally = Occasionally::every(Duration::from_secs(60));
+static TAKEN_BACK_WARNING: Occasionally = Occasionally::every(Duration::from_secs(60));
+
 /// Whom a valid request is about, as logs and audit events name them.
 #[derive(Debug, Clone)]
 pub(crate) struct Subject {
@@ -106,10 +179,14 @@ pub(crate) struct Call {
     request_id: MetadataValue<Ascii>,
     /// Who called: the mTLS client's identity, or `anonymous`.
     caller: String,
+    /// The peer it came from, as `PEER_KEY` tells peers apart.
+    peer: Option<IpAddr>,
     span: tracing::Span,
     _in_flight: InFlight,
     _on_connection: Option<CallInProgress>,
-    _slot: Option<OwnedSemaphorePermit>,
+    /// Its place among the calls in progress, and whether its message has arrived.
+    arrival: Option<Arc<Arrival>>,
+    _place: Option<Place<Arc<Arrival>>>,
 }
 
 /// Counts one call in `grpc_server_in_flight` for as long as it lives.
@@ -138,6 +215,7 @@ impl Call {
     ) -> Self {
         let started = Instant::now();
         let connection = extensions.get::<ConnectionInfo>();
+        let peer = connection.and_then(|c| c.peer);
         let caller = connection
             .and_then(|c| c.peer_identity.clone())
             .unwrap_or_else(|| "anonymous".to_owned());
@@ -165,16 +243,70 @@ impl Call {
             // A request id is printable ASCII by construction.
             request_id: request_id.parse().expect("printable ASCII"),
             caller,
+            peer,
             span,
             _in_flight: InFlight::enter(),
             _on_connection: connection.map(ConnectionInfo::call_started),
-            _slot: None,
+            arrival: None,
+            _place: None,
         }
     }
 
-    /// Holds `permit` (a place among the calls in progress) until the call is finished.
-    pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
-        self._slot = Some(permit);
+    /// The peer the call came from, when `PEER_KEY` tells peers apart.
+    pub fn peer(&self) -> Option<IpAddr> {
+        self.peer
+    }
+
+    /// A new record of this call's message arriving, to hold a place among the calls.
+    pub fn arrival(&self) -> Arc<Arrival> {
+        Arc::new(Arrival::new(self.started))
+    }
+
+    /// Holds `place` among the calls in progress until the call is finished; `arrival` says
+    /// whether it may be taken back.
+    pub fn hold(&mut self, place: Place<Arc<Arrival>>, arrival: Arc<Arrival>) {
+        self._place = Some(place);
+        self.arrival = Some(arrival);
+    }
+
+    /// The message has arrived: from now on the call keeps its place. The error to answer
+    /// when its place was taken back first.
+    pub fn arrived(&self) -> Result<(), Error> {
+        let Some(arrival) = &self.arrival else {
+            return Ok(());
+        };
+        match arrival
+            .state
+            .compare_exchange(ARRIVING, ARRIVED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Ok(()),
+            Err(ARRIVED) => Ok(()),
+            Err(taken) => Err(taken_back_error(taken)),
+        }
+    }
+
+    /// Completes, with the error to answer, when the message has not arrived within
+    /// `body_timeout` of the call's start (`REQUEST_TIMEOUT`) or its place was taken back
+    /// for a newcomer; never while the message is still arriving in time. A door races its
+    /// reading of the message against this.
+    pub fn stalled(&self, body_timeout: Duration) -> impl Future<Output = Error> + Send + 'static {
+        let due = self.started + body_timeout;
+        let arrival = self.arrival.clone();
+        async move {
+            let taken_back = async {
+                match &arrival {
+                    Some(arrival) => {
+                        arrival.taken_back.cancelled().await;
+                        taken_back_error(arrival.state.load(Ordering::SeqCst))
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => Error::RequestTimeout { limit: body_timeout },
+                error = taken_back => error,
+            }
+        }
     }
 
     /// When the upstream call must be done: `timeout` (the app client's) after the call
@@ -219,6 +351,9 @@ impl Call {
                 (Ok(response), "OK", None)
             }
             Err(error) => {
+                if let Error::RequestTimeout { .. } = error {
+                    metrics::counter!(m::REQUEST_TIMEOUTS, "stage" => "body").increment(1);
+                }
                 let classified = error.classify();
                 let (code, reason) = (code_name(classified.code), classified.reason);
                 let failure = Failure {
@@ -356,8 +491,34 @@ impl Call {
         }
         match blame {
             Blame::Caller => failed!(Level::WARN, "call failed"),
+            Blame::SlowCaller => {
+                failed!(
+                    Level::INFO,
+                    "call failed: its message did not arrive in time"
+                );
+                self.warn_of_stalling(error);
+            }
             Blame::Upstream => failed!(Level::WARN, "call failed upstream"),
             Blame::Server => failed!(Level::ERROR, "call failed: server-side fault"),
+        }
+    }
+
+    /// At most once a minute per kind, a warning that callers' messages are stalling.
+    fn warn_of_stalling(&self, error: &Error) {
+        let (warning, what) = match error {
+            Error::RequestTimeout { .. } => (
+                &REQUEST_TIMEOUT_WARNING,
+                "request messages are not arriving within REQUEST_BODY_TIMEOUT: such calls \
+                 are answered DEADLINE_EXCEEDED (REQUEST_TIMEOUT)",
+            ),
+            _ => (
+                &TAKEN_BACK_WARNING,
+                "calls are crowded: calls whose message was still arriving lost their place to \
+                 new calls (OVERLOADED)",
+            ),
+        };
+        if let Some(held_back) = warning.due() {
+            tracing::warn!(since_last_warning = held_back, "{what}");
         }
     }
 
@@ -439,7 +600,11 @@ pub(crate) fn parse_connect_timeout(value: &str) -> Option<Duration> {
     if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    value.parse().ok().map(Duration::from_millis)
+    value
+        .parse()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
 }
 
 #[cfg(test)]
@@ -456,7 +621,21 @@ mod tests {
             parse_connect_timeout("9999999999"),
             Some(Duration::from_millis(9_999_999_999))
         );
-        for bad in ["", "12345678901", "-5", "5s", "1.5", " 5"] {
+        assert_eq!(
+            parse_connect_timeout("0001"),
+            Some(Duration::from_millis(1))
+        );
+        for bad in [
+            "",
+            "0",
+            "0000",
+            "12345678901",
+            "-5",
+            "5s",
+            "1.5",
+            " 5",
+            "abc",
+        ] {
             assert_eq!(parse_connect_timeout(bad), None, "{bad:?}");
         }
     }

@@ -12,14 +12,15 @@
 //! `Retry-After` wherever a `RetryInfo` is.
 
 use std::convert::Infallible;
+use std::io::ErrorKind;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use prost::Message;
 use serde_json::{Value, json};
@@ -31,6 +32,7 @@ use tower::Service;
 use super::call::{Ending, Protocol};
 use super::intake::{CancelUnclaimed, Gate, Unclaimed};
 use super::{Answer, AnswerFuture, PasswordRecovery, PasswordRecoveryService, SERVICE_NAME};
+use crate::connections::ConnectionInfo;
 use crate::domain::{FieldViolation, Rpc};
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -38,6 +40,8 @@ use crate::telemetry::REQUEST_ID_HEADER;
 
 /// The content types a unary Connect call may carry, as `Accept-Post` lists them.
 const ACCEPTED: &str = "application/json, application/proto";
+/// The caller's deadline header.
+const CONNECT_TIMEOUT: &str = "connect-timeout-ms";
 /// The longest field name quoted back in an "unknown field" answer.
 const FIELD_NAME_MAX_CHARS: usize = 64;
 
@@ -130,9 +134,30 @@ impl Connect {
         Self { service, gate }
     }
 
-    /// Answers one HTTP request that is not gRPC.
+    /// Answers one HTTP request that is not gRPC. On HTTP/2, a body this door answered
+    /// without reading to its end is read and dropped behind the answer ([`linger`]), so the
+    /// client sees the answer rather than a reset stream.
     async fn serve(self, request: http::Request<Body>) -> Answer {
-        let Some(rpc) = Rpc::from_path(SERVICE_NAME, request.uri().path()) else {
+        let http1 = request.version() < Version::HTTP_2;
+        let (parts, body) = request.into_parts();
+        let declared = declared_length(&parts.headers);
+        let mut body = Some(body);
+        let within = self.gate.body_timeout();
+        let answer = self.answer(parts, &mut body, http1).await;
+        if let (false, Some(unread)) = (http1, body) {
+            linger(unread, declared, within);
+        }
+        answer
+    }
+
+    /// The answer to a request with `parts`; `body` is taken once it is read.
+    async fn answer(
+        self,
+        parts: http::request::Parts,
+        body: &mut Option<Body>,
+        http1: bool,
+    ) -> Answer {
+        let Some(rpc) = Rpc::from_path(SERVICE_NAME, parts.uri.path()) else {
             return protocol_error(
                 StatusCode::NOT_FOUND,
                 Code::Unimplemented,
@@ -140,7 +165,7 @@ impl Connect {
                  ForgotPassword and /ConfirmForgotPassword",
             );
         };
-        if request.method() != Method::POST {
+        if parts.method != Method::POST {
             let mut answer = protocol_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 Code::Unimplemented,
@@ -151,7 +176,7 @@ impl Connect {
                 .insert(ALLOW, HeaderValue::from_static("POST"));
             return answer;
         }
-        let Some(codec) = Codec::of(request.headers()) else {
+        let Some(codec) = Codec::of(&parts.headers) else {
             let mut answer = protocol_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 Code::Unknown,
@@ -162,10 +187,9 @@ impl Connect {
                 .insert("accept-post", HeaderValue::from_static(ACCEPTED));
             return answer;
         };
-        if let Some(problem) = unsupported_headers(request.headers()) {
+        if let Some(problem) = unsupported_headers(&parts.headers) {
             return protocol_error(StatusCode::BAD_REQUEST, Code::InvalidArgument, problem);
         }
-        let (parts, body) = request.into_parts();
         let call = match self
             .gate
             .start(rpc, Protocol::Connect, &parts.headers, &parts.extensions)
@@ -173,12 +197,29 @@ impl Connect {
             Ok(call) => call,
             Err(refused) => return error_answer(&refused),
         };
+        let stalled = call.stalled(self.gate.body_timeout());
         // Until the service claims it, a call whose caller goes away is finished as cancelled.
         let slot = CancelUnclaimed(Unclaimed::new(call));
+        if let Some(violation) = bad_timeout(&parts.headers) {
+            let invalid = Error::InvalidRequest(vec![violation]);
+            return refuse(&slot.0, invalid, Ending::Answered, http1);
+        }
         let limit = self.gate.max_request_bytes();
-        let message = match read_body(&parts.headers, body, limit).await {
+        // Refused by its length, the body is left unread (and, on HTTP/2, lingered over).
+        if declared_length(&parts.headers).is_some_and(|length| length > limit as u64) {
+            let too_large = Error::RequestTooLarge { limit };
+            return refuse(&slot.0, too_large, Ending::Answered, http1);
+        }
+        let Some(unread) = body.take() else {
+            return refuse(&slot.0, Error::Internal, Ending::Answered, http1);
+        };
+        let read = tokio::select! {
+            read = read_body(unread, limit) => read,
+            error = stalled => Err((error, Ending::Answered)),
+        };
+        let message = match read {
             Ok(bytes) => bytes,
-            Err((error, ending)) => return refuse(&slot.0, error, ending),
+            Err((error, ending)) => return refuse(&slot.0, error, ending, http1),
         };
         let mut extensions = parts.extensions;
         extensions.insert(slot.0.clone());
@@ -188,7 +229,7 @@ impl Connect {
                 let decoded = codec.decode::<pb::ForgotPasswordRequest>(&message);
                 let request = match decoded {
                     Ok(request) => tonic::Request::from_parts(metadata, extensions, request),
-                    Err(error) => return refuse(&slot.0, error, Ending::Answered),
+                    Err(error) => return refuse(&slot.0, error, Ending::Answered, http1),
                 };
                 answer(codec, self.service.forgot_password(request).await)
             }
@@ -196,12 +237,54 @@ impl Connect {
                 let decoded = codec.decode::<pb::ConfirmForgotPasswordRequest>(&message);
                 let request = match decoded {
                     Ok(request) => tonic::Request::from_parts(metadata, extensions, request),
-                    Err(error) => return refuse(&slot.0, error, Ending::Answered),
+                    Err(error) => return refuse(&slot.0, error, Ending::Answered, http1),
                 };
                 answer(codec, self.service.confirm_forgot_password(request).await)
             }
         }
     }
+}
+
+/// The violation of a `Connect-Timeout-Ms` that is not Connect's positive integer of at most
+/// 10 digits; `None` when it is absent or well formed.
+fn bad_timeout(headers: &HeaderMap) -> Option<FieldViolation> {
+    let value = headers.get(CONNECT_TIMEOUT)?;
+    let valid = value
+        .to_str()
+        .ok()
+        .and_then(super::call::parse_connect_timeout)
+        .is_some();
+    (!valid).then(|| FieldViolation {
+        field: "Connect-Timeout-Ms".into(),
+        description: "must be a positive integer of at most 10 digits (milliseconds)".into(),
+    })
+}
+
+/// The most of an unread HTTP/2 request body read and dropped behind an early answer.
+const LINGER_BYTES: u64 = 1 << 20;
+
+/// Reads and drops the rest of `body` (a request answered before its end) for at most
+/// `within` and [`LINGER_BYTES`], then drops it: an HTTP/2 client still sending then gets the
+/// end of its stream (or, past either bound, a reset with NO_ERROR) after the whole answer,
+/// which some clients (curl) need to report the answer at all. A body announcing more than
+/// the bound (`declared`, its `Content-Length`) is not read.
+fn linger(body: Body, declared: Option<u64>, within: Duration) {
+    if declared.is_some_and(|length| length > LINGER_BYTES) {
+        return;
+    }
+    tokio::spawn(async move {
+        let drain = async {
+            let mut body = std::pin::pin!(body);
+            let mut read = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > LINGER_BYTES {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, drain).await;
+    });
 }
 
 /// A request header this door does not accept: a `Connect-Protocol-Version` other than 1, or a
@@ -217,35 +300,64 @@ fn unsupported_headers(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-/// Reads the body to `limit` bytes and no further: a longer one (by its `Content-Length`, or
-/// once the limit is passed) is `REQUEST_TOO_LARGE`; a body that breaks off means the caller
-/// went away.
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Bytes, (Error, Ending)> {
-    let too_large = || (Error::RequestTooLarge { limit }, Ending::Answered);
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(too_large());
-    }
+/// Reads the body to `limit` bytes and no further: a longer one is `REQUEST_TOO_LARGE` once
+/// the limit is passed; a body that breaks off means the caller went away, one whose framing
+/// is broken (a bad chunk, say) is `MALFORMED_REQUEST`.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, (Error, Ending)> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(_) => Err((Error::Cancelled, Ending::CallerGone)),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err((Error::RequestTooLarge { limit }, Ending::Answered))
+        }
+        Err(err) => Err(body_failure(&*err)),
     }
 }
 
-/// Finishes the unclaimed call with `error` before it reached the service, and answers it.
-fn refuse(slot: &Unclaimed, error: Error, ending: Ending) -> Answer {
+/// What a body that failed to arrive means: its framing was broken (hyper's decoder refused
+/// it: invalid data or input) and the caller is answered `MALFORMED_REQUEST`; otherwise the
+/// connection or stream ended under it, and the caller went away.
+fn body_failure(err: &(dyn std::error::Error + 'static)) -> (Error, Ending) {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                ErrorKind::InvalidData | ErrorKind::InvalidInput => {
+                    (Error::MalformedRequest, Ending::Answered)
+                }
+                _ => (Error::Cancelled, Ending::CallerGone),
+            };
+        }
+        cause = err.source();
+    }
+    (Error::Cancelled, Ending::CallerGone)
+}
+
+/// The body's length by its `Content-Length`, when it has one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Finishes the unclaimed call with `error` before it reached the service, and answers it. A
+/// message that did not arrive in time is answered 408; on HTTP/1.1 the connection then
+/// closes, since the rest of the body will never be read.
+fn refuse(slot: &Unclaimed, error: Error, ending: Ending, http1: bool) -> Answer {
     let Some(call) = slot.claim() else {
         return error_answer(&Error::Internal.into());
     };
-    error_answer(&call.refuse(error, ending))
+    let timed_out = matches!(error, Error::RequestTimeout { .. });
+    let mut answer = error_answer(&call.refuse(error, ending));
+    if timed_out {
+        *answer.status_mut() = StatusCode::REQUEST_TIMEOUT;
+        if http1 {
+            answer
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    answer
 }
 
 /// The service's answer as a Connect response.
@@ -504,6 +616,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // Every request passes here once its headers have arrived.
+        if let Some(connection) = request.extensions().get::<ConnectionInfo>() {
+            connection.request_arrived();
+        }
         match &self.connect {
             Some(connect) if !is_grpc(request.headers()) => {
                 let connect = connect.clone();

@@ -1,27 +1,34 @@
 //! The door in front of the PasswordRecovery service, as a tower layer under tonic's router.
 //! Every call of the service starts here, before its message is read: it takes a place among
-//! the calls in progress (`MAX_CONCURRENT_CALLS`; none left: `OVERLOADED` at once, the message
-//! never read, so memory stays bounded whatever arrives), and its [`Call`] is handed to the
-//! handler. A call the handler never claims was refused by tonic while decoding its message;
-//! it is answered here with this service's own status (`MALFORMED_REQUEST`, or
+//! the calls in progress ([`Gate`]: `MAX_CONCURRENT_CALLS`, at most
+//! `MAX_CONCURRENT_CALLS_PER_PEER` from one peer). With none free it takes back the place of
+//! the call whose message has been arriving longest (that call is answered `OVERLOADED`);
+//! when every call has its message, the newcomer is `OVERLOADED` at once, its message never
+//! read, so memory stays bounded whatever arrives. Its [`Call`] is handed to the handler. A
+//! message must arrive within `REQUEST_BODY_TIMEOUT` of the headers, or the call is answered
+//! `REQUEST_TIMEOUT`. A call the handler never claims was refused by tonic while decoding its
+//! message; it is answered here with this service's own status (`MALFORMED_REQUEST`, or
 //! `REQUEST_TOO_LARGE` for a message over `MAX_REQUEST_BYTES`) and finished like any other.
 //! A call whose caller goes away before the handler claims it is finished as `CANCELLED`.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 use tower::Service;
 
-use super::call::{Call, Ending, Protocol};
+use super::call::{Arrival, Call, Ending, Protocol};
 use super::{Answer, AnswerFuture, SERVICE_NAME};
+use crate::connections::crowded_label;
 use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
+use crate::metrics as m;
+use crate::places::{Crowded, Places};
 
 /// A call started by the intake, waiting for its handler to claim it.
 #[derive(Clone)]
@@ -56,15 +63,19 @@ impl Drop for CancelUnclaimed {
 pub struct IntakeSettings {
     /// `MAX_CONCURRENT_CALLS`.
     pub max_calls: usize,
+    /// `MAX_CONCURRENT_CALLS_PER_PEER`.
+    pub max_calls_per_peer: usize,
     /// `MAX_REQUEST_BYTES`.
     pub max_request_bytes: usize,
+    /// `REQUEST_BODY_TIMEOUT`.
+    pub body_timeout: Duration,
 }
 
 /// The places among the calls in progress (`MAX_CONCURRENT_CALLS`), shared by the calls of
 /// both protocols, and where every call starts.
 #[derive(Clone)]
 pub(crate) struct Gate {
-    calls: Arc<Semaphore>,
+    calls: Arc<Places<Arc<Arrival>>>,
     settings: Arc<IntakeSettings>,
 }
 
@@ -72,7 +83,7 @@ impl Gate {
     /// A gate with `settings`.
     pub fn new(settings: IntakeSettings) -> Self {
         Self {
-            calls: Arc::new(Semaphore::new(settings.max_calls)),
+            calls: Places::new(settings.max_calls, settings.max_calls_per_peer, None),
             settings: Arc::new(settings),
         }
     }
@@ -82,8 +93,14 @@ impl Gate {
         self.settings.max_request_bytes
     }
 
-    /// Starts a call of `rpc` and gives it a place among the calls in progress. With none
-    /// left, the call is finished at once as `OVERLOADED`, and that answer is the error.
+    /// `REQUEST_BODY_TIMEOUT`.
+    pub fn body_timeout(&self) -> Duration {
+        self.settings.body_timeout
+    }
+
+    /// Starts a call of `rpc` and gives it a place among the calls in progress, taken back
+    /// from a call still waiting for its message if need be. With none to take, the call is
+    /// finished at once as `OVERLOADED`, and that answer is the error.
     pub fn start(
         &self,
         rpc: Rpc,
@@ -92,12 +109,25 @@ impl Gate {
         extensions: &http::Extensions,
     ) -> Result<Call, Status> {
         let mut call = Call::start(rpc, protocol, headers, extensions);
-        let Ok(permit) = self.calls.clone().try_acquire_owned() else {
-            metrics::counter!(UPSTREAM_REJECTED, "reason" => "calls").increment(1);
-            return Err(call.refuse(Error::Overloaded, Ending::Answered));
-        };
-        call.hold(permit);
-        Ok(call)
+        let arrival = call.arrival();
+        match self.calls.take(call.peer(), arrival.clone()) {
+            Ok(taken) => {
+                if let Some(crowded) = taken.took_back {
+                    let reason = crowded_label(crowded, "max_concurrent_calls");
+                    metrics::counter!(m::CALLS_TAKEN_BACK, "reason" => reason).increment(1);
+                }
+                call.hold(taken.place, arrival);
+                Ok(call)
+            }
+            Err(crowded) => {
+                let (reason, limit) = match crowded {
+                    Crowded::Full => ("calls", "MAX_CONCURRENT_CALLS"),
+                    Crowded::PeerShare => ("peer_calls", "MAX_CONCURRENT_CALLS_PER_PEER"),
+                };
+                metrics::counter!(UPSTREAM_REJECTED, "reason" => reason).increment(1);
+                Err(call.refuse(Error::Overloaded { limit }, Ending::Answered))
+            }
+        }
     }
 }
 
@@ -144,34 +174,50 @@ where
                 Ok(call) => call,
                 Err(refused) => return Box::pin(std::future::ready(Ok(refused.into_http()))),
             };
+        let stalled = call.stalled(self.gate.body_timeout());
         let slot = Unclaimed::new(call);
         request.extensions_mut().insert(slot.clone());
         let served = self.inner.call(request);
         let limit = self.gate.max_request_bytes();
         Box::pin(async move {
             let guard = CancelUnclaimed(slot);
+            let mut served = std::pin::pin!(served);
+            let stalled = tokio::select! {
+                Ok(response) = &mut served => return Ok(unclaimed_answer(&guard.0, response, limit)),
+                error = stalled => error,
+            };
+            // Still unclaimed, the call is still waiting for its message: answered so, and
+            // the stream reset behind the answer.
+            if let Some(call) = guard.0.claim() {
+                return Ok(call.refuse(stalled, Ending::Answered).into_http());
+            }
             let Ok(response) = served.await;
-            let Some(call) = guard.0.claim() else {
-                return Ok(response);
-            };
-            // tonic answered without the handler: the message could not be read, or the
-            // caller reset the stream while it was being read.
-            let (error, ending) = match Status::from_header_map(response.headers()) {
-                Some(status) if status.code() == Code::OutOfRange => {
-                    (Error::RequestTooLarge { limit }, Ending::Answered)
-                }
-                // A reset stream (CANCELLED) or a broken connection (UNKNOWN, UNAVAILABLE).
-                Some(status)
-                    if matches!(
-                        status.code(),
-                        Code::Cancelled | Code::Unknown | Code::Unavailable
-                    ) =>
-                {
-                    (Error::Cancelled, Ending::CallerGone)
-                }
-                _ => (Error::MalformedRequest, Ending::Answered),
-            };
-            Ok(call.refuse(error, ending).into_http())
+            Ok(unclaimed_answer(&guard.0, response, limit))
         })
     }
+}
+
+/// tonic's `response`, or, for a call the handler never claimed, this service's own answer:
+/// the message could not be read (over `limit` bytes, or undecodable), or the caller reset
+/// the stream while it was being read.
+fn unclaimed_answer(slot: &Unclaimed, response: Answer, limit: usize) -> Answer {
+    let Some(call) = slot.claim() else {
+        return response;
+    };
+    let (error, ending) = match Status::from_header_map(response.headers()) {
+        Some(status) if status.code() == Code::OutOfRange => {
+            (Error::RequestTooLarge { limit }, Ending::Answered)
+        }
+        // A reset stream (CANCELLED) or a broken connection (UNKNOWN, UNAVAILABLE).
+        Some(status)
+            if matches!(
+                status.code(),
+                Code::Cancelled | Code::Unknown | Code::Unavailable
+            ) =>
+        {
+            (Error::Cancelled, Ending::CallerGone)
+        }
+        _ => (Error::MalformedRequest, Ending::Answered),
+    };
+    call.refuse(error, ending).into_http()
 }

@@ -135,20 +135,25 @@ impl PasswordRecoveryService {
         }
     }
 
-    /// The call the intake started for `request`.
-    fn claim<T>(&self, rpc: Rpc, request: &mut Request<T>) -> Call {
+    /// The call the intake started for `request`, its message now arrived; the answer when
+    /// its place was taken back first.
+    fn claim<T>(&self, rpc: Rpc, request: &mut Request<T>) -> Result<Call, Status> {
         let claimed = request
             .extensions_mut()
             .remove::<intake::Unclaimed>()
             .and_then(|slot| slot.claim());
-        claimed.unwrap_or_else(|| {
+        let call = claimed.unwrap_or_else(|| {
             Call::start(
                 rpc,
                 Protocol::Grpc,
                 request.metadata().as_ref(),
                 request.extensions(),
             )
-        })
+        });
+        match call.arrived() {
+            Ok(()) => Ok(call),
+            Err(taken_back) => Err(call.refuse(taken_back, Ending::Answered)),
+        }
     }
 
     /// The life of every call after the intake: a request that failed validation is answered
@@ -261,8 +266,8 @@ impl Shared {
     }
 
     /// In the order of the README: client allowlist, global limit, per-username limit, a
-    /// place among the calls waiting on Cognito; then, unless the caller has gone, Cognito.
-    /// Returns the app client to call and the place.
+    /// place among the calls waiting on Cognito; then, unless the caller has gone or its
+    /// deadline leaves too little time, Cognito. Returns the app client to call and the place.
     async fn admit(
         &self,
         rpc: Rpc,
@@ -270,15 +275,24 @@ impl Shared {
         served: &Served,
     ) -> Result<(Arc<AppClient>, OwnedSemaphorePermit), Error> {
         let client = served.client.clone().ok_or(Error::ClientNotAllowed)?;
+        // Checked before the limits too, so that a call that cannot be sent costs no limit.
+        let in_time = || match served.budget.too_short(Instant::now()) {
+            true => Err(Error::DeadlineTooShort),
+            false => Ok(()),
+        };
+        in_time()?;
         let user = PoolUser::new(client.pool.as_deref(), &account.username);
         self.limits
             .admit(rpc, user)
             .await
             .map_err(Error::RateLimited)?;
-        let permit = self.limits.upstream_permit().ok_or(Error::Overloaded)?;
+        let permit = self.limits.upstream_permit().ok_or(Error::Overloaded {
+            limit: "MAX_CONCURRENT_UPSTREAM",
+        })?;
         if served.caller_gone.is_cancelled() {
             return Err(Error::Cancelled);
         }
+        in_time()?;
         Ok((client, permit))
     }
 
@@ -375,7 +389,7 @@ impl PasswordRecovery for PasswordRecoveryService {
         &self,
         mut request: Request<pb::ForgotPasswordRequest>,
     ) -> Result<Response<pb::ForgotPasswordResponse>, Status> {
-        let call = self.claim(Rpc::ForgotPassword, &mut request);
+        let call = self.claim(Rpc::ForgotPassword, &mut request)?;
         let parsed = parse_forgot_password(request.into_inner());
         self.serve(call, parsed, |shared, request, served| async move {
             let outcome = shared.forgot_password(request, served).await;
@@ -390,7 +404,7 @@ impl PasswordRecovery for PasswordRecoveryService {
         &self,
         mut request: Request<pb::ConfirmForgotPasswordRequest>,
     ) -> Result<Response<pb::ConfirmForgotPasswordResponse>, Status> {
-        let call = self.claim(Rpc::ConfirmForgotPassword, &mut request);
+        let call = self.claim(Rpc::ConfirmForgotPassword, &mut request)?;
         let parsed = parse_confirm_forgot_password(request.into_inner());
         self.serve(call, parsed, |shared, request, served| async move {
             let outcome = shared.confirm_forgot_password(request, served).await;

@@ -72,7 +72,17 @@ pub(crate) struct Budget {
     pub(crate) set_by_caller: bool,
 }
 
+/// The least time a call to Cognito is given: a call whose caller's deadline leaves less when
+/// it would be sent is not sent (it could not be answered in time, and a code might still be
+/// sent).
+pub(crate) const MIN_UPSTREAM_TIME: Duration = Duration::from_millis(50);
+
 impl Budget {
+    /// True when the caller's deadline leaves less than [`MIN_UPSTREAM_TIME`] from `now`.
+    pub(crate) fn too_short(&self, now: Instant) -> bool {
+        self.set_by_caller && self.deadline.saturating_duration_since(now) < MIN_UPSTREAM_TIME
+    }
+
     /// The earlier of `now + timeout` and the caller's deadline less a margin of
     /// min(50 ms, 10 %), so the service answers before the caller's own deadline fires.
     pub(crate) fn new(now: Instant, timeout: Duration, caller_timeout: Option<Duration>) -> Self {

@@ -164,6 +164,22 @@ pub fn assert_error(status: &tonic::Status, code: tonic::Code, reason: &str) -> 
     info
 }
 
+/// A TCP connection to `target` from the loopback address `from` (all of 127.0.0.0/8 is
+/// loopback: another address plays another peer).
+pub async fn connect_from(
+    from: std::net::IpAddr,
+    target: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(target).await
+}
+
+/// The `n`th peer address other than 127.0.0.1: 127.0.0.{n + 2}.
+pub fn peer(n: usize) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, u8::try_from(n + 2).expect("at most 253 peers")])
+}
+
 /// A loopback URL where nothing listens.
 pub async fn closed_port_url() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -156,6 +156,21 @@ impl ServiceProcess {
         self.child.id().expect("still running")
     }
 
+    /// Its resident memory now and at its peak (VmRSS, VmHWM), in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status is readable");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in /proc/PID/status"))
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// Sends `signal` (e.g. `TERM`, `INT`) to the process.
     pub fn signal(&self, signal: &str) {
         let sent = std::process::Command::new("kill")
