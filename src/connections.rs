@@ -88,37 +88,50 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
-    /// Marks a call in progress on this connection until the guard is dropped.
-    pub fn call_started(&self) -> CallInProgress {
-        self.activity.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.activity.touch();
-        CallInProgress(self.activity.clone())
+    /// Marks a call in progress on this connection until the guard is dropped; `None` when
+    /// the connection's place was taken back first (it is closing).
+    pub fn call_started(&self) -> Option<CallInProgress> {
+        let activity = &self.activity;
+        activity
+            .uses
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |uses| {
+                (uses & TAKEN_BACK == 0).then_some(uses + 1)
+            })
+            .ok()?;
+        activity.touch();
+        Some(CallInProgress(activity.clone()))
     }
 
-    /// A request's headers have arrived: the connection has proven it sends requests.
-    pub(crate) fn request_arrived(&self) {
+    /// A request's headers have arrived: the connection has proven it sends requests, and is
+    /// in use until the guard is dropped; `None` when it is closing (see `call_started`).
+    pub(crate) fn request_started(&self) -> Option<CallInProgress> {
         self.activity.requests.fetch_add(1, Ordering::SeqCst);
-        self.activity.touch();
+        self.call_started()
     }
 }
 
-/// A call in progress; keeps its connection from idling out or being taken back.
+/// A request or call in progress; keeps its connection from idling out or being taken back.
 #[derive(Debug)]
 pub struct CallInProgress(Arc<Activity>);
 
 impl Drop for CallInProgress {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.uses.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// Set in `Activity::uses` once the connection's place was taken back: no use starts after.
+const TAKEN_BACK: usize = 1 << (usize::BITS - 1);
 
 #[derive(Debug)]
 struct Activity {
     opened: Instant,
     /// Milliseconds after `opened` of the last request, call start or call end.
     last_ms: AtomicU64,
-    in_flight: AtomicUsize,
+    /// Requests and calls in progress, with [`TAKEN_BACK`] set once the place was taken back:
+    /// one word, so that a use starting and the taking back cannot both win.
+    uses: AtomicUsize,
     /// Requests whose headers have arrived.
     requests: AtomicU64,
     /// Cancelled when the connection's place is taken back.
@@ -130,7 +143,7 @@ impl Activity {
         Self {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            uses: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             taken_back: CancellationToken::new(),
         }
@@ -141,6 +154,11 @@ impl Activity {
         self.last_ms.fetch_max(ms, Ordering::SeqCst);
     }
 
+    /// True while a request or call is in progress.
+    fn in_use(&self) -> bool {
+        self.uses.load(Ordering::SeqCst) & !TAKEN_BACK > 0
+    }
+
     fn last_active(&self) -> Instant {
         self.opened + Duration::from_millis(self.last_ms.load(Ordering::SeqCst))
     }
@@ -148,7 +166,7 @@ impl Activity {
     /// When the connection may be closed for idleness, counting from the last activity; `None`
     /// while a call is in progress.
     fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
+        if self.in_use() {
             return None;
         }
         Some(self.last_active() + timeout)
@@ -159,7 +177,7 @@ impl Activity {
 /// then when it is idle (the longest idle first); never while a call is in progress.
 impl Holder for Arc<Activity> {
     fn standing(&self) -> Option<Standing> {
-        if self.in_flight.load(Ordering::SeqCst) > 0 || self.taken_back.is_cancelled() {
+        if self.uses.load(Ordering::SeqCst) != 0 {
             return None;
         }
         Some(match self.requests.load(Ordering::SeqCst) {
@@ -175,13 +193,22 @@ impl Holder for Arc<Activity> {
     }
 
     fn take_back(&self, _: Crowded) -> bool {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return false;
+        let taken = self
+            .uses
+            .compare_exchange(0, TAKEN_BACK, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if taken {
+            self.taken_back.cancel();
         }
-        self.taken_back.cancel();
-        true
+        taken
     }
 }
+
+/// Why a connection's reading stopped: its HTTP/1.1 client sent more than a request's worth
+/// (a header block and `MAX_REQUEST_BYTES`) without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("an HTTP/1.1 client sent more than a request's worth without an answer")]
+pub(crate) struct Unanswered;
 
 /// A connection's byte stream: plain TCP, or TLS over it.
 type Transport = Either<TcpStream, Box<TlsStream<TcpStream>>>;
@@ -295,7 +322,7 @@ impl Connection {
             && let Framing::Http1 { unanswered } = &mut self.framing
         {
             *unanswered = 0;
-            if self.info.activity.in_flight.load(Ordering::SeqCst) == 0 {
+            if !self.info.activity.in_use() {
                 self.between_requests = true;
                 self.headers_due = None;
             }
@@ -310,7 +337,8 @@ impl Connection {
         self.framing = self.framing.after(bytes);
         match self.framing {
             Framing::Http2 => self.headers_due = None,
-            Framing::Http1 { .. } if self.between_requests => {
+            // Bytes read during a request (its body, say) begin nothing.
+            Framing::Http1 { .. } if self.between_requests && !self.info.activity.in_use() => {
                 self.between_requests = false;
                 self.headers_due = Some(Instant::now() + self.header_timeout);
             }
@@ -337,8 +365,10 @@ impl Connection {
     fn headers_overdue(&mut self, cx: &mut Context<'_>) -> bool {
         let requests = self.info.activity.requests.load(Ordering::SeqCst);
         if requests != self.requests_seen {
+            // A request arrived (perhaps pipelined, read before the last answer was written).
             self.requests_seen = requests;
             self.headers_due = None;
+            self.between_requests = false;
         }
         let Some(due) = self.headers_due else {
             return false;
@@ -393,10 +423,7 @@ impl AsyncRead for Connection {
         }
         let allowance = self.allowance();
         if allowance == 0 {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "an HTTP/1.1 client sent more than a request's worth without an answer",
-            )));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Unanswered)));
         }
         let this = &mut *self;
         let read = if allowance < buf.remaining() {
@@ -416,12 +443,24 @@ impl AsyncRead for Connection {
     }
 }
 
+/// The error of a write to a connection that must end: hyper may be waiting to write (a
+/// client that does not read), and never read again, so writes end it too.
+fn ended() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the connection was closed",
+    )
+}
+
 impl AsyncWrite for Connection {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.must_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
         let written = Pin::new(&mut self.transport).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = written {
             self.answered(n);
@@ -434,6 +473,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.must_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
         let written = Pin::new(&mut self.transport).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = written {
             self.answered(n);
@@ -446,6 +488,9 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.must_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
         Pin::new(&mut self.transport).poll_flush(cx)
     }
 
@@ -662,7 +707,7 @@ mod tests {
             activity: Arc::new(activity),
         };
         tokio::time::advance(Duration::from_secs(10)).await;
-        let call = info.call_started();
+        let call = info.call_started().expect("in use");
         assert_eq!(info.activity.idle_deadline(timeout), None);
         tokio::time::advance(Duration::from_secs(20)).await;
         drop(call);
@@ -684,11 +729,10 @@ mod tests {
                 peer: None,
                 activity: served.clone(),
             };
-            info.request_arrived();
-            std::mem::forget(info.call_started());
+            std::mem::forget(info.request_started().expect("in use"));
         }
-        // `idle`'s call ends; `busy`'s does not.
-        idle.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // `idle`'s request ends; `busy`'s does not.
+        idle.uses.fetch_sub(1, Ordering::SeqCst);
 
         let (s, i) = (silent.standing().unwrap(), idle.standing().unwrap());
         assert!(s < i, "{s:?} {i:?}");
@@ -697,5 +741,14 @@ mod tests {
         assert!(silent.take_back(Crowded::Full));
         assert!(silent.taken_back.is_cancelled());
         assert_eq!(silent.standing(), None, "not taken back twice");
+        let closing = ConnectionInfo {
+            peer_identity: None,
+            peer: None,
+            activity: silent,
+        };
+        assert!(
+            closing.request_started().is_none(),
+            "no request starts on a connection taken back"
+        );
     }
 }

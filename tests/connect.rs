@@ -232,19 +232,51 @@ async fn both_rpcs_succeed_over_http1_and_h2c_with_json_and_proto() {
     let response = ForgotPasswordResponse::decode(&*answer.body).unwrap();
     assert!(response.code_delivery_details.is_some());
     assert_eq!(app.cognito.recorded()[2].body["Username"], "bob");
+}
 
-    let scraped = common::scrape(&app.metrics_addr.to_string()).await;
-    let connect_ok = common::metric(
-        &scraped,
-        "grpc_server_handled_total",
-        &[
-            "grpc_method=\"ForgotPassword\"",
-            "grpc_code=\"OK\"",
-            "protocol=\"connect\"",
-        ],
+#[tokio::test]
+async fn connect_calls_are_counted_with_their_protocol() {
+    // A process of its own: its metrics are its calls' alone.
+    let cognito = common::FakeCognito::start().await;
+    let service = common::process::ServiceProcess::against(&cognito, &[]).await;
+    let url = format!(
+        "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
+        service.target
     );
-    // The recorder is the process's, which other tests of this binary add to.
-    assert!(connect_ok.is_some_and(|n| n >= 2.0), "{scraped}");
+    for _ in 0..2 {
+        let answer = run_curl(&[
+            "--http1.1",
+            "--header",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"username": "counted"}"#,
+            &url,
+        ])
+        .await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    service
+        .client()
+        .await
+        .forgot_password(forgot("by-grpc"))
+        .await
+        .unwrap();
+
+    let labels = |protocol| {
+        [
+            "grpc_method=\"ForgotPassword\"".to_owned(),
+            "grpc_code=\"OK\"".to_owned(),
+            format!("protocol=\"{protocol}\""),
+        ]
+    };
+    let scraped = service.scrape().await;
+    for (protocol, count) in [("connect", 2.0), ("grpc", 1.0)] {
+        let labels = labels(protocol);
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let counted = common::metric(&scraped, "grpc_server_handled_total", &labels);
+        assert_eq!(counted, Some(count), "{protocol}: {scraped}");
+    }
+    service.terminate().await;
 }
 
 #[tokio::test]
@@ -463,6 +495,95 @@ async fn a_body_shorter_than_its_length_then_silence_is_answered_408_and_closed(
     assert_eq!(answer.header("connection"), Some("close"));
     assert!(started.elapsed() >= std::time::Duration::from_millis(450));
     assert!(app.cognito.recorded().is_empty());
+}
+
+/// A JSON ForgotPassword request for `username` on a kept-alive HTTP/1.1 connection.
+fn keep_alive_request(username: &str) -> String {
+    let body = format!(r#"{{"username": "{username}"}}"#);
+    format!(
+        "POST /passwordrecovery.v1.PasswordRecovery/ForgotPassword HTTP/1.1\r\nhost: x\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads one HTTP/1.1 answer with a `content-length` from `stream`, within 10 s.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> Answer {
+    let mut raw = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&chunk[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if raw.len() >= end + 4 + length {
+                    return parse_answer(&raw);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("an answer within 10 s")
+}
+
+#[tokio::test]
+async fn a_kept_alive_http1_connection_is_timed_from_each_requests_first_byte() {
+    let app = TestApp::spawn_with(&[("REQUEST_HEADER_TIMEOUT", "300ms")]).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(keep_alive_request("first").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut stream).await.status, 200);
+
+    // Quiet between requests for longer than the header timeout: that is idleness, not a
+    // request's headers arriving slowly.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    stream
+        .write_all(keep_alive_request("second").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut stream).await.status, 200);
+
+    // A third request begun and left unfinished is closed within its bound.
+    let started = std::time::Instant::now();
+    stream
+        .write_all(b"POST /passwordrecovery.v1")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed within 5 s")
+    .ok();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    assert_eq!(app.cognito.recorded().len(), 2);
+}
+
+#[tokio::test]
+async fn pipelined_requests_outlasting_the_header_timeout_are_both_answered() {
+    let app = TestApp::spawn_with(&[("REQUEST_HEADER_TIMEOUT", "300ms")]).await;
+    // Cognito takes longer than the header timeout to answer the first.
+    app.cognito.script([Reply::After(
+        std::time::Duration::from_millis(700),
+        Box::new(Reply::Ok(json!({}))),
+    )]);
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let both = format!("{}{}", keep_alive_request("one"), keep_alive_request("two"));
+    stream.write_all(both.as_bytes()).await.unwrap();
+
+    assert_eq!(read_answer(&mut stream).await.status, 200);
+    assert_eq!(read_answer(&mut stream).await.status, 200);
 }
 
 #[tokio::test]

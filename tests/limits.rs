@@ -322,11 +322,12 @@ async fn a_stalled_grpc_message_gives_its_place_to_a_complete_call() {
 async fn a_connection_whose_request_headers_do_not_arrive_in_time_is_closed() {
     let app = TestApp::spawn_with(&[("REQUEST_HEADER_TIMEOUT", "300ms")]).await;
     for first_bytes in [&b""[..], b"POS", b"PRI * HTTP/2.0\r\n"] {
+        // The server's clock starts at its accept, after this one's.
+        let started = Instant::now();
         let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut slow, first_bytes)
             .await
             .unwrap();
-        let started = Instant::now();
 
         let mut sink = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink))
@@ -376,9 +377,8 @@ async fn a_grpc_deadline_too_short_to_reach_cognito_is_never_sent() {
     let app = TestApp::spawn().await;
     let mut client = app.client().await;
 
-    let mut request = tonic::Request::new(forgot("hasty"));
-    request.set_timeout(Duration::from_millis(40));
-    let status = client.forgot_password(request).await.unwrap_err();
+    // 40 ms, sent as the header alone: no client-side timer races the service's answer.
+    let status = call_with_grpc_timeout(&app.addr.to_string(), "40m", &forgot("hasty")).await;
     assert_error(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT");
 
     // 1 ms: whoever answers first (this service, or tonic's own timer), nothing is sent.
@@ -394,4 +394,58 @@ async fn a_grpc_deadline_too_short_to_reach_cognito_is_never_sent() {
     let recorded = app.cognito.recorded();
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     assert_eq!(recorded[0].body["Username"], "patient");
+}
+
+/// Calls ForgotPassword with `request` over raw HTTP/2 with a `grpc-timeout` header (and no
+/// timer of the client's own); returns the call's status from its trailers.
+async fn call_with_grpc_timeout(
+    target: &str,
+    timeout: &str,
+    request: &password_recovery::proto::v1::ForgotPasswordRequest,
+) -> tonic::Status {
+    let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut ready = h2.ready().await.unwrap();
+    let mut headers = common::raw::http2_request(target, "ForgotPassword");
+    headers
+        .headers_mut()
+        .insert("grpc-timeout", timeout.parse().unwrap());
+    let (response, mut stream) = ready.send_request(headers, false).unwrap();
+    let message = prost::Message::encode_to_vec(request);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    stream.send_data(framed.into(), true).unwrap();
+    let response = response.await.expect("a response");
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    tonic::Status::from_header_map(&trailers).expect("a gRPC status")
+}
+
+#[tokio::test]
+async fn a_connection_with_a_call_in_progress_is_never_taken_back() {
+    let app = TestApp::spawn_with(&[("MAX_CONNECTIONS", "1")]).await;
+    app.cognito
+        .script([Reply::Held(Box::new(Reply::Ok(serde_json::json!({}))))]);
+    let mut client = app.client().await;
+    let held = tokio::spawn(async move { client.forgot_password(forgot("busy")).await });
+    app.cognito.arrived(1).await;
+
+    // The one place is in use: a newcomer is closed as soon as it is accepted.
+    let mut newcomer = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), newcomer.read_to_end(&mut sink))
+        .await
+        .expect("the newcomer was closed")
+        .ok();
+
+    app.cognito.release(1);
+    held.await
+        .unwrap()
+        .expect("the call in progress kept its connection");
 }

@@ -177,6 +177,19 @@ async fn more_idle_connections_than_allowed() {
         Some(max_connections as f64),
         "{metrics}"
     );
+    // The connections taken back were really closed: their drivers ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let closed = held.iter().filter(|(_, c)| c.is_finished()).count();
+        if closed >= 100 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {closed} connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     for (_, connection) in held {
         connection.abort();

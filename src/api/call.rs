@@ -246,7 +246,7 @@ impl Call {
             peer,
             span,
             _in_flight: InFlight::enter(),
-            _on_connection: connection.map(ConnectionInfo::call_started),
+            _on_connection: connection.and_then(ConnectionInfo::call_started),
             arrival: None,
             _place: None,
         }

@@ -32,7 +32,7 @@ use tower::Service;
 use super::call::{Ending, Protocol};
 use super::intake::{CancelUnclaimed, Gate, Unclaimed};
 use super::{Answer, AnswerFuture, PasswordRecovery, PasswordRecoveryService, SERVICE_NAME};
-use crate::connections::ConnectionInfo;
+use crate::connections::{ConnectionInfo, Unanswered};
 use crate::domain::{FieldViolation, Rpc};
 use crate::error::Error;
 use crate::proto::v1 as pb;
@@ -309,17 +309,25 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, (Error, Ending)> {
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
             Err((Error::RequestTooLarge { limit }, Ending::Answered))
         }
-        Err(err) => Err(body_failure(&*err)),
+        Err(err) => Err(body_failure(&*err, limit)),
     }
 }
 
-/// What a body that failed to arrive means: its framing was broken (hyper's decoder refused
-/// it: invalid data or input) and the caller is answered `MALFORMED_REQUEST`; otherwise the
-/// connection or stream ended under it, and the caller went away.
-fn body_failure(err: &(dyn std::error::Error + 'static)) -> (Error, Ending) {
+/// What a body that failed to arrive means: more than a request's worth sent unanswered
+/// (the connection stopped reading: `REQUEST_TOO_LARGE`); its framing broken (hyper's
+/// decoder refused it, invalid data or input: `MALFORMED_REQUEST`); otherwise the connection
+/// or stream ended under it (a TLS record error included), and the caller went away.
+fn body_failure(err: &(dyn std::error::Error + 'static), limit: usize) -> (Error, Ending) {
     let mut cause = Some(err);
     while let Some(err) = cause {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            let inner = io.get_ref();
+            if inner.is_some_and(|e| e.is::<Unanswered>()) {
+                return (Error::RequestTooLarge { limit }, Ending::Answered);
+            }
+            if inner.is_some_and(|e| e.is::<rustls::Error>()) {
+                return (Error::Cancelled, Ending::CallerGone);
+            }
             return match io.kind() {
                 ErrorKind::InvalidData | ErrorKind::InvalidInput => {
                     (Error::MalformedRequest, Ending::Answered)
@@ -562,6 +570,16 @@ fn http_status(code: Code) -> StatusCode {
     }
 }
 
+/// The answer to a request that arrived on a connection whose place was just taken back: it
+/// is closing, and nothing of the request was done.
+fn closing(grpc: bool) -> Answer {
+    const CLOSING: &str = "this connection is closing; retry on a new one";
+    match grpc {
+        true => Status::unavailable(CLOSING).into_http(),
+        false => protocol_error(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, CLOSING),
+    }
+}
+
 /// True for a gRPC request (`application/grpc`, `application/grpc+proto`, …).
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -616,16 +634,31 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        // Every request passes here once its headers have arrived.
-        if let Some(connection) = request.extensions().get::<ConnectionInfo>() {
-            connection.request_arrived();
-        }
+        // Every request passes here once its headers have arrived, and keeps its connection
+        // in use (never taken back) until it is answered.
+        let grpc = is_grpc(request.headers());
+        let in_use = match request.extensions().get::<ConnectionInfo>() {
+            Some(connection) => match connection.request_started() {
+                Some(in_use) => Some(in_use),
+                None => return Box::pin(std::future::ready(Ok(closing(grpc)))),
+            },
+            None => None,
+        };
         match &self.connect {
-            Some(connect) if !is_grpc(request.headers()) => {
+            Some(connect) if !grpc => {
                 let connect = connect.clone();
-                Box::pin(async move { Ok(connect.serve(request).await) })
+                Box::pin(async move {
+                    let _in_use = in_use;
+                    Ok(connect.serve(request).await)
+                })
             }
-            _ => Box::pin(self.grpc.call(request)),
+            _ => {
+                let served = self.grpc.call(request);
+                Box::pin(async move {
+                    let _in_use = in_use;
+                    served.await
+                })
+            }
         }
     }
 }
@@ -708,6 +741,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_body_that_fails_is_told_apart_by_its_cause() {
+        use std::io::Error as Io;
+        let kind = |err: Io| body_failure(&err, 10);
+        assert_eq!(
+            kind(Io::new(ErrorKind::InvalidInput, "invalid chunk size")),
+            (Error::MalformedRequest, Ending::Answered)
+        );
+        assert_eq!(
+            kind(Io::new(ErrorKind::UnexpectedEof, "incomplete body")),
+            (Error::Cancelled, Ending::CallerGone)
+        );
+        assert_eq!(
+            kind(Io::new(ErrorKind::InvalidData, Unanswered)),
+            (Error::RequestTooLarge { limit: 10 }, Ending::Answered)
+        );
+        let tls = rustls::Error::DecryptError;
+        assert_eq!(
+            kind(Io::new(ErrorKind::InvalidData, tls)),
+            (Error::Cancelled, Ending::CallerGone)
+        );
+        // Behind the layers hyper and tonic wrap it in, the same.
+        let wrapped = Status::from_error(Box::new(Io::new(ErrorKind::InvalidData, "bad chunk")));
+        assert_eq!(
+            body_failure(&wrapped, 10),
+            (Error::MalformedRequest, Ending::Answered)
+        );
     }
 
     #[test]
