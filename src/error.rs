@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation as ProtoFieldViolation, StatusExt};
 
-use crate::cognito::UpstreamError;
+use crate::cognito::{NotAuthorized, UpstreamError};
 use crate::domain::FieldViolation;
 use crate::limits::{OVERLOAD_RETRY_DELAY, RateLimited};
 
@@ -66,6 +66,10 @@ const fn row(
     }
 }
 
+/// What every confirmation code that does not work is told under enumeration protection.
+pub(crate) const CODE_REFUSED: &str =
+    "the confirmation code is wrong or has expired; request a new one if it keeps failing";
+
 const MISCONFIGURED: &str = "the password-recovery service is misconfigured; its operators \
                              have been told in its logs";
 
@@ -80,7 +84,7 @@ pub const COGNITO_ERRORS: &[Row] = &[
     row("UserNotFoundException", Code::NotFound, "USER_NOT_FOUND", "no such user", Extra::None),
     row("UserNotConfirmedException", Code::FailedPrecondition, "USER_NOT_CONFIRMED", "the user has not confirmed their account", Extra::None),
     row("InvalidParameterException", Code::FailedPrecondition, "INVALID_PARAMETER", "the account cannot be recovered in its current state (for example, it has no verified email or phone number)", Extra::None),
-    row("NotAuthorizedException", Code::PermissionDenied, "NOT_AUTHORIZED", "Cognito refused the reset (admin-only recovery, a disabled user, or a bad secret hash)", Extra::None),
+    row("NotAuthorizedException", Code::PermissionDenied, "NOT_AUTHORIZED", "Cognito refused the reset in this account's state (disabled, or a password that must be changed first)", Extra::None),
     row("ForbiddenException", Code::PermissionDenied, "FORBIDDEN", "the user pool's web ACL blocked the request", Extra::None),
     row("LimitExceededException", Code::ResourceExhausted, "LIMIT_EXCEEDED", "the attempt limit for this user was exceeded; try again later", Extra::None),
     row("TooManyFailedAttemptsException", Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS", "too many failed attempts for this user; try again later", Extra::None),
@@ -113,6 +117,13 @@ pub(crate) enum Error {
     ClientNotAllowed,
     /// Cognito, or the way to it, failed.
     Upstream(UpstreamError),
+    /// Under enumeration protection, the one answer to a confirmation code that does not work,
+    /// whatever the account's state (a wrong or expired code, none requested, no such user,
+    /// a disabled or unconfirmed one).
+    CodeRefused {
+        /// Cognito's request id, if any.
+        request_id: Option<String>,
+    },
     /// A limit of this service refused the call before Cognito.
     RateLimited(RateLimited),
     /// Too many calls are already waiting on Cognito, or in progress (in all, or from the
@@ -211,6 +222,19 @@ impl Error {
                 Blame::Caller,
             ),
             Self::Upstream(upstream) => classify_upstream(upstream, &mut metadata, &mut details),
+            Self::CodeRefused { request_id } => {
+                metadata.insert("cognitoCode".into(), "CodeMismatchException".into());
+                if let Some(id) = request_id {
+                    metadata.insert("awsRequestId".into(), id.clone());
+                }
+                details.add_bad_request_violation("confirmation_code", CODE_REFUSED);
+                (
+                    Code::InvalidArgument,
+                    "CODE_MISMATCH",
+                    CODE_REFUSED.into(),
+                    Blame::Caller,
+                )
+            }
             Self::RateLimited(refused) => {
                 let limiter = refused.limiter.name();
                 metadata.insert("limit".into(), refused.limit.clone());
@@ -341,6 +365,18 @@ fn classify_upstream(
             metadata.insert("cognitoCode".into(), cognito_code.clone());
             if let Some(id) = request_id {
                 metadata.insert("awsRequestId".into(), id.clone());
+            }
+            if cognito_code == "NotAuthorizedException" {
+                // A bad secret hash, or a cause Cognito does not say, is this service's
+                // set-up: never the caller's, never an account's state.
+                let reason = match NotAuthorized::of(cognito_message.as_deref()) {
+                    NotAuthorized::SecretHash => Some("INVALID_SECRET_HASH"),
+                    NotAuthorized::Unrecognised => Some("UNEXPECTED_NOT_AUTHORIZED"),
+                    NotAuthorized::Disabled | NotAuthorized::CannotReset => None,
+                };
+                if let Some(reason) = reason {
+                    return (Code::Internal, reason, MISCONFIGURED.into(), Blame::Server);
+                }
             }
             let Some(row) = cognito_row(cognito_code) else {
                 return (
@@ -515,11 +551,17 @@ mod tests {
             .collect()
     }
 
+    /// A message of Cognito's for the row's error that makes it the row's answer: for
+    /// NotAuthorizedException, an account's state (other causes are not the row's).
+    fn account_state_message(row: &Row) -> Option<&'static str> {
+        (row.cognito_code == "NotAuthorizedException").then_some("User is disabled.")
+    }
+
     /// Every error the service can answer with, one of each kind.
     fn every_kind_of_error() -> Vec<Error> {
         let mut errors: Vec<Error> = COGNITO_ERRORS
             .iter()
-            .map(|row| service_error(row.cognito_code, None))
+            .map(|row| service_error(row.cognito_code, account_state_message(row)))
             .collect();
         let http = |status| {
             Error::Upstream(UpstreamError::Http {
@@ -528,6 +570,11 @@ mod tests {
             })
         };
         errors.extend([
+            service_error(
+                "NotAuthorizedException",
+                Some("Unable to verify secret hash for client abc"),
+            ),
+            service_error("NotAuthorizedException", Some("Something new.")),
             Error::InvalidRequest(vec![]),
             Error::ClientNotAllowed,
             service_error("BrandNewException", None),
@@ -559,6 +606,7 @@ mod tests {
                 limit: "5/15m".into(),
                 retry_after: Duration::from_secs(1),
             }),
+            Error::CodeRefused { request_id: None },
             Error::Overloaded {
                 limit: "MAX_CONCURRENT_CALLS",
             },
@@ -622,7 +670,8 @@ mod tests {
     #[test]
     fn every_row_of_the_table_answers_with_its_error_info() {
         for row in COGNITO_ERRORS {
-            let status: Status = service_error(row.cognito_code, Some("m")).into();
+            let message = account_state_message(row).unwrap_or("m");
+            let status: Status = service_error(row.cognito_code, Some(message)).into();
             assert_eq!(status.code(), row.code, "{}", row.cognito_code);
             let info = status.get_details_error_info().expect("ErrorInfo");
             assert_eq!(info.reason, row.reason, "{}", row.cognito_code);
@@ -648,6 +697,49 @@ mod tests {
             assert_eq!(classified.blame, Blame::Server);
             assert!(!classified.message.contains("xyz"), "caller learns no more");
         }
+    }
+
+    #[test]
+    fn not_authorized_is_an_account_state_or_a_misconfiguration_by_its_message() {
+        for (message, code, reason, blame) in [
+            (
+                "User is disabled.",
+                Code::PermissionDenied,
+                "NOT_AUTHORIZED",
+                Blame::Caller,
+            ),
+            (
+                "User password cannot be reset in the current state.",
+                Code::PermissionDenied,
+                "NOT_AUTHORIZED",
+                Blame::Caller,
+            ),
+            (
+                "Unable to verify secret hash for client 1example23456789",
+                Code::Internal,
+                "INVALID_SECRET_HASH",
+                Blame::Server,
+            ),
+            (
+                "Access denied.",
+                Code::Internal,
+                "UNEXPECTED_NOT_AUTHORIZED",
+                Blame::Server,
+            ),
+        ] {
+            let classified = service_error("NotAuthorizedException", Some(message)).classify();
+            assert_eq!(
+                (classified.code, classified.reason, classified.blame),
+                (code, reason, blame),
+                "{message}"
+            );
+            assert!(
+                !classified.message.contains("1example"),
+                "the caller learns no more"
+            );
+        }
+        let classified = service_error("NotAuthorizedException", None).classify();
+        assert_eq!(classified.reason, "UNEXPECTED_NOT_AUTHORIZED");
     }
 
     #[test]

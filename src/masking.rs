@@ -1,8 +1,9 @@
 //! Enumeration protection: an unknown user must be indistinguishable from a known one, by
-//! what the answer says and by when it comes. This module owns both halves: the simulated
-//! delivery details (following the username's shape, in Cognito's own masking), and the
-//! latency a masked answer imitates (a rolling sample of real answers' latencies per region and
-//! imitated outcome, drawn from at random: pools in other regions answer in other times).
+//! what the answer says and by when it comes, and so must every state of a known account. This
+//! module owns all of it: which of Cognito's answers are masked, and as what ([`Mask::of`]);
+//! the simulated delivery details (following the username's shape, in Cognito's own masking);
+//! and the latency a masked answer imitates (a rolling sample of real answers' latencies per
+//! region and kind, drawn from at random: pools in other regions answer in other times).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,7 +13,8 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::domain::{CodeDelivery, DeliveryMedium, PoolUser};
+use crate::cognito::NotAuthorized;
+use crate::domain::{CodeDelivery, DeliveryMedium, PoolUser, Rpc};
 use crate::privacy::UsernameHasher;
 
 /// Latencies kept per imitated outcome: the most recent real answers.
@@ -20,23 +22,83 @@ pub const SAMPLE_SIZE: usize = 256;
 /// What a masked ForgotPassword imitates until a real delivery has been seen: a delivery's
 /// typical latency (± 20 %).
 pub const DEFAULT_DELIVERY_LATENCY: Duration = Duration::from_millis(250);
-/// What a masked ConfirmForgotPassword imitates until a real CodeMismatch has been seen.
+/// What a refused code imitates until real code errors have been seen.
 pub const DEFAULT_MISMATCH_LATENCY: Duration = Duration::from_millis(100);
+/// A sample's median is trusted (to choose the slower kind of code error) from this many
+/// latencies on; before, its default stands for it.
+const MEDIAN_FROM: usize = 16;
 
-/// The real outcome a masked answer stands in for.
+/// What enumeration protection answers instead of one of Cognito's errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Imitated {
-    /// ForgotPassword: a code was sent.
+pub(crate) enum Mask {
+    /// ForgotPassword: as if a code had been sent, with simulated delivery details.
     Delivery,
-    /// ConfirmForgotPassword: the code was wrong.
-    CodeMismatch,
+    /// ConfirmForgotPassword: the one answer to every code that does not work, whatever the
+    /// account's state.
+    CodeRefused,
+    /// Either RPC: this service's own per-username limit refusing the call.
+    UserLimit,
 }
 
-/// The latencies of one region's real answers, per imitated outcome.
+impl Mask {
+    /// What Cognito's error `code` (with `message`) to `rpc` is answered as under enumeration
+    /// protection; `None`: as it is. Only answers an existing account (or its absence) alone
+    /// can produce are masked; a misconfiguration (a bad secret hash, an unknown client or
+    /// pool, a `NotAuthorizedException` of no known cause) never is.
+    pub(crate) fn of(rpc: Rpc, code: &str, message: Option<&str>) -> Option<Self> {
+        let account_state =
+            || code == "NotAuthorizedException" && NotAuthorized::of(message).is_account_state();
+        match (rpc, code) {
+            // Cognito's per-user attempt limit only ever counts an existing account.
+            (_, "LimitExceededException" | "TooManyFailedAttemptsException") => {
+                Some(Self::UserLimit)
+            }
+            // No such user; no verified contact to send a code to; not confirmed.
+            (
+                Rpc::ForgotPassword,
+                "UserNotFoundException" | "InvalidParameterException" | "UserNotConfirmedException",
+            ) => Some(Self::Delivery),
+            (Rpc::ForgotPassword, _) if account_state() => Some(Self::Delivery),
+            // A wrong code; an expired one, or none requested; no such user; not confirmed.
+            (
+                Rpc::ConfirmForgotPassword,
+                "CodeMismatchException"
+                | "ExpiredCodeException"
+                | "UserNotFoundException"
+                | "UserNotConfirmedException",
+            ) => Some(Self::CodeRefused),
+            (Rpc::ConfirmForgotPassword, _) if account_state() => Some(Self::CodeRefused),
+            _ => None,
+        }
+    }
+}
+
+/// A real code error of Cognito's, whose latencies a refused code imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CodeError {
+    /// `CodeMismatchException`: a wrong code.
+    Mismatch,
+    /// `ExpiredCodeException`: an expired code, or none requested.
+    Expired,
+}
+
+impl CodeError {
+    /// The code error Cognito's `code` is, if it is one.
+    pub(crate) fn of(code: &str) -> Option<Self> {
+        match code {
+            "CodeMismatchException" => Some(Self::Mismatch),
+            "ExpiredCodeException" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// The latencies of one region's real answers, per kind.
 #[derive(Debug)]
 struct RegionSamples {
     delivery: LatencySample,
     code_mismatch: LatencySample,
+    expired_code: LatencySample,
 }
 
 impl RegionSamples {
@@ -44,6 +106,23 @@ impl RegionSamples {
         Self {
             delivery: LatencySample::new(DEFAULT_DELIVERY_LATENCY),
             code_mismatch: LatencySample::new(DEFAULT_MISMATCH_LATENCY),
+            expired_code: LatencySample::new(DEFAULT_MISMATCH_LATENCY),
+        }
+    }
+
+    fn code_error(&self, kind: CodeError) -> &LatencySample {
+        match kind {
+            CodeError::Mismatch => &self.code_mismatch,
+            CodeError::Expired => &self.expired_code,
+        }
+    }
+
+    /// The code error whose answers come later: the one every refused code is timed like.
+    fn slower_code_error(&self) -> CodeError {
+        if self.expired_code.typical() > self.code_mismatch.typical() {
+            CodeError::Expired
+        } else {
+            CodeError::Mismatch
         }
     }
 }
@@ -82,28 +161,54 @@ impl Masking {
         }
     }
 
-    /// True when unknown users are masked.
-    pub fn enabled(&self) -> bool {
-        self.enabled
+    fn samples(&self, region: &str) -> &RegionSamples {
+        self.regions.get(region).unwrap_or(&self.elsewhere)
     }
 
-    fn sample(&self, region: &str, outcome: Imitated) -> &LatencySample {
-        let samples = self.regions.get(region).unwrap_or(&self.elsewhere);
-        match outcome {
-            Imitated::Delivery => &samples.delivery,
-            Imitated::CodeMismatch => &samples.code_mismatch,
+    /// What Cognito's error `code` (with `message`) to `rpc` is answered as: see [`Mask::of`];
+    /// `None` also when protection is off.
+    pub(crate) fn mask(&self, rpc: Rpc, code: &str, message: Option<&str>) -> Option<Mask> {
+        self.enabled.then(|| Mask::of(rpc, code, message)).flatten()
+    }
+
+    /// Remembers how long a real delivery from `region` took, counting from when it was sent.
+    pub fn observe_delivery(&self, region: &str, latency: Duration) {
+        self.samples(region).delivery.record(latency);
+    }
+
+    /// Waits until a latency drawn from `region`'s real deliveries has passed since `sent`,
+    /// but never past `deadline`. Holds nothing but a timer.
+    pub async fn imitate_delivery(&self, region: &str, sent: Instant, deadline: Instant) {
+        let target = sent + self.samples(region).delivery.draw();
+        self.wait_until(target, deadline).await;
+    }
+
+    /// Times a refused code (sent at `sent`; `real`: the code error Cognito answered, if it
+    /// was one) like the slower of `region`'s two real code errors: an answer of that kind
+    /// goes at once, as late as it came; any other waits until a latency drawn from that
+    /// kind's sample has passed, never past `deadline`. Each real code error is remembered.
+    pub(crate) async fn time_code_refusal(
+        &self,
+        region: &str,
+        real: Option<CodeError>,
+        sent: Instant,
+        deadline: Instant,
+    ) {
+        let samples = self.samples(region);
+        if let Some(kind) = real {
+            samples.code_error(kind).record(sent.elapsed());
         }
+        let slower = samples.slower_code_error();
+        if real == Some(slower) {
+            return;
+        }
+        let target = sent + samples.code_error(slower).draw();
+        self.wait_until(target, deadline).await;
     }
 
-    /// Remembers how long a real `outcome` from `region` took, counting from when it was sent.
-    pub fn observe(&self, region: &str, outcome: Imitated, latency: Duration) {
-        self.sample(region, outcome).record(latency);
-    }
-
-    /// Waits until a latency drawn from `region`'s real `outcome`s has passed since `sent`, but
-    /// never past `deadline`. Holds nothing but a timer.
-    pub async fn imitate(&self, region: &str, outcome: Imitated, sent: Instant, deadline: Instant) {
-        let target = sent + self.sample(region, outcome).draw();
+    /// Sleeps until `target` (or `deadline`, if earlier), aimed earlier by the timer's
+    /// measured lateness.
+    async fn wait_until(&self, target: Instant, deadline: Instant) {
         let lateness = Duration::from_micros(self.lateness_us.load(Ordering::Relaxed));
         let wake = target.checked_sub(lateness).unwrap_or(target).min(deadline);
         if wake <= Instant::now() {
@@ -205,6 +310,19 @@ impl LatencySample {
             ring.values[at] = micros;
         }
         ring.next = (ring.next + 1) % SAMPLE_SIZE;
+    }
+
+    /// The sample's median once it has [`MEDIAN_FROM`] latencies, else its default.
+    fn typical(&self) -> Duration {
+        let ring = self.ring.lock().expect("latency sample lock");
+        if ring.values.len() < MEDIAN_FROM {
+            return self.default;
+        }
+        let mut values = ring.values.clone();
+        drop(ring);
+        let middle = values.len() / 2;
+        let (_, median, _) = values.select_nth_unstable(middle);
+        Duration::from_micros(u64::from(*median))
     }
 
     /// A latency drawn uniformly from the sample, or the default ± 20 % while it is empty.
@@ -332,15 +450,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_imitation_never_outlasts_the_deadline() {
         let m = masking();
-        m.observe("eu-west-1", Imitated::Delivery, Duration::from_secs(60));
+        m.observe_delivery("eu-west-1", Duration::from_secs(60));
         let sent = Instant::now();
-        m.imitate(
-            "eu-west-1",
-            Imitated::Delivery,
-            sent,
-            sent + Duration::from_secs(2),
-        )
-        .await;
+        m.imitate_delivery("eu-west-1", sent, sent + Duration::from_secs(2))
+            .await;
         assert_eq!(sent.elapsed(), Duration::from_secs(2));
     }
 
@@ -351,19 +464,13 @@ mod tests {
             UsernameHasher::random(),
             ["eu-west-1", "ap-southeast-2"],
         );
-        m.observe(
-            "ap-southeast-2",
-            Imitated::Delivery,
-            Duration::from_secs(30),
-        );
+        m.observe_delivery("ap-southeast-2", Duration::from_secs(30));
         let sent = Instant::now();
         let deadline = sent + Duration::from_secs(60);
 
-        m.imitate("eu-west-1", Imitated::Delivery, sent, deadline)
-            .await;
+        m.imitate_delivery("eu-west-1", sent, deadline).await;
         let near = sent.elapsed();
-        m.imitate("ap-southeast-2", Imitated::Delivery, sent, deadline)
-            .await;
+        m.imitate_delivery("ap-southeast-2", sent, deadline).await;
 
         assert!(near <= DEFAULT_DELIVERY_LATENCY * 6 / 5, "{near:?}");
         assert!(
@@ -371,5 +478,93 @@ mod tests {
             "{:?}",
             sent.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_refused_code_is_timed_like_the_slower_real_code_error() {
+        let m = masking();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Wrong codes take 3 s, expired ones 1 s.
+        for _ in 0..MEDIAN_FROM {
+            let sent = Instant::now() - Duration::from_secs(3);
+            m.time_code_refusal("eu-west-1", Some(CodeError::Mismatch), sent, deadline)
+                .await;
+            let sent = Instant::now() - Duration::from_secs(1);
+            m.time_code_refusal("eu-west-1", Some(CodeError::Expired), sent, deadline)
+                .await;
+        }
+        // A wrong code is the slower kind: answered as it came.
+        let sent = Instant::now();
+        m.time_code_refusal("eu-west-1", Some(CodeError::Mismatch), sent, deadline)
+            .await;
+        assert_eq!(sent.elapsed(), Duration::ZERO);
+        // An expired code, or no such user, waits as long as a wrong code takes.
+        for real in [Some(CodeError::Expired), None] {
+            let sent = Instant::now();
+            m.time_code_refusal("eu-west-1", real, sent, deadline).await;
+            assert!(
+                sent.elapsed() >= Duration::from_millis(2990),
+                "{real:?}: {:?}",
+                sent.elapsed()
+            );
+        }
+    }
+
+    #[test]
+    fn only_answers_an_account_alone_can_give_are_masked() {
+        use Mask::*;
+        let fp = Rpc::ForgotPassword;
+        let cfp = Rpc::ConfirmForgotPassword;
+        let cases: &[(Rpc, &str, Option<&str>, Option<Mask>)] = &[
+            (fp, "UserNotFoundException", None, Some(Delivery)),
+            (fp, "InvalidParameterException", None, Some(Delivery)),
+            (fp, "UserNotConfirmedException", None, Some(Delivery)),
+            (
+                fp,
+                "NotAuthorizedException",
+                Some("User is disabled."),
+                Some(Delivery),
+            ),
+            (
+                fp,
+                "NotAuthorizedException",
+                Some("User password cannot be reset in the current state."),
+                Some(Delivery),
+            ),
+            (fp, "LimitExceededException", None, Some(UserLimit)),
+            (cfp, "CodeMismatchException", None, Some(CodeRefused)),
+            (cfp, "ExpiredCodeException", None, Some(CodeRefused)),
+            (cfp, "UserNotFoundException", None, Some(CodeRefused)),
+            (cfp, "UserNotConfirmedException", None, Some(CodeRefused)),
+            (
+                cfp,
+                "NotAuthorizedException",
+                Some("User is disabled."),
+                Some(CodeRefused),
+            ),
+            (cfp, "LimitExceededException", None, Some(UserLimit)),
+            (cfp, "TooManyFailedAttemptsException", None, Some(UserLimit)),
+            // Misconfigurations and everything else: never masked.
+            (
+                fp,
+                "NotAuthorizedException",
+                Some("Unable to verify secret hash for client x"),
+                None,
+            ),
+            (cfp, "NotAuthorizedException", Some("Something else."), None),
+            (fp, "ResourceNotFoundException", None, None),
+            (cfp, "ResourceNotFoundException", None, None),
+            (cfp, "InvalidPasswordException", None, None),
+            (fp, "TooManyRequestsException", None, None),
+        ];
+        for (rpc, code, message, mask) in cases {
+            assert_eq!(
+                Mask::of(*rpc, code, *message),
+                *mask,
+                "{rpc:?} {code} {message:?}"
+            );
+        }
+        let off = Masking::new(false, UsernameHasher::random(), ["eu-west-1"]);
+        assert_eq!(off.mask(fp, "UserNotFoundException", None), None);
     }
 }

@@ -176,7 +176,7 @@ async fn every_cognito_error_maps_end_to_end_with_its_details() {
     let mut client = app.client().await;
 
     for row in COGNITO_ERRORS {
-        app.cognito.script([Reply::error(row.cognito_code)]);
+        app.cognito.script([Reply::row_error(row.cognito_code)]);
         if row.cognito_code == "TooManyRequestsException" {
             // Throttling is retried: let every attempt be throttled.
             app.cognito.script([
@@ -203,7 +203,8 @@ async fn every_cognito_error_maps_end_to_end_with_its_details() {
 
 #[tokio::test]
 async fn cognito_errors_answered_with_http_200_or_403_still_map_by_code() {
-    let app = TestApp::spawn().await;
+    // Without enumeration protection, which answers Cognito's attempt limit as its own.
+    let app = TestApp::spawn_with(&[("ENUMERATION_PROTECTION", "false")]).await;
     let mut client = app.client().await;
     app.cognito.script([Reply::Error {
         status: 403,
@@ -379,7 +380,8 @@ async fn throttling_gives_up_after_three_attempts_with_retry_info() {
 
 #[tokio::test]
 async fn errors_cognito_may_have_processed_are_never_retried() {
-    let app = TestApp::spawn().await;
+    // Without enumeration protection, so that each error is answered as it is.
+    let app = TestApp::spawn_with(&[("ENUMERATION_PROTECTION", "false")]).await;
     let mut client = app.client().await;
     let cases = [
         (

@@ -290,7 +290,7 @@ async fn every_cognito_error_has_its_connect_code_http_status_and_details() {
             1
         };
         app.cognito
-            .script((0..attempts).map(|_| Reply::error(row.cognito_code)));
+            .script((0..attempts).map(|_| Reply::row_error(row.cognito_code)));
         let answer = post_json(&app, "ConfirmForgotPassword", &confirm_json("erin"), &[]).await;
 
         let (http, code) = connect_status(row.code);

@@ -85,13 +85,13 @@ async fn case_variants_of_a_username_share_one_bucket() {
 }
 
 #[tokio::test]
-async fn wrong_code_guesses_use_up_the_confirm_bucket() {
-    let app = limited("3/15m", 0, 64).await;
+async fn wrong_code_guesses_and_code_requests_spend_one_bucket() {
+    let app = limited("4/15m", 0, 64).await;
     let mut client = app.client().await;
     client
         .forgot_password(forgot("abel"))
         .await
-        .expect("ForgotPassword has its own bucket");
+        .expect("the first of four");
     for _ in 0..3 {
         app.cognito.script([Reply::error("CodeMismatchException")]);
         let status = client
@@ -105,7 +105,7 @@ async fn wrong_code_guesses_use_up_the_confirm_bucket() {
         .await
         .unwrap_err();
     let info = assert_error(&status, Code::ResourceExhausted, "RATE_LIMITED");
-    assert_eq!(info.metadata["limit"], "3/15m");
+    assert_eq!(info.metadata["limit"], "4/15m");
     assert_eq!(app.cognito.recorded().len(), 4);
 }
 

@@ -37,7 +37,7 @@ use crate::domain::{
 };
 use crate::error::Error;
 use crate::limits::Limits;
-use crate::masking::{Imitated, Masking};
+use crate::masking::{CodeError, Mask, Masking};
 use crate::privacy::UsernameHasher;
 use crate::proto::v1 as pb;
 use crate::proto::v1::password_recovery_server::PasswordRecovery;
@@ -52,12 +52,6 @@ pub use parse::{parse_confirm_forgot_password, parse_forgot_password};
 /// The service's full name, as health, metrics and reflection show it (the generated one).
 pub use crate::proto::v1::password_recovery_server::SERVICE_NAME;
 
-/// The Cognito error codes that mean "no such user" for ForgotPassword under enumeration
-/// protection: an unknown user, or one with no verified contact to send a code to.
-const FORGOT_PASSWORD_MASKED: &[&str] = &["UserNotFoundException", "InvalidParameterException"];
-/// Cognito's answer to a wrong code, which a ConfirmForgotPassword for an unknown user imitates.
-const CODE_MISMATCH: &str = "CodeMismatchException";
-const USER_NOT_FOUND: &str = "UserNotFoundException";
 /// An HTTP answer of the layers in front of tonic's routes (`intake`, `connect`).
 type Answer = http::Response<tonic::body::Body>;
 /// What those layers' services return.
@@ -270,7 +264,6 @@ impl Shared {
     /// deadline leaves too little time, Cognito. Returns the app client to call and the place.
     async fn admit(
         &self,
-        rpc: Rpc,
         account: &Account,
         served: &Served,
     ) -> Result<(Arc<AppClient>, OwnedSemaphorePermit), Error> {
@@ -282,10 +275,7 @@ impl Shared {
         };
         in_time()?;
         let user = PoolUser::new(client.pool.as_deref(), &account.username);
-        self.limits
-            .admit(rpc, user)
-            .await
-            .map_err(Error::RateLimited)?;
+        self.limits.admit(user).await.map_err(Error::RateLimited)?;
         let permit = self.limits.upstream_permit().ok_or(Error::Overloaded {
             limit: "MAX_CONCURRENT_UPSTREAM",
         })?;
@@ -301,36 +291,36 @@ impl Shared {
         request: ForgotPassword,
         served: Served,
     ) -> Outcome<CodeDelivery> {
-        let (client, permit) = match self
-            .admit(Rpc::ForgotPassword, &request.account, &served)
-            .await
-        {
+        let (client, permit) = match self.admit(&request.account, &served).await {
             Ok(admitted) => admitted,
             Err(refused) => return Outcome::plain(Err(refused)),
         };
         let (sent, budget) = (Instant::now(), served.budget);
-        match client.forgot_password(&request, budget).await {
+        let user = PoolUser::new(client.pool.as_deref(), &request.account.username);
+        let err = match client.forgot_password(&request, budget).await {
             Ok(delivery) => {
                 self.masking
-                    .observe(client.region(), Imitated::Delivery, sent.elapsed());
-                Outcome::plain(Ok(delivery))
+                    .observe_delivery(client.region(), sent.elapsed());
+                return Outcome::plain(Ok(delivery));
             }
-            Err(UpstreamError::Service { code, .. })
-                if self.masking.enabled() && FORGOT_PASSWORD_MASKED.contains(&code.as_str()) =>
-            {
-                drop(permit);
+            Err(err) => err,
+        };
+        let Some((mask, real)) = self.mask(Rpc::ForgotPassword, &err) else {
+            return Outcome::plain(Err(Error::Upstream(err)));
+        };
+        drop(permit);
+        let result = match mask {
+            Mask::Delivery | Mask::CodeRefused => {
                 self.masking
-                    .imitate(client.region(), Imitated::Delivery, sent, budget.deadline)
+                    .imitate_delivery(client.region(), sent, budget.deadline)
                     .await;
-                Outcome {
-                    result: Ok(self.masking.simulated_delivery(PoolUser::new(
-                        client.pool.as_deref(),
-                        &request.account.username,
-                    ))),
-                    masked: FORGOT_PASSWORD_MASKED.iter().copied().find(|c| *c == code),
-                }
+                Ok(self.masking.simulated_delivery(user))
             }
-            Err(err) => Outcome::plain(Err(Error::Upstream(err))),
+            Mask::UserLimit => Err(Error::RateLimited(self.limits.exhaust(user))),
+        };
+        Outcome {
+            result,
+            masked: Some(real),
         }
     }
 
@@ -339,47 +329,50 @@ impl Shared {
         request: ConfirmForgotPassword,
         served: Served,
     ) -> Outcome<()> {
-        let (client, permit) = match self
-            .admit(Rpc::ConfirmForgotPassword, &request.account, &served)
-            .await
-        {
+        let (client, permit) = match self.admit(&request.account, &served).await {
             Ok(admitted) => admitted,
             Err(refused) => return Outcome::plain(Err(refused)),
         };
         let (sent, budget) = (Instant::now(), served.budget);
-        match client.confirm_forgot_password(&request, budget).await {
-            Ok(()) => Outcome::plain(Ok(())),
-            Err(err @ UpstreamError::Service { .. })
-                if err.cognito_code() == Some(CODE_MISMATCH) =>
-            {
+        let user = PoolUser::new(client.pool.as_deref(), &request.account.username);
+        let err = match client.confirm_forgot_password(&request, budget).await {
+            Ok(()) => return Outcome::plain(Ok(())),
+            Err(err) => err,
+        };
+        let Some((mask, real)) = self.mask(Rpc::ConfirmForgotPassword, &err) else {
+            return Outcome::plain(Err(Error::Upstream(err)));
+        };
+        drop(permit);
+        let UpstreamError::Service { request_id, .. } = err else {
+            return Outcome::plain(Err(Error::Internal));
+        };
+        let result = match mask {
+            Mask::CodeRefused | Mask::Delivery => {
+                // Every code that does not work is one answer, as late as the slower real
+                // code error.
                 self.masking
-                    .observe(client.region(), Imitated::CodeMismatch, sent.elapsed());
-                Outcome::plain(Err(Error::Upstream(err)))
-            }
-            // Answer exactly as a wrong code does, as late as one does.
-            Err(UpstreamError::Service {
-                code, request_id, ..
-            }) if self.masking.enabled() && code == USER_NOT_FOUND => {
-                drop(permit);
-                self.masking
-                    .imitate(
-                        client.region(),
-                        Imitated::CodeMismatch,
-                        sent,
-                        budget.deadline,
-                    )
+                    .time_code_refusal(client.region(), CodeError::of(real), sent, budget.deadline)
                     .await;
-                Outcome {
-                    result: Err(Error::Upstream(UpstreamError::Service {
-                        code: CODE_MISMATCH.into(),
-                        message: None,
-                        request_id,
-                    })),
-                    masked: Some(USER_NOT_FOUND),
-                }
+                Err(Error::CodeRefused { request_id })
             }
-            Err(err) => Outcome::plain(Err(Error::Upstream(err))),
-        }
+            Mask::UserLimit => Err(Error::RateLimited(self.limits.exhaust(user))),
+        };
+        // A wrong code is what the answer says: not a mask.
+        let masked = (real != "CodeMismatchException").then_some(real);
+        Outcome { result, masked }
+    }
+
+    /// What enumeration protection answers instead of Cognito's `err` to `rpc`, with the
+    /// exception Cognito really answered (for the call's log line and audit event); `None`
+    /// when `err` is answered as it is.
+    fn mask(&self, rpc: Rpc, err: &UpstreamError) -> Option<(Mask, &'static str)> {
+        let UpstreamError::Service { code, message, .. } = err else {
+            return None;
+        };
+        let mask = self.masking.mask(rpc, code, message.as_deref())?;
+        // Every masked code is a row of the error table: its name as the table holds it.
+        let real = crate::error::cognito_row(code).map_or("MASKED", |row| row.cognito_code);
+        Some((mask, real))
     }
 }
 

@@ -102,6 +102,46 @@ impl Budget {
     }
 }
 
+/// Why Cognito answered `NotAuthorizedException`, told apart by its message. AWS documents
+/// the exception ("This exception is thrown when a user isn't authorized.", ForgotPassword and
+/// ConfirmForgotPassword API references) but none of its messages; these are the ones Cognito
+/// is seen to send for these two operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotAuthorized {
+    /// "User is disabled.": the account exists and is disabled (seen for password resets and
+    /// sign-in; under `PreventUserExistenceErrors=ENABLED` Cognito masks it itself: "When a
+    /// user isn't found, is deactivated, or doesn't have a verified delivery mechanism …
+    /// Amazon Cognito returns CodeDeliveryDetails with a simulated delivery medium").
+    Disabled,
+    /// "User password cannot be reset in the current state.": the account exists and must
+    /// change its password first (`FORCE_CHANGE_PASSWORD`: "users can't use the
+    /// ForgotPassword API", AWS Knowledge Center "cognito-forgot-password").
+    CannotReset,
+    /// "Unable to verify secret hash for client …": this service's client secret is wrong
+    /// ("If your app client has a client secret and you don't provide a SECRET_HASH
+    /// parameter, this API returns NotAuthorizedException.", ForgotPassword API reference).
+    SecretHash,
+    /// Any other message: treated as a misconfiguration, never as an account's state.
+    Unrecognised,
+}
+
+impl NotAuthorized {
+    /// The cause of a `NotAuthorizedException` with `message`.
+    pub(crate) fn of(message: Option<&str>) -> Self {
+        match message.map(str::trim) {
+            Some("User is disabled.") => Self::Disabled,
+            Some("User password cannot be reset in the current state.") => Self::CannotReset,
+            Some(m) if m.starts_with("Unable to verify secret hash for client") => Self::SecretHash,
+            _ => Self::Unrecognised,
+        }
+    }
+
+    /// True for a cause only an existing account can produce.
+    pub(crate) fn is_account_state(self) -> bool {
+        matches!(self, Self::Disabled | Self::CannotReset)
+    }
+}
+
 /// Why an upstream call failed, in terms independent of the SDK.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum UpstreamError {
@@ -636,6 +676,39 @@ fn code_delivery(details: &CodeDeliveryDetailsType) -> Result<CodeDelivery, Upst
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_authorized_causes_are_told_apart_by_cognitos_messages() {
+        assert_eq!(
+            NotAuthorized::of(Some("User is disabled.")),
+            NotAuthorized::Disabled
+        );
+        assert_eq!(
+            NotAuthorized::of(Some("User password cannot be reset in the current state.")),
+            NotAuthorized::CannotReset
+        );
+        assert_eq!(
+            NotAuthorized::of(Some("Unable to verify secret hash for client 3abc123")),
+            NotAuthorized::SecretHash
+        );
+        for other in [
+            None,
+            Some(""),
+            Some("Incorrect username or password."),
+            Some("user is disabled"),
+            Some("User is disabled. Or is it?"),
+        ] {
+            assert_eq!(
+                NotAuthorized::of(other),
+                NotAuthorized::Unrecognised,
+                "{other:?}"
+            );
+        }
+        assert!(NotAuthorized::Disabled.is_account_state());
+        assert!(NotAuthorized::CannotReset.is_account_state());
+        assert!(!NotAuthorized::SecretHash.is_account_state());
+        assert!(!NotAuthorized::Unrecognised.is_account_state());
+    }
     use crate::domain::Account;
 
     #[test]

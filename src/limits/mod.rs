@@ -1,10 +1,10 @@
 //! Abuse limits and load shedding, applied before Cognito: a global rate limit that keeps this
 //! replica under its share of Cognito's account-wide quota, a per-username limit (one bucket per
-//! RPC per normalised username) against inbox flooding and code guessing, and a bound on calls
-//! waiting on Cognito at once.
+//! normalised username of a user pool, shared by both RPCs) against inbox flooding and code
+//! guessing, and a bound on calls waiting on Cognito at once.
 //!
 //! Both limiters are GCRA: governor's for the global one; for the per-username one, a compact
-//! table of its own ([`UsernameTable`]) from a keyed 64-bit hash of (RPC, user pool, normalised username)
+//! table of its own ([`UsernameTable`]) from a keyed 64-bit hash of (user pool, normalised username)
 //! to the bucket's theoretical arrival time. A bucket leaves the table only when it is full
 //! again, so nothing is ever forgiven; when the table is full of live buckets, a *new* username
 //! is refused (`username_capacity`) rather than forgetting anyone else.
@@ -27,7 +27,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 mod shared;
 
 use crate::domain::PoolUser;
-pub(crate) use crate::domain::Rpc;
 pub(crate) use shared::{
     BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, SharedLimits, check_url,
 };
@@ -80,7 +79,7 @@ impl fmt::Display for RateSpec {
 pub enum UsernameRateLimit {
     /// No per-username limit.
     Off,
-    /// This limit per RPC per username.
+    /// This limit per username, both RPCs together.
     Limit(RateSpec),
 }
 
@@ -147,7 +146,7 @@ pub(crate) struct RateLimited {
     pub(crate) retry_after: Duration,
 }
 
-/// The per-username GCRA buckets: a keyed 64-bit hash of (RPC, normalised username) to the
+/// The per-username GCRA buckets: a keyed 64-bit hash of (user pool, normalised username) to the
 /// bucket's theoretical arrival time (TAT, nanoseconds since the table was made). The key is
 /// SipHash under a random per-process key, so callers can neither read usernames back nor
 /// aim collisions at a victim. Each bucket costs about 36 bytes of memory.
@@ -207,18 +206,37 @@ impl UsernameTable {
         self.spec
     }
 
-    fn key(&self, rpc: Rpc, user: PoolUser<'_>) -> u64 {
-        self.keys.hash_one((rpc as u8, user.key()))
+    fn key(&self, user: PoolUser<'_>) -> u64 {
+        self.keys.hash_one(user.key())
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Charges the bucket of (`rpc`, `username`), making it if the table has room.
-    pub(crate) fn check(&self, rpc: Rpc, user: PoolUser<'_>) -> Verdict {
-        let key = self.key(rpc, user);
+    /// Charges `user`'s bucket, making it if the table has room.
+    pub(crate) fn check(&self, user: PoolUser<'_>) -> Verdict {
+        let key = self.key(user);
         self.check_key(key, self.now())
+    }
+
+    /// Empties `user`'s bucket (making it if the table has room): its next call waits one
+    /// emission interval, which is returned.
+    pub(crate) fn exhaust(&self, user: PoolUser<'_>) -> Duration {
+        let key = self.key(user);
+        let now = self.now();
+        let interval = u64::try_from(self.spec.interval().as_nanos()).unwrap_or(u64::MAX);
+        let empty = now.saturating_add(interval.saturating_mul(u64::from(self.spec.burst.get())));
+        let mut state = self.state.lock().expect("rate-limit lock");
+        let has_room = state.buckets.len() < self.capacity;
+        match state.buckets.get_mut(&key) {
+            Some(tat) => *tat = (*tat).max(empty),
+            None if has_room => {
+                state.buckets.insert(key, empty);
+            }
+            None => {}
+        }
+        self.spec.interval()
     }
 
     fn check_key(&self, key: u64, now: u64) -> Verdict {
@@ -362,26 +380,41 @@ impl Limits {
 
     /// Charges the limits, fleet-wide on Redis when configured and answering, else this
     /// replica's own.
-    pub(crate) async fn admit(&self, rpc: Rpc, user: PoolUser<'_>) -> Result<(), RateLimited> {
+    pub(crate) async fn admit(&self, user: PoolUser<'_>) -> Result<(), RateLimited> {
         if let Some(shared) = &self.shared {
             // None: Redis is unavailable, and this replica's own limits judge.
-            if let Some(verdict) = self.check_shared(shared, rpc, user).await {
+            if let Some(verdict) = self.check_shared(shared, user).await {
                 return verdict;
             }
         }
-        self.check(rpc, user)
+        self.check(user)
+    }
+
+    /// The per-username limit's refusal of `user` now, its bucket emptied: what a call is
+    /// answered when Cognito's own per-user attempt limit refused it (under enumeration
+    /// protection, so that a known user's answer is the one an unknown user would get from this
+    /// limit). With no per-username limit, the wait is the throttling delay. On Redis, this
+    /// replica remembers the refusal as it does a fleet-wide one.
+    pub(crate) fn exhaust(&self, user: PoolUser<'_>) -> RateLimited {
+        let Some((table, limit)) = &self.username else {
+            return refused(Limiter::Username, "off", crate::error::THROTTLE_RETRY_DELAY);
+        };
+        let wait = table.exhaust(user);
+        if let Some(shared) = &self.shared {
+            shared.remember_denial(&shared.username_key(user), wait);
+        }
+        refused(Limiter::Username, limit, wait)
     }
 
     async fn check_shared(
         &self,
         shared: &SharedLimits,
-        rpc: Rpc,
         user: PoolUser<'_>,
     ) -> Option<Result<(), RateLimited>> {
         let username = self
             .username
             .as_ref()
-            .map(|(table, limit)| (table.spec(), shared.username_key(rpc, user), limit));
+            .map(|(table, limit)| (table.spec(), shared.username_key(user), limit));
         if let Some((_, key, limit)) = &username
             && let Some(wait) = shared.remembered_denial(key)
         {
@@ -422,7 +455,7 @@ impl Limits {
     }
 
     /// Charges the global limiter, then the per-username one; the first that refuses decides.
-    pub(crate) fn check(&self, rpc: Rpc, user: PoolUser<'_>) -> Result<(), RateLimited> {
+    pub(crate) fn check(&self, user: PoolUser<'_>) -> Result<(), RateLimited> {
         if let Some((limiter, _, limit)) = &self.global {
             limiter.check().map_err(|not_until| {
                 refused(
@@ -433,7 +466,7 @@ impl Limits {
             })?;
         }
         if let Some((table, limit)) = &self.username {
-            match table.check(rpc, user) {
+            match table.check(user) {
                 Verdict::Admitted => {}
                 Verdict::Limited(wait) => return Err(refused(Limiter::Username, limit, wait)),
                 Verdict::AtCapacity(wait) => {
@@ -502,12 +535,10 @@ mod tests {
     fn the_burst_passes_then_the_true_wait_is_one_refill() {
         let limits = Limits::new(&settings("5/15m", 0));
         for _ in 0..5 {
-            limits
-                .check(Rpc::ForgotPassword, PoolUser::new(None, &user("alice")))
-                .unwrap();
+            limits.check(PoolUser::new(None, &user("alice"))).unwrap();
         }
         let refused = limits
-            .check(Rpc::ForgotPassword, PoolUser::new(None, &user("alice")))
+            .check(PoolUser::new(None, &user("alice")))
             .unwrap_err();
         assert_eq!(refused.limiter, Limiter::Username);
         assert_eq!(refused.limit, "5/15m");
@@ -520,34 +551,44 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_per_rpc_and_case_insensitive() {
-        let limits = Limits::new(&settings("1/1h", 0));
+    fn both_rpcs_share_a_bucket_and_it_is_case_insensitive() {
+        let limits = Limits::new(&settings("2/1h", 0));
         limits
-            .check(
-                Rpc::ForgotPassword,
-                PoolUser::new(None, &user("Ünïcode@Example.com")),
-            )
+            .check(PoolUser::new(None, &user("Ünïcode@Example.com")))
+            .unwrap();
+        limits
+            .check(PoolUser::new(None, &user("ünïcode@example.COM")))
             .unwrap();
         assert!(
             limits
-                .check(
-                    Rpc::ForgotPassword,
-                    PoolUser::new(None, &user("ünïcode@example.COM"))
-                )
-                .is_err()
+                .check(PoolUser::new(None, &user("ünïcode@example.com")))
+                .is_err(),
+            "a ForgotPassword and a ConfirmForgotPassword spend one budget"
         );
         limits
-            .check(
-                Rpc::ConfirmForgotPassword,
-                PoolUser::new(None, &user("ünïcode@example.com")),
-            )
-            .expect("another RPC has its own bucket");
-        limits
-            .check(
-                Rpc::ForgotPassword,
-                PoolUser::new(None, &user("someone-else")),
-            )
+            .check(PoolUser::new(None, &user("someone-else")))
             .unwrap();
+    }
+
+    #[test]
+    fn exhausting_a_bucket_refuses_as_the_limit_would_with_a_true_wait() {
+        let limits = Limits::new(&settings("5/5h", 0));
+        let bob = user("bob");
+        limits.check(PoolUser::new(None, &bob)).unwrap();
+
+        let refused = limits.exhaust(PoolUser::new(None, &bob));
+
+        assert_eq!(refused.limiter, Limiter::Username);
+        assert_eq!(refused.limit, "5/5h");
+        assert_eq!(refused.retry_after, Duration::from_secs(3600));
+        let next = limits.check(PoolUser::new(None, &bob)).unwrap_err();
+        assert_eq!(
+            (next.limiter, next.limit.as_str()),
+            (Limiter::Username, "5/5h")
+        );
+        assert!(next.retry_after > Duration::from_secs(3599), "{next:?}");
+        // Someone else's bucket is untouched.
+        limits.check(PoolUser::new(None, &user("carol"))).unwrap();
     }
 
     #[test]
@@ -555,32 +596,22 @@ mod tests {
         let limits = Limits::new(&settings("1/1h", 0));
         let alice = user("alice");
         let in_pool = |pool| PoolUser::new(pool, &alice);
-        limits
-            .check(Rpc::ForgotPassword, in_pool(Some("eu-west-1_A")))
-            .unwrap();
+        limits.check(in_pool(Some("eu-west-1_A"))).unwrap();
         assert!(
-            limits
-                .check(Rpc::ForgotPassword, in_pool(Some("eu-west-1_A")))
-                .is_err(),
+            limits.check(in_pool(Some("eu-west-1_A"))).is_err(),
             "another client of the same pool shares the bucket"
         );
         limits
-            .check(Rpc::ForgotPassword, in_pool(Some("eu-west-1_B")))
+            .check(in_pool(Some("eu-west-1_B")))
             .expect("another pool's alice is another user");
     }
 
     #[test]
     fn the_global_limit_is_charged_first() {
         let limits = Limits::new(&settings("off", 2));
-        limits
-            .check(Rpc::ForgotPassword, PoolUser::new(None, &user("a")))
-            .unwrap();
-        limits
-            .check(Rpc::ConfirmForgotPassword, PoolUser::new(None, &user("b")))
-            .unwrap();
-        let refused = limits
-            .check(Rpc::ForgotPassword, PoolUser::new(None, &user("c")))
-            .unwrap_err();
+        limits.check(PoolUser::new(None, &user("a"))).unwrap();
+        limits.check(PoolUser::new(None, &user("b"))).unwrap();
+        let refused = limits.check(PoolUser::new(None, &user("c"))).unwrap_err();
         assert_eq!(refused.limiter, Limiter::Global);
         assert_eq!(refused.limit, "2/1s");
         assert!(refused.retry_after <= Duration::from_millis(500));

@@ -20,7 +20,7 @@ use redis::{IntoConnectionInfo, Script};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use crate::config::ConfigError;
-use crate::domain::{PoolUser, Rpc};
+use crate::domain::PoolUser;
 use crate::privacy::UsernameHasher;
 
 /// Calls judged by Redis, by outcome, and its latency.
@@ -155,11 +155,11 @@ impl SharedLimits {
         format!("{}global", self.prefix)
     }
 
-    /// The key of `user`'s bucket for `rpc`: a keyed hash, never the username.
-    pub(crate) fn username_key(&self, rpc: Rpc, user: PoolUser<'_>) -> String {
+    /// The key of `user`'s bucket (both RPCs share it): a keyed hash, never the username.
+    pub(crate) fn username_key(&self, user: PoolUser<'_>) -> String {
         let digest = self.keys.digest(user);
         let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}username:{}:{hash}", self.prefix, rpc.method())
+        format!("{}username:{hash}", self.prefix)
     }
 
     /// How long `key` was refused for, if this replica remembers a denial still in force.

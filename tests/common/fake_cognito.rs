@@ -58,6 +58,19 @@ impl Reply {
             message: "message from Cognito",
         }
     }
+
+    /// The error answer that is `code`'s row of the error table: a NotAuthorizedException
+    /// says an account's state (other messages are a misconfiguration, not the row's).
+    pub fn row_error(code: &'static str) -> Self {
+        match code {
+            "NotAuthorizedException" => Self::Error {
+                status: 400,
+                code,
+                message: "User is disabled.",
+            },
+            _ => Self::error(code),
+        }
+    }
 }
 
 /// One request the fake Cognito received.
