@@ -48,27 +48,31 @@ impl Mask {
     pub(crate) fn of(rpc: Rpc, code: &str, message: Option<&str>) -> Option<Self> {
         let account_state =
             || code == "NotAuthorizedException" && NotAuthorized::of(message).is_account_state();
-        match (rpc, code) {
-            // Cognito's per-user attempt limit only ever counts an existing account.
-            (_, "LimitExceededException" | "TooManyFailedAttemptsException") => {
-                Some(Self::UserLimit)
-            }
-            // No such user; no verified contact to send a code to; not confirmed.
-            (
-                Rpc::ForgotPassword,
-                "UserNotFoundException" | "InvalidParameterException" | "UserNotConfirmedException",
-            ) => Some(Self::Delivery),
-            (Rpc::ForgotPassword, _) if account_state() => Some(Self::Delivery),
-            // A wrong code; an expired one, or none requested; no such user; not confirmed.
-            (
-                Rpc::ConfirmForgotPassword,
+        // Cognito's per-user attempt limit only ever counts an existing account.
+        if matches!(
+            code,
+            "LimitExceededException" | "TooManyFailedAttemptsException"
+        ) {
+            return Some(Self::UserLimit);
+        }
+        match rpc {
+            // No such user; no verified contact to send a code to; not confirmed; disabled, or
+            // a password to change first.
+            Rpc::ForgotPassword => (matches!(
+                code,
+                "UserNotFoundException" | "InvalidParameterException" | "UserNotConfirmedException"
+            ) || account_state())
+            .then_some(Self::Delivery),
+            // A wrong code; an expired one, or none requested; no such user; not confirmed;
+            // disabled, or a password to change first.
+            Rpc::ConfirmForgotPassword => (matches!(
+                code,
                 "CodeMismatchException"
-                | "ExpiredCodeException"
-                | "UserNotFoundException"
-                | "UserNotConfirmedException",
-            ) => Some(Self::CodeRefused),
-            (Rpc::ConfirmForgotPassword, _) if account_state() => Some(Self::CodeRefused),
-            _ => None,
+                    | "ExpiredCodeException"
+                    | "UserNotFoundException"
+                    | "UserNotConfirmedException"
+            ) || account_state())
+            .then_some(Self::CodeRefused),
         }
     }
 }

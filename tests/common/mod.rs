@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod certs;
+pub mod cognito_model;
 pub mod fake_cognito;
 pub mod moto;
 pub mod process;
