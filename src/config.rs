@@ -198,7 +198,7 @@ struct Cli {
 
     /// Per-username limit, both RPCs together: N/DURATION (burst N, one more every
     /// DURATION/N) or off.
-    #[arg(long, env = "USERNAME_RATE_LIMIT", default_value = "5/5h", value_parser = str::parse::<UsernameRateLimit>)]
+    #[arg(long, env = "USERNAME_RATE_LIMIT", default_value = "5/6h", value_parser = str::parse::<UsernameRateLimit>)]
     username_rate_limit: UsernameRateLimit,
 
     /// At most this many per-username buckets; a bucket leaves only when it is full again, and
@@ -691,7 +691,7 @@ mod tests {
         assert!(config.tls.is_none());
         assert_eq!(config.health_listen_addr, "0.0.0.0:8081".parse().unwrap());
         assert_eq!(config.metrics_listen_addr, "0.0.0.0:9090".parse().unwrap());
-        assert_eq!(config.limits.username, "5/5h".parse().unwrap());
+        assert_eq!(config.limits.username, "5/6h".parse().unwrap());
         assert_eq!(config.limits.username_max_keys.get(), 1_000_000);
         assert_eq!(config.limits.global_rps, None);
         assert_eq!(config.limits.max_concurrent_upstream.get(), 64);

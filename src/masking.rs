@@ -48,7 +48,16 @@ impl Mask {
     pub(crate) fn of(rpc: Rpc, code: &str, message: Option<&str>) -> Option<Self> {
         let account_state =
             || code == "NotAuthorizedException" && NotAuthorized::of(message).is_account_state();
-        // Cognito's per-user attempt limit only ever counts an existing account.
+        // The pool's daily email quota (Cognito's default email sender) is spent only by
+        // existing accounts' codes: masked as a delivery. Not documented by AWS; the message
+        // is Cognito's as seen.
+        let daily_email = code == "LimitExceededException"
+            && message.is_some_and(|m| m.starts_with("Exceeded daily email limit"));
+        if daily_email && rpc == Rpc::ForgotPassword {
+            return Some(Self::Delivery);
+        }
+        // Cognito's per-user attempt limit: AWS documents it "for a user"; taken to count only
+        // existing accounts.
         if matches!(
             code,
             "LimitExceededException" | "TooManyFailedAttemptsException"
@@ -60,7 +69,11 @@ impl Mask {
             // a password to change first.
             Rpc::ForgotPassword => (matches!(
                 code,
-                "UserNotFoundException" | "InvalidParameterException" | "UserNotConfirmedException"
+                "UserNotFoundException"
+                    | "InvalidParameterException"
+                    | "UserNotConfirmedException"
+                    // Only an existing account's address can fail to take a code.
+                    | "CodeDeliveryFailureException"
             ) || account_state())
             .then_some(Self::Delivery),
             // A wrong code; an expired one, or none requested; no such user; not confirmed;
@@ -181,42 +194,46 @@ impl Masking {
     }
 
     /// Waits until a latency drawn from `region`'s real deliveries has passed since `sent`,
-    /// but never past `deadline`. Holds nothing but a timer.
-    pub async fn imitate_delivery(&self, region: &str, sent: Instant, deadline: Instant) {
+    /// but never past `deadline`. Holds nothing but a timer. False when the deadline came
+    /// first: the real answer imitated would not have come in time, and the call must be
+    /// answered as one that ran out of time is.
+    pub async fn imitate_delivery(&self, region: &str, sent: Instant, deadline: Instant) -> bool {
         let target = sent + self.samples(region).delivery.draw();
-        self.wait_until(target, deadline).await;
+        self.wait_until(target, deadline).await
     }
 
     /// Times a refused code (sent at `sent`; `real`: the code error Cognito answered, if it
     /// was one) like the slower of `region`'s two real code errors: an answer of that kind
     /// goes at once, as late as it came; any other waits until a latency drawn from that
     /// kind's sample has passed, never past `deadline`. Each real code error is remembered.
+    /// False when the deadline came first (see [`Self::imitate_delivery`]).
     pub(crate) async fn time_code_refusal(
         &self,
         region: &str,
         real: Option<CodeError>,
         sent: Instant,
         deadline: Instant,
-    ) {
+    ) -> bool {
         let samples = self.samples(region);
         if let Some(kind) = real {
             samples.code_error(kind).record(sent.elapsed());
         }
         let slower = samples.slower_code_error();
         if real == Some(slower) {
-            return;
+            return true;
         }
         let target = sent + samples.code_error(slower).draw();
-        self.wait_until(target, deadline).await;
+        self.wait_until(target, deadline).await
     }
 
     /// Sleeps until `target` (or `deadline`, if earlier), aimed earlier by the timer's
-    /// measured lateness.
-    async fn wait_until(&self, target: Instant, deadline: Instant) {
+    /// measured lateness; true when `target` was before `deadline`.
+    async fn wait_until(&self, target: Instant, deadline: Instant) -> bool {
+        let in_time = target <= deadline;
         let lateness = Duration::from_micros(self.lateness_us.load(Ordering::Relaxed));
         let wake = target.checked_sub(lateness).unwrap_or(target).min(deadline);
         if wake <= Instant::now() {
-            return;
+            return in_time;
         }
         tokio::time::sleep_until(wake).await;
         // A moving average (1/8) of how late the timer woke.
@@ -226,6 +243,7 @@ impl Masking {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
                 Some(average - average / 8 + late / 8)
             });
+        in_time
     }
 
     /// Delivery details for an unknown user, as Cognito would answer for a known one: an
@@ -316,17 +334,22 @@ impl LatencySample {
         ring.next = (ring.next + 1) % SAMPLE_SIZE;
     }
 
-    /// The sample's median once it has [`MEDIAN_FROM`] latencies, else its default.
+    /// The sample's median once it has [`MEDIAN_FROM`] latencies; before, the larger of its
+    /// default and the median of what it has, so that a few slow answers already count.
     fn typical(&self) -> Duration {
         let ring = self.ring.lock().expect("latency sample lock");
-        if ring.values.len() < MEDIAN_FROM {
-            return self.default;
-        }
         let mut values = ring.values.clone();
         drop(ring);
+        if values.is_empty() {
+            return self.default;
+        }
         let middle = values.len() / 2;
         let (_, median, _) = values.select_nth_unstable(middle);
-        Duration::from_micros(u64::from(*median))
+        let median = Duration::from_micros(u64::from(*median));
+        match values.len() < MEDIAN_FROM {
+            true => median.max(self.default),
+            false => median,
+        }
     }
 
     /// A latency drawn uniformly from the sample, or the default ± 20 % while it is empty.
@@ -456,9 +479,18 @@ mod tests {
         let m = masking();
         m.observe_delivery("eu-west-1", Duration::from_secs(60));
         let sent = Instant::now();
-        m.imitate_delivery("eu-west-1", sent, sent + Duration::from_secs(2))
+        let in_time = m
+            .imitate_delivery("eu-west-1", sent, sent + Duration::from_secs(2))
             .await;
         assert_eq!(sent.elapsed(), Duration::from_secs(2));
+        assert!(!in_time, "the real answer would not have come in time");
+        m.observe_delivery("eu-west-1", Duration::from_secs(1));
+        let sent = Instant::now();
+        // A draw of 60 s or 1 s: in time only when it was 1 s.
+        let in_time = m
+            .imitate_delivery("eu-west-1", sent, sent + Duration::from_secs(2))
+            .await;
+        assert_eq!(in_time, sent.elapsed() < Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
@@ -536,6 +568,13 @@ mod tests {
                 Some(Delivery),
             ),
             (fp, "LimitExceededException", None, Some(UserLimit)),
+            (fp, "CodeDeliveryFailureException", None, Some(Delivery)),
+            (
+                fp,
+                "LimitExceededException",
+                Some("Exceeded daily email limit for the operation or the account."),
+                Some(Delivery),
+            ),
             (cfp, "CodeMismatchException", None, Some(CodeRefused)),
             (cfp, "ExpiredCodeException", None, Some(CodeRefused)),
             (cfp, "UserNotFoundException", None, Some(CodeRefused)),

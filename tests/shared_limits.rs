@@ -93,11 +93,11 @@ async fn two_replicas_share_one_users_bucket_and_agree_on_the_wait() {
     for refused in [&on_a, &on_b] {
         let info = assert_error(refused, Code::ResourceExhausted, "RATE_LIMITED");
         assert_eq!(info.metadata["limiter"], "username");
-        assert_eq!(info.metadata["limit"], "5/5h");
+        assert_eq!(info.metadata["limit"], "5/6h");
     }
-    // The default's refill: one an hour.
+    // The default's refill: one every 72 minutes.
     let (wait_a, wait_b) = (retry_delay(&on_a), retry_delay(&on_b));
-    assert!(wait_a > Duration::from_secs(3590) && wait_a <= Duration::from_secs(3600));
+    assert!(wait_a > Duration::from_secs(4310) && wait_a <= Duration::from_secs(4320));
     assert!(
         wait_a.abs_diff(wait_b) < Duration::from_secs(2),
         "{wait_a:?} vs {wait_b:?}"

@@ -218,6 +218,14 @@ impl PasswordRecoveryService {
     }
 }
 
+/// What a call whose budget ran out while waiting on Cognito is answered: what a masked
+/// answer imitating a real one that would have come too late is answered too.
+fn timed_out(budget: Budget) -> Error {
+    Error::Upstream(UpstreamError::Timeout {
+        set_by_caller: budget.set_by_caller,
+    })
+}
+
 /// Dropped with the handler when the caller cancels or goes away before the answer: tells
 /// the call, which goes on to record its outcome.
 struct CallerGone(Option<(CancellationToken, tracing::Span)>);
@@ -308,16 +316,19 @@ impl Shared {
         let Some((mask, real)) = self.mask(Rpc::ForgotPassword, &err) else {
             return Outcome::plain(Err(Error::Upstream(err)));
         };
-        drop(permit);
-        let result = match mask {
-            Mask::Delivery | Mask::CodeRefused => {
-                self.masking
-                    .imitate_delivery(client.region(), sent, budget.deadline)
-                    .await;
-                Ok(self.masking.simulated_delivery(user))
-            }
-            Mask::UserLimit => Err(Error::RateLimited(self.limits.exhaust(user))),
+        let result = match self.exhausted(mask, user) {
+            Some(refused) => Err(refused),
+            None => match self
+                .masking
+                .imitate_delivery(client.region(), sent, budget.deadline)
+                .await
+            {
+                true => Ok(self.masking.simulated_delivery(user)),
+                false => Err(timed_out(budget)),
+            },
         };
+        // Held until the answer goes, as a real delivery holds it.
+        drop(permit);
         Outcome {
             result,
             masked: Some(real),
@@ -342,24 +353,36 @@ impl Shared {
         let Some((mask, real)) = self.mask(Rpc::ConfirmForgotPassword, &err) else {
             return Outcome::plain(Err(Error::Upstream(err)));
         };
-        drop(permit);
         let UpstreamError::Service { request_id, .. } = err else {
             return Outcome::plain(Err(Error::Internal));
         };
-        let result = match mask {
-            Mask::CodeRefused | Mask::Delivery => {
-                // Every code that does not work is one answer, as late as the slower real
-                // code error.
-                self.masking
-                    .time_code_refusal(client.region(), CodeError::of(real), sent, budget.deadline)
-                    .await;
-                Err(Error::CodeRefused { request_id })
-            }
-            Mask::UserLimit => Err(Error::RateLimited(self.limits.exhaust(user))),
+        let result = match self.exhausted(mask, user) {
+            Some(refused) => Err(refused),
+            // Every code that does not work is one answer, as late as the slower real code
+            // error.
+            None => match self
+                .masking
+                .time_code_refusal(client.region(), CodeError::of(real), sent, budget.deadline)
+                .await
+            {
+                true => Err(Error::CodeRefused { request_id }),
+                false => Err(timed_out(budget)),
+            },
         };
+        drop(permit);
         // A wrong code is what the answer says: not a mask.
         let masked = (real != "CodeMismatchException").then_some(real);
         Outcome { result, masked }
+    }
+
+    /// For Cognito's own per-user attempt limit (`Mask::UserLimit`), this service's
+    /// per-username limit's refusal, the user's bucket emptied; `None` for any other mask, or
+    /// with no per-username limit (the call is then masked as any other is).
+    fn exhausted(&self, mask: Mask, user: PoolUser<'_>) -> Option<Error> {
+        match mask {
+            Mask::UserLimit => self.limits.exhaust(user).map(Error::RateLimited),
+            Mask::Delivery | Mask::CodeRefused => None,
+        }
     }
 
     /// What enumeration protection answers instead of Cognito's `err` to `rpc`, with the

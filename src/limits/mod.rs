@@ -220,23 +220,30 @@ impl UsernameTable {
         self.check_key(key, self.now())
     }
 
-    /// Empties `user`'s bucket (making it if the table has room): its next call waits one
-    /// emission interval, which is returned.
-    pub(crate) fn exhaust(&self, user: PoolUser<'_>) -> Duration {
+    /// Empties `user`'s bucket (making it if the table has room), as a spent burst leaves it:
+    /// its next call waits one emission interval.
+    pub(crate) fn exhaust(&self, user: PoolUser<'_>) {
         let key = self.key(user);
         let now = self.now();
         let interval = u64::try_from(self.spec.interval().as_nanos()).unwrap_or(u64::MAX);
         let empty = now.saturating_add(interval.saturating_mul(u64::from(self.spec.burst.get())));
-        let mut state = self.state.lock().expect("rate-limit lock");
-        let has_room = state.buckets.len() < self.capacity;
-        match state.buckets.get_mut(&key) {
-            Some(tat) => *tat = (*tat).max(empty),
-            None if has_room => {
-                state.buckets.insert(key, empty);
+        let mut guard = self.state.lock().expect("rate-limit lock");
+        let state = &mut *guard;
+        let has_room = state.buckets.len() < self.capacity || state.sweep(now);
+        let new_bucket = match state.buckets.get_mut(&key) {
+            Some(tat) => {
+                *tat = (*tat).max(empty);
+                false
             }
-            None => {}
+            None if has_room => state.buckets.insert(key, empty).is_none(),
+            None => false,
+        };
+        state.earliest_full = state.earliest_full.min(empty);
+        let buckets = state.buckets.len();
+        drop(guard);
+        if new_bucket {
+            metrics::gauge!(USERNAME_BUCKETS).set(buckets as f64);
         }
-        self.spec.interval()
     }
 
     fn check_key(&self, key: u64, now: u64) -> Verdict {
@@ -390,20 +397,28 @@ impl Limits {
         self.check(user)
     }
 
-    /// The per-username limit's refusal of `user` now, its bucket emptied: what a call is
-    /// answered when Cognito's own per-user attempt limit refused it (under enumeration
-    /// protection, so that a known user's answer is the one an unknown user would get from this
-    /// limit). With no per-username limit, the wait is the throttling delay. On Redis, this
-    /// replica remembers the refusal as it does a fleet-wide one.
-    pub(crate) fn exhaust(&self, user: PoolUser<'_>) -> RateLimited {
-        let Some((table, limit)) = &self.username else {
-            return refused(Limiter::Username, "off", crate::error::THROTTLE_RETRY_DELAY);
+    /// The per-username limit's refusal of `user`, its bucket emptied first (on Redis too,
+    /// when it is shared): what a call is answered when Cognito's own per-user attempt limit
+    /// refused it, under enumeration protection, so that it is the refusal this limit gives
+    /// (with the wait it would give just after a spent burst). `None` when there is no
+    /// per-username limit.
+    pub(crate) fn exhaust(&self, user: PoolUser<'_>) -> Option<RateLimited> {
+        let (table, limit) = self.username.as_ref()?;
+        table.exhaust(user);
+        let wait = match table.check(user) {
+            Verdict::Limited(wait) | Verdict::AtCapacity(wait) => wait,
+            Verdict::Admitted => table.spec().interval(),
         };
-        let wait = table.exhaust(user);
         if let Some(shared) = &self.shared {
-            shared.remember_denial(&shared.username_key(user), wait);
+            let key = shared.username_key(user);
+            shared.remember_denial(&key, wait);
+            shared.exhaust(shared::Bucket {
+                key,
+                interval_us: u64::try_from(table.spec().interval().as_micros()).unwrap_or(u64::MAX),
+                burst: table.spec().burst.get(),
+            });
         }
-        refused(Limiter::Username, limit, wait)
+        Some(refused(Limiter::Username, limit, wait))
     }
 
     async fn check_shared(
@@ -572,23 +587,33 @@ mod tests {
 
     #[test]
     fn exhausting_a_bucket_refuses_as_the_limit_would_with_a_true_wait() {
-        let limits = Limits::new(&settings("5/5h", 0));
+        let limits = Limits::new(&settings("5/6h", 0));
         let bob = user("bob");
         limits.check(PoolUser::new(None, &bob)).unwrap();
 
-        let refused = limits.exhaust(PoolUser::new(None, &bob));
+        let refused = limits.exhaust(PoolUser::new(None, &bob)).expect("a limit");
 
         assert_eq!(refused.limiter, Limiter::Username);
-        assert_eq!(refused.limit, "5/5h");
-        assert_eq!(refused.retry_after, Duration::from_secs(3600));
+        assert_eq!(refused.limit, "5/6h");
+        // As just after a spent burst: one interval, less the moment since.
+        assert!(refused.retry_after <= Duration::from_secs(4320));
+        assert!(
+            refused.retry_after > Duration::from_secs(4319),
+            "{refused:?}"
+        );
         let next = limits.check(PoolUser::new(None, &bob)).unwrap_err();
         assert_eq!(
             (next.limiter, next.limit.as_str()),
-            (Limiter::Username, "5/5h")
+            (Limiter::Username, "5/6h")
         );
-        assert!(next.retry_after > Duration::from_secs(3599), "{next:?}");
+        assert!(next.retry_after > Duration::from_secs(4319), "{next:?}");
         // Someone else's bucket is untouched.
         limits.check(PoolUser::new(None, &user("carol"))).unwrap();
+        assert!(
+            Limits::new(&settings("off", 0))
+                .exhaust(PoolUser::new(None, &bob))
+                .is_none()
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Limits shared by every replica, on Redis (`RATE_LIMIT_REDIS_URL`): the same GCRA with the
 //! same settings, run atomically by one Lua script (`gcra.lua`, after go-redis/redis_rate) on
 //! the server's clock, one round trip per call for both limiters. Keys are the prefix, the
-//! limiter and RPC, and a keyed hash of the normalised username (never the username); each
-//! expires when its bucket is full again.
+//! limiter, and for the per-username limit a keyed hash of the user pool and normalised
+//! username (never the username; both RPCs share it); each expires when its bucket is full
+//! again.
 //!
 //! Redis never fails a call: on an error or a timeout the call is judged by the in-process
 //! limits, Redis is skipped for a backoff period, then probed again; a warn line marks each
@@ -95,6 +96,8 @@ pub(crate) struct Bucket {
 pub(crate) struct SharedLimits {
     connection: Arc<OnceLock<ConnectionManager>>,
     script: Script,
+    /// Empties a bucket (`exhaust.lua`).
+    exhaust_script: Script,
     prefix: String,
     timeout: Duration,
     keys: UsernameHasher,
@@ -136,6 +139,7 @@ impl SharedLimits {
         Ok(Self {
             connection,
             script: Script::new(include_str!("gcra.lua")),
+            exhaust_script: Script::new(include_str!("exhaust.lua")),
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
             keys: UsernameHasher::derived(
@@ -230,6 +234,28 @@ impl SharedLimits {
                 Verdict::Unavailable
             }
         }
+    }
+
+    /// Empties `bucket` on Redis, in the background (within `RATE_LIMIT_REDIS_TIMEOUT`; a
+    /// failure only means the other replicas keep admitting the user until Cognito refuses).
+    pub(crate) fn exhaust(&self, bucket: Bucket) {
+        let Some(connection) = self.connection.get() else {
+            return;
+        };
+        let mut connection = connection.clone();
+        let (script, timeout) = (self.exhaust_script.clone(), self.timeout);
+        tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(&bucket.key)
+                .arg(bucket.interval_us.max(1))
+                .arg(bucket.burst);
+            let emptied =
+                tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut connection));
+            if !matches!(emptied.await, Ok(Ok(_))) {
+                metrics::counter!(BACKEND_ERRORS, "kind" => "error").increment(1);
+            }
+        });
     }
 
     fn now(&self) -> u64 {

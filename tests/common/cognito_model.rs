@@ -26,7 +26,8 @@ use super::fake_cognito::{FakeCognito, Recorded, Reply};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// [errors]: "When this property has a value of ENABLED, your app client doesn't disclose
-    /// the nonexistence of a user account in your user pool".
+    /// the nonexistence of a user account in your user pool with a UserNotFoundException
+    /// error."
     Enabled,
     /// [errors]: "When you create a new app client with the Amazon Cognito user pools API,
     /// PreventUserExistenceErrors is LEGACY, or disabled, by default."
@@ -52,8 +53,8 @@ pub enum Account {
 /// How long each kind of answer takes: a range drawn from uniformly.
 #[derive(Debug, Clone)]
 pub struct Latencies {
-    /// A code sent (and, in ENABLED mode, a simulated one: assumed to take as long, since
-    /// AWS says ENABLED "doesn't disclose the nonexistence of a user account").
+    /// A code sent (and, in ENABLED mode, a simulated one: an assumption, AWS says nothing of
+    /// how long Cognito's own simulated answers take).
     pub delivery: Range<u64>,
     /// A code checked against a pending one: right or wrong (and, in ENABLED mode, the
     /// CodeMismatchException of an unknown or disabled user, assumed alike).
@@ -209,8 +210,9 @@ impl UserPool {
                 // doesn't have a verified delivery mechanism to recover their password,
                 // Amazon Cognito returns CodeDeliveryDetails with a simulated delivery medium".
                 Mode::Enabled => (delivered(username), &l.delivery),
-                // [errors]: "When set to LEGACY, those APIs return a UserNotFoundException
-                // exception if the user doesn't exist in the user pool." (Message as seen.)
+                // API Reference, PreventUserExistenceErrors (CreateUserPoolClient): "When set to
+                // LEGACY, those APIs return a UserNotFoundException exception if the user
+                // doesn't exist in the user pool." (Message as seen.)
                 Mode::Legacy => (
                     error(
                         "UserNotFoundException",
@@ -220,7 +222,8 @@ impl UserPool {
                 ),
             };
         };
-        // Only an existing account has attempts to count ([passwords], above: "for a user").
+        // An assumption: only an existing account has attempts to count ([passwords] says
+        // "for a user", and nothing of unknown usernames).
         if self.over_attempt_limit(&mut state, username) {
             // AWS does not name the exception; LimitExceededException "This exception is thrown
             // when a user exceeds the limit for a requested Amazon Web Services resource" ([fp])
@@ -238,7 +241,8 @@ impl UserPool {
                 // [fp]: "Sends a password-reset confirmation code to the email address or phone
                 // number of the requested username." A new code replaces the pending one: AWS
                 // does not document whether an earlier code still works; an Amplify
-                // maintainer's test found "older codes are not accepted", which is modelled.
+                // maintainer's test found "older codes are not accepted", which is modelled
+                // (another user report, aws-sdk-net-extensions-cognito#137, says the opposite).
                 let code = format!("{:06}", rand::rng().random_range(0..1_000_000));
                 let user = state.users.get_mut(username).expect("the user");
                 user.code = Some((code, Instant::now() + CODE_LIFETIME));
@@ -250,15 +254,17 @@ impl UserPool {
                 Account::Disabled | Account::NoVerifiedContact | Account::Unconfirmed,
                 Mode::Enabled,
             ) => (delivered(username), &l.delivery),
-            // LEGACY and disabled: AWS documents nothing; Cognito is seen to answer
-            // NotAuthorizedException "User is disabled." for a disabled account.
+            // LEGACY and disabled: AWS documents nothing. Assumed: NotAuthorizedException "User
+            // is disabled.", as Cognito is seen to answer for a disabled account elsewhere
+            // (an administrator's reset, sign-in); a 2016 report saw ResourceNotFoundException.
             (Account::Disabled, Mode::Legacy) => (
                 error("NotAuthorizedException", "User is disabled."),
                 &l.refused,
             ),
             // [fp]: "If neither a verified phone number nor a verified email exists, Amazon
             // Cognito responds with an InvalidParameterException error." (Message: [kc].) An
-            // unconfirmed account has nothing verified.
+            // inference: an unconfirmed account has nothing verified (reports
+            // conflict: some saw a 200 with no code sent).
             (Account::NoVerifiedContact | Account::Unconfirmed, Mode::Legacy) => (
                 error(
                     "InvalidParameterException",
@@ -268,7 +274,8 @@ impl UserPool {
                 &l.refused,
             ),
             // [kc]: "If the user status is FORCE_CHANGE_PASSWORD, then users can't use the
-            // ForgotPassword API"; Cognito is seen to answer this, in either mode.
+            // ForgotPassword API"; this message is seen (the reports do not say in which mode:
+            // modelled in both).
             (Account::MustChangePassword, _) => (
                 error(
                     "NotAuthorizedException",
@@ -293,8 +300,8 @@ impl UserPool {
                 // [errors], ConfirmForgotPassword: "Amazon Cognito returns the
                 // CodeMismatchException error for users that don't exist or are disabled."
                 Mode::Enabled => (mismatch(), &l.code_checked),
-                // [errors]: LEGACY returns "a UserNotFoundException exception if the user
-                // doesn't exist in the user pool".
+                // API Reference (above): LEGACY returns "a UserNotFoundException exception if
+                // the user doesn't exist in the user pool".
                 Mode::Legacy => (
                     error(
                         "UserNotFoundException",
@@ -326,6 +333,8 @@ impl UserPool {
                 error("UserNotConfirmedException", "User is not confirmed."),
                 &l.refused,
             ),
+            // AWS documents nothing for ConfirmForgotPassword here: assumed the same refusal as
+            // ForgotPassword's.
             (Account::MustChangePassword, _) => (
                 error(
                     "NotAuthorizedException",
@@ -337,7 +346,8 @@ impl UserPool {
                 let user = state.users.get_mut(username).expect("the user");
                 match &user.code {
                     // [errors]: "If a code isn't requested when using ForgotPassword, Amazon
-                    // Cognito returns the ExpiredCodeException error." (Message as seen.)
+                    // Cognito returns the ExpiredCodeException error." (Said of ENABLED;
+                    // modelled in LEGACY too. Message as seen.)
                     None => (expired(), &l.expired),
                     // [passwords]: "The recovery code is valid for one hour."; [cfp]
                     // ExpiredCodeException: "This exception is thrown if a code has expired."
