@@ -69,14 +69,6 @@ pub(crate) struct ConnectionSettings {
     pub max_http1_unanswered: usize,
 }
 
-/// The label value of a crowding reason in the connection and call metrics.
-pub(crate) fn crowded_label(crowded: Crowded, cap: &'static str) -> &'static str {
-    match crowded {
-        Crowded::Full => cap,
-        Crowded::PeerShare => "peer_share",
-    }
-}
-
 /// What every request on a connection can know about it.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
@@ -571,7 +563,7 @@ fn place_for(
     match places.take(peer, activity) {
         Ok(taken) => {
             if let Some(crowded) = taken.took_back {
-                let reason = crowded_label(crowded, "max_connections");
+                let reason = crowded.label("max_connections");
                 metrics::counter!(m::CONNECTIONS_TAKEN_BACK, "reason" => reason).increment(1);
                 if let Some(held_back) = TAKEN_BACK_WARNING.due() {
                     tracing::warn!(
@@ -587,7 +579,7 @@ fn place_for(
             Some(taken.place)
         }
         Err(crowded) => {
-            let reason = crowded_label(crowded, "max_connections");
+            let reason = crowded.label("max_connections");
             metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
             if let Some(held_back) = REFUSED_WARNING.due() {
                 tracing::warn!(

@@ -64,6 +64,16 @@ pub(crate) enum Crowded {
     PeerShare,
 }
 
+impl Crowded {
+    /// The value of a metric's `reason` label: `cap` (the cap's name) or `peer_share`.
+    pub(crate) fn label(self, cap: &'static str) -> &'static str {
+        match self {
+            Self::Full => cap,
+            Self::PeerShare => "peer_share",
+        }
+    }
+}
+
 /// A place given: and, when it was taken back from another holder, why.
 pub(crate) struct Taken<H: Holder> {
     /// The place, held until dropped.

@@ -145,6 +145,24 @@ async fn post_json(app: &TestApp, method: &str, body: &str, extra: &[&str]) -> A
     run_curl(&args).await
 }
 
+/// A ConfirmForgotPassword for `username` by curl over HTTP/1.1 (with `extra` arguments),
+/// running until it is answered.
+fn confirm_in_the_background(
+    app: &TestApp,
+    username: &str,
+    extra: &[&str],
+) -> tokio::task::JoinHandle<Answer> {
+    let url = url(app, "ConfirmForgotPassword");
+    let body = confirm_json(username);
+    let extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+    tokio::spawn(async move {
+        let mut args = vec!["--http1.1", "--header", "content-type: application/json"];
+        args.extend(extra.iter().map(String::as_str));
+        args.extend(["--data-binary", &body, &url]);
+        run_curl(&args).await
+    })
+}
+
 fn confirm_json(username: &str) -> String {
     json!({"username": username, "confirmationCode": "123456", "password": "N3w-Passw0rd!"})
         .to_string()
@@ -591,23 +609,7 @@ async fn a_peer_over_its_share_of_calls_is_overloaded_while_another_peer_is_serv
     let app = TestApp::spawn_with(&[("MAX_CONCURRENT_CALLS_PER_PEER", "1")]).await;
     app.cognito
         .script([Reply::Held(Box::new(Reply::Ok(json!({}))))]);
-    let held = {
-        let url = url(&app, "ConfirmForgotPassword");
-        let body = confirm_json("pat");
-        tokio::spawn(async move {
-            run_curl(&[
-                "--http1.1",
-                "--interface",
-                "127.0.0.1",
-                "--header",
-                "content-type: application/json",
-                "--data-binary",
-                &body,
-                &url,
-            ])
-            .await
-        })
-    };
+    let held = confirm_in_the_background(&app, "pat", &["--interface", "127.0.0.1"]);
     app.cognito.arrived(1).await;
 
     let refused = post_json(
@@ -687,21 +689,7 @@ async fn calls_over_the_cap_are_overloaded_with_retry_after() {
     let app = TestApp::spawn_with(&[("MAX_CONCURRENT_CALLS", "1")]).await;
     app.cognito
         .script([Reply::Held(Box::new(Reply::Ok(json!({}))))]);
-    let held = {
-        let url = url(&app, "ConfirmForgotPassword");
-        let body = confirm_json("hank");
-        tokio::spawn(async move {
-            run_curl(&[
-                "--http1.1",
-                "--header",
-                "content-type: application/json",
-                "--data-binary",
-                &body,
-                &url,
-            ])
-            .await
-        })
-    };
+    let held = confirm_in_the_background(&app, "hank", &[]);
     app.cognito.arrived(1).await;
 
     let refused = post_json(&app, "ForgotPassword", r#"{"username": "ivy"}"#, &[]).await;

@@ -228,11 +228,12 @@ async fn idle_connections_are_closed_but_not_during_a_call() {
     let started = Instant::now();
 
     // The connection that never calls is closed after the timeout...
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut sink))
-        .await
-        .expect("the server closed the idle connection")
-        .ok();
+    common::closed_within(
+        &mut idle,
+        Duration::from_secs(5),
+        "the server closed the idle connection",
+    )
+    .await;
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "{:?}",
@@ -365,11 +366,12 @@ async fn a_new_connection_takes_the_place_of_one_that_sent_no_request() {
     let answered = app.client().await.forgot_password(forgot("newcomer")).await;
 
     assert!(answered.is_ok(), "{answered:?}");
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut sink))
-        .await
-        .expect("the oldest silent connection was closed")
-        .ok();
+    common::closed_within(
+        &mut first,
+        Duration::from_secs(5),
+        "the oldest silent connection was closed",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -438,11 +440,12 @@ async fn a_connection_with_a_call_in_progress_is_never_taken_back() {
 
     // The one place is in use: a newcomer is closed as soon as it is accepted.
     let mut newcomer = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), newcomer.read_to_end(&mut sink))
-        .await
-        .expect("the newcomer was closed")
-        .ok();
+    common::closed_within(
+        &mut newcomer,
+        Duration::from_secs(5),
+        "the newcomer was closed",
+    )
+    .await;
 
     app.cognito.release(1);
     held.await

@@ -13,31 +13,13 @@ mod common;
 use std::time::Duration;
 
 use common::process::ServiceProcess;
-use common::{CLIENT_ID, FakeCognito, Reply, forgot, metric, raw};
-use password_recovery::config::default_value;
+use common::{CLIENT_ID, FakeCognito, Reply, default_number, forgot, metric, raw};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-
-fn default_number(name: &str) -> u64 {
-    default_value(name)
-        .unwrap_or_else(|| panic!("{name} has a default"))
-        .parse()
-        .unwrap()
-}
-
-/// The README's bound at the shipped defaults.
-fn bound() -> u64 {
-    password_recovery::memory::bound_bytes(
-        default_number("MAX_CONNECTIONS"),
-        default_number("MAX_CONCURRENT_CALLS"),
-        default_number("MAX_REQUEST_BYTES"),
-        default_number("USERNAME_RATE_LIMIT_MAX_KEYS"),
-    )
-}
 
 /// Near the idle level: within 4 MiB of it, or at least two thirds of the load's rise
 /// given back (live connections, such as the pool to Cognito, keep some buffers).
@@ -68,7 +50,7 @@ async fn start(cognito: &FakeCognito) -> (ServiceProcess, u64) {
 /// Asserts the peak against the bound, then waits (at most 30 s) for RSS to settle near idle.
 async fn peak_within_bound_then_settles(service: ServiceProcess, idle: u64, shape: &str) {
     let (_, peak) = service.memory();
-    let bound = bound();
+    let bound = common::shipped_memory_bound();
     println!(
         "{shape}: idle {} KiB, peak {} KiB, bound {} KiB",
         idle / KIB,

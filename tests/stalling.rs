@@ -44,19 +44,6 @@ fn default_duration(name: &str) -> Duration {
     password_recovery::config::parse_duration(&default_value(name).unwrap()).unwrap()
 }
 
-fn default_number(name: &str) -> u64 {
-    default_value(name).unwrap().parse().unwrap()
-}
-
-fn memory_bound() -> u64 {
-    password_recovery::memory::bound_bytes(
-        default_number("MAX_CONNECTIONS"),
-        default_number("MAX_CONCURRENT_CALLS"),
-        default_number("MAX_REQUEST_BYTES"),
-        default_number("USERNAME_RATE_LIMIT_MAX_KEYS"),
-    )
-}
-
 /// The release binary at its defaults (but `extra`) against a fresh fake Cognito.
 async fn service(extra: &[(&str, &str)]) -> (ServiceProcess, FakeCognito) {
     let cognito = FakeCognito::start().await;
@@ -287,7 +274,7 @@ async fn under_attack<F>(
     judge_honest(shape, &honest);
     lifetimes.judge(shape, bound);
     let (_, peak) = service.memory();
-    let bound = memory_bound();
+    let bound = common::shipped_memory_bound();
     println!(
         "{shape}: peak RSS {} KiB (bound {} KiB)",
         peak >> 10,
@@ -538,7 +525,7 @@ async fn fifty_bodies_cut_short_then_silence_are_answered_408() {
     assert_eq!(timed_out + taken_back, 50, "{answers:?}");
     assert_eq!(
         timed_out as u64,
-        default_number("MAX_CONCURRENT_CALLS_PER_PEER")
+        common::default_number("MAX_CONCURRENT_CALLS_PER_PEER")
     );
 }
 

@@ -23,7 +23,6 @@ use tower::Service;
 
 use super::call::{Arrival, Call, Ending, Protocol};
 use super::{Answer, AnswerFuture, SERVICE_NAME};
-use crate::connections::crowded_label;
 use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
@@ -113,7 +112,7 @@ impl Gate {
         match self.calls.take(call.peer(), arrival.clone()) {
             Ok(taken) => {
                 if let Some(crowded) = taken.took_back {
-                    let reason = crowded_label(crowded, "max_concurrent_calls");
+                    let reason = crowded.label("max_concurrent_calls");
                     metrics::counter!(m::CALLS_TAKEN_BACK, "reason" => reason).increment(1);
                 }
                 call.hold(taken.place, arrival);

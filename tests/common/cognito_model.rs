@@ -213,28 +213,13 @@ impl UserPool {
                 // API Reference, PreventUserExistenceErrors (CreateUserPoolClient): "When set to
                 // LEGACY, those APIs return a UserNotFoundException exception if the user
                 // doesn't exist in the user pool." (Message as seen.)
-                Mode::Legacy => (
-                    error(
-                        "UserNotFoundException",
-                        "Username/client id combination not found.",
-                    ),
-                    &l.refused,
-                ),
+                Mode::Legacy => (not_found(), &l.refused),
             };
         };
         // An assumption: only an existing account has attempts to count ([passwords] says
         // "for a user", and nothing of unknown usernames).
         if self.over_attempt_limit(&mut state, username) {
-            // AWS does not name the exception; LimitExceededException "This exception is thrown
-            // when a user exceeds the limit for a requested Amazon Web Services resource" ([fp])
-            // is what it is seen to be, with this message.
-            return (
-                error(
-                    "LimitExceededException",
-                    "Attempt limit exceeded, please try after some time.",
-                ),
-                &l.refused,
-            );
+            return (attempt_limit(), &l.refused);
         }
         match (account, self.mode) {
             (Account::Verified, _) => {
@@ -257,10 +242,7 @@ impl UserPool {
             // LEGACY and disabled: AWS documents nothing. Assumed: NotAuthorizedException "User
             // is disabled.", as Cognito is seen to answer for a disabled account elsewhere
             // (an administrator's reset, sign-in); a 2016 report saw ResourceNotFoundException.
-            (Account::Disabled, Mode::Legacy) => (
-                error("NotAuthorizedException", "User is disabled."),
-                &l.refused,
-            ),
+            (Account::Disabled, Mode::Legacy) => (disabled(), &l.refused),
             // [fp]: "If neither a verified phone number nor a verified email exists, Amazon
             // Cognito responds with an InvalidParameterException error." (Message: [kc].) An
             // inference: an unconfirmed account has nothing verified (reports
@@ -276,13 +258,7 @@ impl UserPool {
             // [kc]: "If the user status is FORCE_CHANGE_PASSWORD, then users can't use the
             // ForgotPassword API"; this message is seen (the reports do not say in which mode:
             // modelled in both).
-            (Account::MustChangePassword, _) => (
-                error(
-                    "NotAuthorizedException",
-                    "User password cannot be reset in the current state.",
-                ),
-                &l.refused,
-            ),
+            (Account::MustChangePassword, _) => (cannot_reset(), &l.refused),
         }
     }
 
@@ -302,31 +278,16 @@ impl UserPool {
                 Mode::Enabled => (mismatch(), &l.code_checked),
                 // API Reference (above): LEGACY returns "a UserNotFoundException exception if
                 // the user doesn't exist in the user pool".
-                Mode::Legacy => (
-                    error(
-                        "UserNotFoundException",
-                        "Username/client id combination not found.",
-                    ),
-                    &l.refused,
-                ),
+                Mode::Legacy => (not_found(), &l.refused),
             };
         };
         if self.over_attempt_limit(&mut state, username) {
-            return (
-                error(
-                    "LimitExceededException",
-                    "Attempt limit exceeded, please try after some time.",
-                ),
-                &l.refused,
-            );
+            return (attempt_limit(), &l.refused);
         }
         match (account, self.mode) {
             // [errors], quoted above: disabled users get CodeMismatchException under ENABLED.
             (Account::Disabled, Mode::Enabled) => (mismatch(), &l.code_checked),
-            (Account::Disabled, Mode::Legacy) => (
-                error("NotAuthorizedException", "User is disabled."),
-                &l.refused,
-            ),
+            (Account::Disabled, Mode::Legacy) => (disabled(), &l.refused),
             // [cfp] lists UserNotConfirmedException: "This exception is thrown when a user isn't
             // confirmed successfully." Modelled in both modes (AWS says nothing of ENABLED).
             (Account::Unconfirmed, _) => (
@@ -335,13 +296,7 @@ impl UserPool {
             ),
             // AWS documents nothing for ConfirmForgotPassword here: assumed the same refusal as
             // ForgotPassword's.
-            (Account::MustChangePassword, _) => (
-                error(
-                    "NotAuthorizedException",
-                    "User password cannot be reset in the current state.",
-                ),
-                &l.refused,
-            ),
+            (Account::MustChangePassword, _) => (cannot_reset(), &l.refused),
             (Account::Verified | Account::NoVerifiedContact, _) => {
                 let user = state.users.get_mut(username).expect("the user");
                 match &user.code {
@@ -374,6 +329,37 @@ fn error(code: &'static str, message: &'static str) -> Reply {
         code,
         message,
     }
+}
+
+/// LEGACY's answer for a username the pool does not have (the message as seen).
+fn not_found() -> Reply {
+    error(
+        "UserNotFoundException",
+        "Username/client id combination not found.",
+    )
+}
+
+/// The per-user attempt limit's refusal. AWS does not name the exception; LimitExceededException
+/// "This exception is thrown when a user exceeds the limit for a requested Amazon Web Services
+/// resource" ([fp]) is what it is seen to be, with this message.
+fn attempt_limit() -> Reply {
+    error(
+        "LimitExceededException",
+        "Attempt limit exceeded, please try after some time.",
+    )
+}
+
+/// A disabled account's refusal (see the LEGACY arms).
+fn disabled() -> Reply {
+    error("NotAuthorizedException", "User is disabled.")
+}
+
+/// A must-change-password account's refusal (see the arms).
+fn cannot_reset() -> Reply {
+    error(
+        "NotAuthorizedException",
+        "User password cannot be reset in the current state.",
+    )
 }
 
 fn expired() -> Reply {

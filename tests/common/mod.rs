@@ -181,6 +181,34 @@ pub fn peer(n: usize) -> std::net::IpAddr {
     std::net::IpAddr::from([127, 0, 0, u8::try_from(n + 2).expect("at most 253 peers")])
 }
 
+/// The shipped default of the numeric setting `name`.
+pub fn default_number(name: &str) -> u64 {
+    password_recovery::config::default_value(name)
+        .unwrap_or_else(|| panic!("{name} has a default"))
+        .parse()
+        .unwrap()
+}
+
+/// The README's memory bound (`memory::bound_bytes`) at the shipped defaults.
+pub fn shipped_memory_bound() -> u64 {
+    password_recovery::memory::bound_bytes(
+        default_number("MAX_CONNECTIONS"),
+        default_number("MAX_CONCURRENT_CALLS"),
+        default_number("MAX_REQUEST_BYTES"),
+        default_number("USERNAME_RATE_LIMIT_MAX_KEYS"),
+    )
+}
+
+/// Reads `stream` until the server closes it, within `within`; panics saying `what` otherwise.
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut sink))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still open after {within:?}"))
+        .ok();
+}
+
 /// A loopback URL where nothing listens.
 pub async fn closed_port_url() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
