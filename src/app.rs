@@ -22,7 +22,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::api::{
-    Connect, Gate, InFlightCalls, Intake, IntakeSettings, PasswordRecoveryService, ProtocolsLayer,
+    Connect, Gate, Grpc, InFlightCalls, Intake, IntakeSettings, ProtocolsLayer, Service,
 };
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
@@ -193,7 +193,7 @@ impl Application {
             .collect();
         let secret_reload_interval = config.cognito.secret_reload_interval;
         let secret_reloader = cognito.spawn_secret_reloader(secret_reload_interval);
-        let service = PasswordRecoveryService::new(
+        let service = Service::new(
             cognito,
             limits,
             usernames,
@@ -206,9 +206,7 @@ impl Application {
         );
 
         let health = HealthReporter::new();
-        health
-            .set_serving::<PasswordRecoveryServer<PasswordRecoveryService>>()
-            .await;
+        health.set_serving::<PasswordRecoveryServer<Grpc>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
 
         // Both reflection versions list every service, each other included.
@@ -234,7 +232,7 @@ impl Application {
             .connect_protocol
             .then(|| Connect::new(service.clone(), gate.clone()));
         let api = Intake::new(
-            PasswordRecoveryServer::new(service)
+            PasswordRecoveryServer::new(Grpc::new(service))
                 .max_decoding_message_size(config.max_request_bytes),
             gate,
         );
@@ -361,7 +359,7 @@ impl Application {
             "stop requested: NOT_SERVING"
         );
         self.health
-            .set_not_serving::<PasswordRecoveryServer<PasswordRecoveryService>>()
+            .set_not_serving::<PasswordRecoveryServer<Grpc>>()
             .await;
         self.health
             .set_service_status("", ServingStatus::NotServing)

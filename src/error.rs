@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation as ProtoFieldViolation, StatusExt};
 
-use crate::cognito::{NotAuthorized, UpstreamError};
+use crate::cognito::{ErrorCode, NotAuthorized, UpstreamError};
 use crate::domain::FieldViolation;
 use crate::limits::{OVERLOAD_RETRY_DELAY, RateLimited};
 
@@ -36,10 +36,10 @@ pub enum Extra {
 }
 
 /// One row of the table: a Cognito error code and what the caller sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    /// Cognito's exception name.
-    pub cognito_code: &'static str,
+    /// Cognito's error code.
+    pub cognito_code: ErrorCode,
     /// The gRPC status code.
     pub code: Code,
     /// The ErrorInfo reason.
@@ -51,7 +51,7 @@ pub struct Row {
 }
 
 const fn row(
-    cognito_code: &'static str,
+    cognito_code: ErrorCode,
     code: Code,
     reason: &'static str,
     message: &'static str,
@@ -77,35 +77,35 @@ const MISCONFIGURED: &str = "the password-recovery service is misconfigured; its
 /// per line like the README's table.
 #[rustfmt::skip]
 pub const COGNITO_ERRORS: &[Row] = &[
-    row("CodeMismatchException", Code::InvalidArgument, "CODE_MISMATCH", "the confirmation code is not correct", Extra::BadField("confirmation_code")),
-    row("ExpiredCodeException", Code::FailedPrecondition, "EXPIRED_CODE", "the confirmation code has expired; request a new one with ForgotPassword", Extra::None),
-    row("InvalidPasswordException", Code::InvalidArgument, "INVALID_PASSWORD", "the password does not satisfy the user pool's password policy", Extra::BadFieldCognitoMessage("password")),
-    row("PasswordHistoryPolicyViolationException", Code::InvalidArgument, "PASSWORD_HISTORY_POLICY_VIOLATION", "the password was used recently by this user; choose another", Extra::BadField("password")),
-    row("UserNotFoundException", Code::NotFound, "USER_NOT_FOUND", "no such user", Extra::None),
-    row("UserNotConfirmedException", Code::FailedPrecondition, "USER_NOT_CONFIRMED", "the user has not confirmed their account", Extra::None),
-    row("InvalidParameterException", Code::FailedPrecondition, "INVALID_PARAMETER", "the account cannot be recovered in its current state (for example, it has no verified email or phone number)", Extra::None),
-    row("NotAuthorizedException", Code::PermissionDenied, "NOT_AUTHORIZED", "Cognito refused the reset in this account's state (disabled, or a password that must be changed first)", Extra::None),
-    row("ForbiddenException", Code::PermissionDenied, "FORBIDDEN", "the user pool's web ACL blocked the request", Extra::None),
-    row("LimitExceededException", Code::ResourceExhausted, "LIMIT_EXCEEDED", "the attempt limit for this user was exceeded; try again later", Extra::None),
-    row("TooManyFailedAttemptsException", Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS", "too many failed attempts for this user; try again later", Extra::None),
-    row("TooManyRequestsException", Code::ResourceExhausted, "TOO_MANY_REQUESTS", "Cognito is throttling requests; retry shortly", Extra::RetryAfterThrottle),
-    row("CodeDeliveryFailureException", Code::Unavailable, "CODE_DELIVERY_FAILURE", "Cognito could not deliver the confirmation code", Extra::None),
-    row("UserLambdaValidationException", Code::FailedPrecondition, "USER_LAMBDA_VALIDATION", "a user pool Lambda trigger refused the request", Extra::CognitoMessage),
-    row("OperationNotEnabledException", Code::FailedPrecondition, "OPERATION_NOT_ENABLED", "this operation is not enabled for the user pool", Extra::None),
-    row("ResourceNotFoundException", Code::Internal, "RESOURCE_NOT_FOUND", MISCONFIGURED, Extra::Misconfiguration),
-    row("InvalidEmailRoleAccessPolicyException", Code::Internal, "INVALID_EMAIL_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
-    row("InvalidSmsRoleAccessPolicyException", Code::Internal, "INVALID_SMS_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
-    row("InvalidSmsRoleTrustRelationshipException", Code::Internal, "INVALID_SMS_ROLE_TRUST_RELATIONSHIP", MISCONFIGURED, Extra::Misconfiguration),
-    row("InvalidLambdaResponseException", Code::Internal, "INVALID_LAMBDA_RESPONSE", MISCONFIGURED, Extra::Misconfiguration),
-    row("UnexpectedLambdaException", Code::Internal, "UNEXPECTED_LAMBDA", MISCONFIGURED, Extra::Misconfiguration),
-    row("InternalErrorException", Code::Unavailable, "INTERNAL_ERROR", "Cognito had an internal error; retry later", Extra::None),
+    row(ErrorCode::CodeMismatch, Code::InvalidArgument, "CODE_MISMATCH", "the confirmation code is not correct", Extra::BadField("confirmation_code")),
+    row(ErrorCode::ExpiredCode, Code::FailedPrecondition, "EXPIRED_CODE", "the confirmation code has expired; request a new one with ForgotPassword", Extra::None),
+    row(ErrorCode::InvalidPassword, Code::InvalidArgument, "INVALID_PASSWORD", "the password does not satisfy the user pool's password policy", Extra::BadFieldCognitoMessage("password")),
+    row(ErrorCode::PasswordHistoryPolicyViolation, Code::InvalidArgument, "PASSWORD_HISTORY_POLICY_VIOLATION", "the password was used recently by this user; choose another", Extra::BadField("password")),
+    row(ErrorCode::UserNotFound, Code::NotFound, "USER_NOT_FOUND", "no such user", Extra::None),
+    row(ErrorCode::UserNotConfirmed, Code::FailedPrecondition, "USER_NOT_CONFIRMED", "the user has not confirmed their account", Extra::None),
+    row(ErrorCode::InvalidParameter, Code::FailedPrecondition, "INVALID_PARAMETER", "the account cannot be recovered in its current state (for example, it has no verified email or phone number)", Extra::None),
+    row(ErrorCode::NotAuthorized, Code::PermissionDenied, "NOT_AUTHORIZED", "Cognito refused the reset in this account's state (disabled, or a password that must be changed first)", Extra::None),
+    row(ErrorCode::Forbidden, Code::PermissionDenied, "FORBIDDEN", "the user pool's web ACL blocked the request", Extra::None),
+    row(ErrorCode::LimitExceeded, Code::ResourceExhausted, "LIMIT_EXCEEDED", "the attempt limit for this user was exceeded; try again later", Extra::None),
+    row(ErrorCode::TooManyFailedAttempts, Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS", "too many failed attempts for this user; try again later", Extra::None),
+    row(ErrorCode::TooManyRequests, Code::ResourceExhausted, "TOO_MANY_REQUESTS", "Cognito is throttling requests; retry shortly", Extra::RetryAfterThrottle),
+    row(ErrorCode::CodeDeliveryFailure, Code::Unavailable, "CODE_DELIVERY_FAILURE", "Cognito could not deliver the confirmation code", Extra::None),
+    row(ErrorCode::UserLambdaValidation, Code::FailedPrecondition, "USER_LAMBDA_VALIDATION", "a user pool Lambda trigger refused the request", Extra::CognitoMessage),
+    row(ErrorCode::OperationNotEnabled, Code::FailedPrecondition, "OPERATION_NOT_ENABLED", "this operation is not enabled for the user pool", Extra::None),
+    row(ErrorCode::ResourceNotFound, Code::Internal, "RESOURCE_NOT_FOUND", MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidEmailRoleAccessPolicy, Code::Internal, "INVALID_EMAIL_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidSmsRoleAccessPolicy, Code::Internal, "INVALID_SMS_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidSmsRoleTrustRelationship, Code::Internal, "INVALID_SMS_ROLE_TRUST_RELATIONSHIP", MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidLambdaResponse, Code::Internal, "INVALID_LAMBDA_RESPONSE", MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::UnexpectedLambda, Code::Internal, "UNEXPECTED_LAMBDA", MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InternalError, Code::Unavailable, "INTERNAL_ERROR", "Cognito had an internal error; retry later", Extra::None),
 ];
 
 /// Looks up a Cognito error code in [`COGNITO_ERRORS`].
-pub(crate) fn cognito_row(cognito_code: &str) -> Option<&'static Row> {
+pub(crate) fn cognito_row(cognito_code: &ErrorCode) -> Option<&'static Row> {
     COGNITO_ERRORS
         .iter()
-        .find(|r| r.cognito_code == cognito_code)
+        .find(|r| r.cognito_code == *cognito_code)
 }
 
 /// Why a call failed.
@@ -170,6 +170,8 @@ pub(crate) enum Blame {
     SlowCaller,
     /// Cognito or the network, usually passing.
     Upstream,
+    /// This replica's own capacity: its places were full, or it was stopping.
+    Capacity,
     /// This service's own set-up.
     Server,
 }
@@ -185,295 +187,311 @@ pub(crate) struct Classified {
     pub(crate) message: String,
     /// Who is to blame.
     pub(crate) blame: Blame,
-    details: ErrorDetails,
+    /// The ErrorInfo's metadata, until [`Classified::done`] moves it into `details`.
+    metadata: HashMap<String, String>,
+    /// Every detail: the ErrorInfo, and a BadRequest, QuotaFailure or RetryInfo.
+    pub(crate) details: ErrorDetails,
+}
+
+impl Classified {
+    fn new(code: Code, reason: &'static str, message: impl Into<String>, blame: Blame) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            blame,
+            metadata: HashMap::new(),
+            details: ErrorDetails::new(),
+        }
+    }
+
+    /// With `value` under `key` in the ErrorInfo's metadata.
+    fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// With Cognito's request id, if there is one, in the ErrorInfo's metadata.
+    fn with_request_id(self, request_id: Option<&String>) -> Self {
+        match request_id {
+            Some(id) => self.with("awsRequestId", id.clone()),
+            None => self,
+        }
+    }
+
+    /// With a RetryInfo of `delay`.
+    fn retry_after(mut self, delay: Duration) -> Self {
+        self.details.set_retry_info(Some(delay));
+        self
+    }
+
+    /// With a BadRequest on `field`.
+    fn bad_field(mut self, field: &str, description: &str) -> Self {
+        self.details.add_bad_request_violation(field, description);
+        self
+    }
+
+    /// Completes the details with the ErrorInfo.
+    fn done(mut self) -> Self {
+        let metadata = std::mem::take(&mut self.metadata);
+        self.details
+            .set_error_info(self.reason, ERROR_DOMAIN, metadata);
+        self
+    }
 }
 
 impl Error {
     /// Decides the status, reason and details of this error.
     pub(crate) fn classify(&self) -> Classified {
-        let mut metadata = HashMap::new();
-        let mut details = ErrorDetails::new();
-        let (code, reason, message, blame) = match self {
-            Self::InvalidRequest(violations) => {
-                details.set_bad_request(
-                    violations
-                        .iter()
-                        .map(|v| ProtoFieldViolation::new(&v.field, &v.description))
-                        .collect::<Vec<_>>(),
-                );
-                let summary = violations
-                    .iter()
-                    .map(|v| format!("{} {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                (
-                    Code::InvalidArgument,
-                    "INVALID_REQUEST",
-                    format!("invalid request: {summary}"),
-                    Blame::Caller,
-                )
-            }
-            Self::ClientNotAllowed => (
+        use Blame::*;
+        let classified = match self {
+            Self::InvalidRequest(violations) => invalid_request(violations),
+            Self::ClientNotAllowed => Classified::new(
                 Code::PermissionDenied,
                 "CLIENT_NOT_ALLOWED",
                 "client_id is not an app client this server serves; leave it empty for the \
-                 configured one"
-                    .to_owned(),
-                Blame::Caller,
+                 configured one",
+                Caller,
             ),
-            Self::Upstream(upstream) => classify_upstream(upstream, &mut metadata, &mut details),
+            Self::Upstream(upstream) => classify_upstream(upstream),
             Self::CodeRefused { request_id } => {
-                metadata.insert("cognitoCode".into(), "CodeMismatchException".into());
-                if let Some(id) = request_id {
-                    metadata.insert("awsRequestId".into(), id.clone());
-                }
-                details.add_bad_request_violation("confirmation_code", CODE_REFUSED);
-                (
-                    Code::InvalidArgument,
-                    "CODE_MISMATCH",
-                    CODE_REFUSED.into(),
-                    Blame::Caller,
-                )
+                Classified::new(Code::InvalidArgument, "CODE_MISMATCH", CODE_REFUSED, Caller)
+                    .with("cognitoCode", ErrorCode::CodeMismatch.name())
+                    .with_request_id(request_id.as_ref())
+                    .bad_field("confirmation_code", CODE_REFUSED)
             }
-            Self::RateLimited(refused) => {
-                let limiter = refused.limiter.name();
-                metadata.insert("limit".into(), refused.limit.clone());
-                metadata.insert("limiter".into(), limiter.into());
-                details.set_retry_info(Some(refused.retry_after));
-                details.add_quota_failure_violation(
-                    limiter,
-                    format!("at most {} calls ({limiter} limit)", refused.limit),
-                );
-                (
-                    Code::ResourceExhausted,
-                    "RATE_LIMITED",
-                    format!(
-                        "rate limited ({limiter} limit {}); retry in {}",
-                        refused.limit,
-                        humantime::format_duration(Duration::from_secs(
-                            refused.retry_after.as_secs_f64().ceil() as u64
-                        ))
-                    ),
-                    Blame::Caller,
-                )
-            }
-            Self::Overloaded { limit } => {
-                metadata.insert("limit".into(), (*limit).into());
-                details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
-                (
-                    Code::Unavailable,
-                    "OVERLOADED",
-                    format!(
-                        "too many calls are in progress or waiting on Cognito ({limit}); retry shortly"
-                    ),
-                    Blame::Upstream,
-                )
-            }
-            Self::TakenBack { limit } => {
-                metadata.insert("limit".into(), (*limit).into());
-                details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
-                (
-                    Code::Unavailable,
-                    "OVERLOADED",
-                    format!(
-                        "the request message was still arriving when its place among the calls \
-                         in progress ({limit}) was needed by a new call; retry shortly"
-                    ),
-                    Blame::SlowCaller,
-                )
-            }
+            Self::RateLimited(refused) => rate_limited(refused),
+            Self::Overloaded { limit } => Classified::new(
+                Code::Unavailable,
+                "OVERLOADED",
+                format!(
+                    "too many calls are in progress or waiting on Cognito ({limit}); retry shortly"
+                ),
+                Capacity,
+            )
+            .with("limit", *limit)
+            .retry_after(OVERLOAD_RETRY_DELAY),
+            Self::TakenBack { limit } => Classified::new(
+                Code::Unavailable,
+                "OVERLOADED",
+                format!(
+                    "the request message was still arriving when its place among the calls in \
+                     progress ({limit}) was needed by a new call; retry shortly"
+                ),
+                SlowCaller,
+            )
+            .with("limit", *limit)
+            .retry_after(OVERLOAD_RETRY_DELAY),
             Self::RequestTimeout { limit } => {
                 let limit = humantime::format_duration(*limit).to_string();
-                metadata.insert("limit".into(), limit.clone());
-                (
+                Classified::new(
                     Code::DeadlineExceeded,
                     "REQUEST_TIMEOUT",
                     format!("the request message did not arrive within {limit} of its headers"),
-                    Blame::SlowCaller,
+                    SlowCaller,
                 )
+                .with("limit", limit)
             }
-            Self::DeadlineTooShort => (
+            Self::DeadlineTooShort => Classified::new(
                 Code::DeadlineExceeded,
                 "DEADLINE_TOO_SHORT",
                 format!(
                     "the call's deadline left less than {} ms to reach Cognito; it was not sent",
                     crate::cognito::MIN_UPSTREAM_TIME.as_millis()
                 ),
-                Blame::Caller,
+                Caller,
             ),
-            Self::MalformedRequest => (
+            Self::MalformedRequest => Classified::new(
                 Code::InvalidArgument,
                 "MALFORMED_REQUEST",
-                "the request message could not be decoded".into(),
-                Blame::Caller,
+                "the request message could not be decoded",
+                Caller,
             ),
-            Self::Cancelled => (
+            Self::RequestTooLarge { limit } => Classified::new(
+                Code::ResourceExhausted,
+                "REQUEST_TOO_LARGE",
+                format!("the request message is larger than {limit} bytes"),
+                Caller,
+            )
+            .with("limit", limit.to_string()),
+            Self::Cancelled => Classified::new(
                 Code::Cancelled,
                 "CANCELLED",
-                "the call was cancelled before it reached Cognito".into(),
-                Blame::Caller,
+                "the call was cancelled before it reached Cognito",
+                Caller,
             ),
-            Self::Internal => (
+            Self::Internal => Classified::new(
                 Code::Internal,
                 "INTERNAL_FAULT",
-                "the password-recovery service failed; its operators have been told in its \
-                 logs"
-                    .into(),
-                Blame::Server,
+                "the password-recovery service failed; its operators have been told in its logs",
+                Server,
             ),
-            Self::ShuttingDown => {
-                details.set_retry_info(Some(OVERLOAD_RETRY_DELAY));
-                (
-                    Code::Unavailable,
-                    "SHUTTING_DOWN",
-                    "this replica stopped before the call finished; its outcome is unknown".into(),
-                    Blame::Upstream,
-                )
-            }
-            Self::RequestTooLarge { limit } => {
-                metadata.insert("limit".into(), limit.to_string());
-                (
-                    Code::ResourceExhausted,
-                    "REQUEST_TOO_LARGE",
-                    format!("the request message is larger than {limit} bytes"),
-                    Blame::Caller,
-                )
-            }
+            Self::ShuttingDown => Classified::new(
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                "this replica stopped before the call finished; its outcome is unknown",
+                Capacity,
+            )
+            .retry_after(OVERLOAD_RETRY_DELAY),
         };
-        details.set_error_info(reason, ERROR_DOMAIN, metadata);
-        Classified {
-            code,
-            reason,
-            message,
-            blame,
-            details,
-        }
+        classified.done()
     }
 }
 
-fn classify_upstream(
-    error: &UpstreamError,
-    metadata: &mut HashMap<String, String>,
-    details: &mut ErrorDetails,
-) -> (Code, &'static str, String, Blame) {
+fn invalid_request(violations: &[FieldViolation]) -> Classified {
+    let summary = violations
+        .iter()
+        .map(|v| format!("{} {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut classified = Classified::new(
+        Code::InvalidArgument,
+        "INVALID_REQUEST",
+        format!("invalid request: {summary}"),
+        Blame::Caller,
+    );
+    classified.details.set_bad_request(
+        violations
+            .iter()
+            .map(|v| ProtoFieldViolation::new(&v.field, &v.description))
+            .collect::<Vec<_>>(),
+    );
+    classified
+}
+
+fn rate_limited(refused: &RateLimited) -> Classified {
+    let limiter = refused.limiter.name();
+    let retry_in = Duration::from_secs(refused.retry_after.as_secs_f64().ceil() as u64);
+    let mut classified = Classified::new(
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+        format!(
+            "rate limited ({limiter} limit {}); retry in {}",
+            refused.limit,
+            humantime::format_duration(retry_in)
+        ),
+        Blame::Caller,
+    )
+    .with("limit", refused.limit.clone())
+    .with("limiter", limiter)
+    .retry_after(refused.retry_after);
+    classified.details.add_quota_failure_violation(
+        limiter,
+        format!("at most {} calls ({limiter} limit)", refused.limit),
+    );
+    classified
+}
+
+fn classify_upstream(error: &UpstreamError) -> Classified {
     match error {
         UpstreamError::Service {
-            code: cognito_code,
-            message: cognito_message,
+            code,
+            message,
             request_id,
-        } => {
-            metadata.insert("cognitoCode".into(), cognito_code.clone());
-            if let Some(id) = request_id {
-                metadata.insert("awsRequestId".into(), id.clone());
-            }
-            if cognito_code == "NotAuthorizedException" {
-                // A bad secret hash, or a cause Cognito does not say, is this service's
-                // set-up: never the caller's, never an account's state.
-                let reason = match NotAuthorized::of(cognito_message.as_deref()) {
-                    NotAuthorized::SecretHash => Some("INVALID_SECRET_HASH"),
-                    NotAuthorized::Unrecognised => Some("UNEXPECTED_NOT_AUTHORIZED"),
-                    NotAuthorized::Disabled | NotAuthorized::CannotReset => None,
-                };
-                if let Some(reason) = reason {
-                    return (Code::Internal, reason, MISCONFIGURED.into(), Blame::Server);
-                }
-            }
-            let Some(row) = cognito_row(cognito_code) else {
-                return (
-                    Code::Unknown,
-                    "UNKNOWN_UPSTREAM_ERROR",
-                    "Cognito answered with an error this service does not know".into(),
-                    Blame::Server,
-                );
-            };
-            let cognito_message = cognito_message.as_deref().filter(|m| !m.is_empty());
-            let mut message = row.message.to_owned();
-            let mut blame = match row.code {
-                Code::Unavailable => Blame::Upstream,
-                _ => Blame::Caller,
-            };
-            match row.extra {
-                Extra::None => {}
-                Extra::BadField(field) => {
-                    details.add_bad_request_violation(field, row.message);
-                }
-                Extra::BadFieldCognitoMessage(field) => {
-                    details
-                        .add_bad_request_violation(field, cognito_message.unwrap_or(row.message));
-                }
-                Extra::RetryAfterThrottle => {
-                    details.set_retry_info(Some(THROTTLE_RETRY_DELAY));
-                    blame = Blame::Upstream;
-                }
-                Extra::CognitoMessage => {
-                    if let Some(text) = cognito_message {
-                        message = text.to_owned();
-                    }
-                }
-                Extra::Misconfiguration => blame = Blame::Server,
-            }
-            (row.code, row.reason, message, blame)
-        }
+        } => classify_service_error(code, message.as_deref())
+            .with("cognitoCode", code.name())
+            .with_request_id(request_id.as_ref()),
         UpstreamError::Http { status, request_id } => {
-            metadata.insert("httpStatus".into(), status.to_string());
-            if let Some(id) = request_id {
-                metadata.insert("awsRequestId".into(), id.clone());
-            }
-            match status {
-                500..=599 => (
-                    Code::Unavailable,
-                    "INTERNAL_ERROR",
-                    "Cognito had an internal error; retry later".into(),
-                    Blame::Upstream,
-                ),
-                429 => {
-                    details.set_retry_info(Some(THROTTLE_RETRY_DELAY));
-                    (
-                        Code::ResourceExhausted,
-                        "TOO_MANY_REQUESTS",
-                        "Cognito is throttling requests; retry shortly".into(),
-                        Blame::Upstream,
-                    )
-                }
-                _ => (
+            // An answer with no code is judged by its status, as the row it stands for.
+            let row = match status {
+                500..=599 => cognito_row(&ErrorCode::InternalError),
+                429 => cognito_row(&ErrorCode::TooManyRequests),
+                _ => None,
+            };
+            let classified = match row {
+                Some(row) => answer_row(row, None),
+                None => Classified::new(
                     Code::Unknown,
                     "UNKNOWN_UPSTREAM_ERROR",
                     format!("Cognito answered HTTP {status} with no error code"),
                     Blame::Server,
                 ),
-            }
+            };
+            classified
+                .with("httpStatus", status.to_string())
+                .with_request_id(request_id.as_ref())
         }
-        UpstreamError::Unreachable { .. } => (
+        UpstreamError::Unreachable { .. } => Classified::new(
             Code::Unavailable,
             "UPSTREAM_UNAVAILABLE",
-            "Cognito could not be reached".into(),
+            "Cognito could not be reached",
             Blame::Upstream,
         ),
-        UpstreamError::Timeout { set_by_caller } => (
+        UpstreamError::Timeout { set_by_caller } => Classified::new(
             Code::DeadlineExceeded,
             "UPSTREAM_TIMEOUT",
-            if *set_by_caller {
-                "the call's deadline ran out while waiting for Cognito".into()
-            } else {
-                "Cognito did not answer within COGNITO_TIMEOUT".into()
+            match set_by_caller {
+                true => "the call's deadline ran out while waiting for Cognito",
+                false => "Cognito did not answer within COGNITO_TIMEOUT",
             },
             Blame::Upstream,
         ),
-        UpstreamError::Construction { .. } => (
+        UpstreamError::Construction { .. } => Classified::new(
             Code::Internal,
             "REQUEST_CONSTRUCTION_FAILED",
-            MISCONFIGURED.into(),
+            MISCONFIGURED,
             Blame::Server,
         ),
-        UpstreamError::InvalidResponse(invalid) => {
-            metadata.insert("httpStatus".into(), invalid.status.to_string());
-            (
-                Code::Unavailable,
-                "UPSTREAM_INVALID_RESPONSE",
-                "Cognito's answer was not a well-formed Cognito answer".into(),
-                Blame::Server,
-            )
+        UpstreamError::InvalidResponse(invalid) => Classified::new(
+            Code::Unavailable,
+            "UPSTREAM_INVALID_RESPONSE",
+            "Cognito's answer was not a well-formed Cognito answer",
+            Blame::Server,
+        )
+        .with("httpStatus", invalid.status.to_string()),
+    }
+}
+
+/// Cognito's error `code` with `message`, by the table; a `NotAuthorizedException` that is a
+/// bad secret hash, or of a cause Cognito does not say, is this service's set-up: never the
+/// caller's, never an account's state.
+fn classify_service_error(code: &ErrorCode, message: Option<&str>) -> Classified {
+    if *code == ErrorCode::NotAuthorized {
+        let reason = match NotAuthorized::of(message) {
+            NotAuthorized::SecretHash => Some("INVALID_SECRET_HASH"),
+            NotAuthorized::Unrecognised => Some("UNEXPECTED_NOT_AUTHORIZED"),
+            NotAuthorized::Disabled | NotAuthorized::CannotReset => None,
+        };
+        if let Some(reason) = reason {
+            return Classified::new(Code::Internal, reason, MISCONFIGURED, Blame::Server);
         }
+    }
+    match cognito_row(code) {
+        Some(row) => answer_row(row, message.filter(|m| !m.is_empty())),
+        None => Classified::new(
+            Code::Unknown,
+            "UNKNOWN_UPSTREAM_ERROR",
+            "Cognito answered with an error this service does not know",
+            Blame::Server,
+        ),
+    }
+}
+
+/// What a row of the table answers, with Cognito's `message` where the row passes it on.
+fn answer_row(row: &Row, message: Option<&str>) -> Classified {
+    let blame = match row.code {
+        Code::Unavailable => Blame::Upstream,
+        _ => Blame::Caller,
+    };
+    let classified = Classified::new(row.code, row.reason, row.message, blame);
+    match row.extra {
+        Extra::None => classified,
+        Extra::BadField(field) => classified.bad_field(field, row.message),
+        Extra::BadFieldCognitoMessage(field) => {
+            classified.bad_field(field, message.unwrap_or(row.message))
+        }
+        Extra::RetryAfterThrottle => Classified {
+            blame: Blame::Upstream,
+            ..classified.retry_after(THROTTLE_RETRY_DELAY)
+        },
+        Extra::CognitoMessage => Classified {
+            message: message.map_or(classified.message.clone(), str::to_owned),
+            ..classified
+        },
+        Extra::Misconfiguration => Classified {
+            blame: Blame::Server,
+            ..classified
+        },
     }
 }
 
@@ -520,7 +538,7 @@ mod tests {
 
     fn service_error(code: &str, message: Option<&str>) -> Error {
         Error::Upstream(UpstreamError::Service {
-            code: code.into(),
+            code: ErrorCode::parse(code),
             message: message.map(Into::into),
             request_id: Some("req-1".into()),
         })
@@ -554,14 +572,14 @@ mod tests {
     /// A message of Cognito's for the row's error that makes it the row's answer: for
     /// NotAuthorizedException, an account's state (other causes are not the row's).
     fn account_state_message(row: &Row) -> Option<&'static str> {
-        (row.cognito_code == "NotAuthorizedException").then_some("User is disabled.")
+        (row.cognito_code == ErrorCode::NotAuthorized).then_some("User is disabled.")
     }
 
     /// Every error the service can answer with, one of each kind.
     fn every_kind_of_error() -> Vec<Error> {
         let mut errors: Vec<Error> = COGNITO_ERRORS
             .iter()
-            .map(|row| service_error(row.cognito_code, account_state_message(row)))
+            .map(|row| service_error(row.cognito_code.name(), account_state_message(row)))
             .collect();
         let http = |status| {
             Error::Upstream(UpstreamError::Http {
@@ -628,13 +646,13 @@ mod tests {
     fn the_readmes_error_table_and_the_codes_agree() {
         let rows = readme_rows();
         for row in COGNITO_ERRORS {
-            let short = row.cognito_code.trim_end_matches("Exception");
+            let short = row.cognito_code.name().trim_end_matches("Exception");
             let (_, code, reasons) = rows
                 .iter()
                 .find(|(cause, ..)| {
                     cause
                         .split([',', ' ', '('])
-                        .any(|word| word == row.cognito_code || word == short)
+                        .any(|word| word == row.cognito_code.name() || word == short)
                 })
                 .unwrap_or_else(|| {
                     panic!("the README's table has no row for {}", row.cognito_code)
@@ -671,12 +689,12 @@ mod tests {
     fn every_row_of_the_table_answers_with_its_error_info() {
         for row in COGNITO_ERRORS {
             let message = account_state_message(row).unwrap_or("m");
-            let status: Status = service_error(row.cognito_code, Some(message)).into();
+            let status: Status = service_error(row.cognito_code.name(), Some(message)).into();
             assert_eq!(status.code(), row.code, "{}", row.cognito_code);
             let info = status.get_details_error_info().expect("ErrorInfo");
             assert_eq!(info.reason, row.reason, "{}", row.cognito_code);
             assert_eq!(info.domain, ERROR_DOMAIN);
-            assert_eq!(info.metadata["cognitoCode"], row.cognito_code);
+            assert_eq!(info.metadata["cognitoCode"], row.cognito_code.name());
             assert_eq!(info.metadata["awsRequestId"], "req-1");
         }
     }
@@ -684,7 +702,7 @@ mod tests {
     #[test]
     fn internal_rows_are_reason_of_the_name_without_exception() {
         for row in COGNITO_ERRORS.iter().filter(|r| r.code == Code::Internal) {
-            let name = row.cognito_code.trim_end_matches("Exception");
+            let name = row.cognito_code.name().trim_end_matches("Exception");
             let mut snake = String::new();
             for (i, c) in name.chars().enumerate() {
                 if c.is_uppercase() && i > 0 {
@@ -693,7 +711,8 @@ mod tests {
                 snake.push(c.to_ascii_uppercase());
             }
             assert_eq!(row.reason, snake);
-            let classified = service_error(row.cognito_code, Some("pool xyz is gone")).classify();
+            let classified =
+                service_error(row.cognito_code.name(), Some("pool xyz is gone")).classify();
             assert_eq!(classified.blame, Blame::Server);
             assert!(!classified.message.contains("xyz"), "caller learns no more");
         }

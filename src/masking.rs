@@ -13,7 +13,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::cognito::NotAuthorized;
+use crate::cognito::{ErrorCode, NotAuthorized, UpstreamError};
 use crate::domain::{CodeDelivery, DeliveryMedium, PoolUser, Rpc};
 use crate::privacy::UsernameHasher;
 
@@ -45,23 +45,21 @@ impl Mask {
     /// protection; `None`: as it is. Only answers an existing account (or its absence) alone
     /// can produce are masked; a misconfiguration (a bad secret hash, an unknown client or
     /// pool, a `NotAuthorizedException` of no known cause) never is.
-    pub(crate) fn of(rpc: Rpc, code: &str, message: Option<&str>) -> Option<Self> {
+    pub(crate) fn of(rpc: Rpc, code: &ErrorCode, message: Option<&str>) -> Option<Self> {
+        use ErrorCode as C;
         let account_state =
-            || code == "NotAuthorizedException" && NotAuthorized::of(message).is_account_state();
+            || *code == C::NotAuthorized && NotAuthorized::of(message).is_account_state();
         // The pool's daily email quota (Cognito's default email sender) is spent only by
         // existing accounts' codes: masked as a delivery. Not documented by AWS; the message
         // is Cognito's as seen.
-        let daily_email = code == "LimitExceededException"
+        let daily_email = *code == C::LimitExceeded
             && message.is_some_and(|m| m.starts_with("Exceeded daily email limit"));
         if daily_email && rpc == Rpc::ForgotPassword {
             return Some(Self::Delivery);
         }
         // Cognito's per-user attempt limit: AWS documents it "for a user"; taken to count only
         // existing accounts.
-        if matches!(
-            code,
-            "LimitExceededException" | "TooManyFailedAttemptsException"
-        ) {
+        if matches!(code, C::LimitExceeded | C::TooManyFailedAttempts) {
             return Some(Self::UserLimit);
         }
         match rpc {
@@ -69,24 +67,40 @@ impl Mask {
             // a password to change first.
             Rpc::ForgotPassword => (matches!(
                 code,
-                "UserNotFoundException"
-                    | "InvalidParameterException"
-                    | "UserNotConfirmedException"
+                C::UserNotFound
+                    | C::InvalidParameter
+                    | C::UserNotConfirmed
                     // Only an existing account's address can fail to take a code.
-                    | "CodeDeliveryFailureException"
+                    | C::CodeDeliveryFailure
             ) || account_state())
             .then_some(Self::Delivery),
             // A wrong code; an expired one, or none requested; no such user; not confirmed;
             // disabled, or a password to change first.
             Rpc::ConfirmForgotPassword => (matches!(
                 code,
-                "CodeMismatchException"
-                    | "ExpiredCodeException"
-                    | "UserNotFoundException"
-                    | "UserNotConfirmedException"
+                C::CodeMismatch | C::ExpiredCode | C::UserNotFound | C::UserNotConfirmed
             ) || account_state())
             .then_some(Self::CodeRefused),
         }
+    }
+}
+
+/// A failed call to Cognito that enumeration protection answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Masked {
+    /// What it is answered as.
+    pub mask: Mask,
+    /// What Cognito really answered (for the call's log line and audit event).
+    pub real: ErrorCode,
+    /// Cognito's request id, if any.
+    pub request_id: Option<String>,
+}
+
+impl Masked {
+    /// What Cognito said, when the answer hides it: a wrong code answered as a refused code
+    /// is what the answer says, not a mask.
+    pub fn hidden(&self) -> Option<ErrorCode> {
+        (self.real != ErrorCode::CodeMismatch).then(|| self.real.clone())
     }
 }
 
@@ -101,10 +115,10 @@ pub(crate) enum CodeError {
 
 impl CodeError {
     /// The code error Cognito's `code` is, if it is one.
-    pub(crate) fn of(code: &str) -> Option<Self> {
+    pub(crate) fn of(code: &ErrorCode) -> Option<Self> {
         match code {
-            "CodeMismatchException" => Some(Self::Mismatch),
-            "ExpiredCodeException" => Some(Self::Expired),
+            ErrorCode::CodeMismatch => Some(Self::Mismatch),
+            ErrorCode::ExpiredCode => Some(Self::Expired),
             _ => None,
         }
     }
@@ -182,10 +196,23 @@ impl Masking {
         self.regions.get(region).unwrap_or(&self.elsewhere)
     }
 
-    /// What Cognito's error `code` (with `message`) to `rpc` is answered as: see [`Mask::of`];
-    /// `None` also when protection is off.
-    pub(crate) fn mask(&self, rpc: Rpc, code: &str, message: Option<&str>) -> Option<Mask> {
-        self.enabled.then(|| Mask::of(rpc, code, message)).flatten()
+    /// What Cognito's error `err` to `rpc` is answered as ([`Mask::of`]); `None` when it is
+    /// answered as it is, and always when protection is off.
+    pub(crate) fn mask(&self, rpc: Rpc, err: &UpstreamError) -> Option<Masked> {
+        let UpstreamError::Service {
+            code,
+            message,
+            request_id,
+        } = err
+        else {
+            return None;
+        };
+        let mask = Mask::of(rpc, code, message.as_deref()).filter(|_| self.enabled)?;
+        Some(Masked {
+            mask,
+            real: code.clone(),
+            request_id: request_id.clone(),
+        })
     }
 
     /// Remembers how long a real delivery from `region` took, counting from when it was sent.
@@ -604,12 +631,34 @@ mod tests {
         ];
         for (rpc, code, message, mask) in cases {
             assert_eq!(
-                Mask::of(*rpc, code, *message),
+                Mask::of(*rpc, &ErrorCode::parse(code), *message),
                 *mask,
                 "{rpc:?} {code} {message:?}"
             );
         }
+        let not_found = UpstreamError::Service {
+            code: ErrorCode::UserNotFound,
+            message: None,
+            request_id: Some("r-1".into()),
+        };
+        let masked = masking().mask(fp, &not_found).unwrap();
+        assert_eq!(
+            (masked.mask, masked.request_id.as_deref()),
+            (Delivery, Some("r-1"))
+        );
+        assert_eq!(masked.hidden(), Some(ErrorCode::UserNotFound));
+        let mismatch = UpstreamError::Service {
+            code: ErrorCode::CodeMismatch,
+            message: None,
+            request_id: None,
+        };
+        let masked = masking().mask(cfp, &mismatch).unwrap();
+        assert_eq!(
+            masked.hidden(),
+            None,
+            "a wrong code is what the answer says"
+        );
         let off = Masking::new(false, UsernameHasher::random(), ["eu-west-1"]);
-        assert_eq!(off.mask(fp, "UserNotFoundException", None), None);
+        assert_eq!(off.mask(fp, &not_found), None);
     }
 }

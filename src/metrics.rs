@@ -36,6 +36,10 @@ pub const CONNECTIONS_TAKEN_BACK: &str = "grpc_connections_taken_back_total";
 /// Calls whose message was still arriving, answered `OVERLOADED` to let a new call in, by
 /// `reason`: `max_concurrent_calls` or `peer_share`.
 pub const CALLS_TAKEN_BACK: &str = "grpc_calls_taken_back_total";
+/// Calls answered `OVERLOADED` at once, unread, because every place among the calls in
+/// progress was held by a call whose message had arrived, by `reason`:
+/// `max_concurrent_calls` or `peer_share`.
+pub const CALLS_REFUSED: &str = "grpc_calls_refused_total";
 /// Requests that did not arrive in time, by `stage`: `headers` (the connection was closed)
 /// or `body` (the call was answered `REQUEST_TIMEOUT`).
 pub const REQUEST_TIMEOUTS: &str = "grpc_request_timeouts_total";
@@ -99,7 +103,8 @@ fn describe() {
     );
     describe_counter!(
         limits::UPSTREAM_REJECTED,
-        "Calls refused before Cognito because too many were in progress or waiting"
+        "Calls refused because too many were waiting on Cognito (overloaded); calls and \
+         peer_calls: deprecated names of grpc_calls_refused_total"
     );
     describe_gauge!(
         limits::BACKEND_UP,
@@ -136,6 +141,11 @@ fn describe() {
     describe_counter!(
         CALLS_TAKEN_BACK,
         "Calls whose message was still arriving, answered OVERLOADED to let a new call in"
+    );
+    describe_counter!(
+        CALLS_REFUSED,
+        "Calls answered OVERLOADED at once, unread: every place among the calls in progress \
+         (or the peer's share of them) was held by a call whose message had arrived"
     );
     describe_counter!(
         REQUEST_TIMEOUTS,

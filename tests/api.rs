@@ -176,12 +176,13 @@ async fn every_cognito_error_maps_end_to_end_with_its_details() {
     let mut client = app.client().await;
 
     for row in COGNITO_ERRORS {
-        app.cognito.script([Reply::row_error(row.cognito_code)]);
-        if row.cognito_code == "TooManyRequestsException" {
+        app.cognito
+            .script([Reply::row_error(row.cognito_code.name())]);
+        if row.cognito_code.name() == "TooManyRequestsException" {
             // Throttling is retried: let every attempt be throttled.
             app.cognito.script([
-                Reply::error(row.cognito_code),
-                Reply::error(row.cognito_code),
+                Reply::error(row.cognito_code.name()),
+                Reply::error(row.cognito_code.name()),
             ]);
         }
         let status = client
@@ -190,7 +191,7 @@ async fn every_cognito_error_maps_end_to_end_with_its_details() {
             .unwrap_err();
 
         let info = assert_error(&status, row.code, row.reason);
-        assert_eq!(info.metadata["cognitoCode"], row.cognito_code);
+        assert_eq!(info.metadata["cognitoCode"], row.cognito_code.name());
         assert_eq!(info.metadata["awsRequestId"], REQUEST_ID);
         let error_infos = status
             .get_error_details_vec()

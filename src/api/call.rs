@@ -6,6 +6,7 @@
 //! While its message is still arriving a call may lose its place to a newcomer ([`Arrival`]),
 //! and its message must arrive within `REQUEST_BODY_TIMEOUT` ([`Call::stalled`]).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,14 +15,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::{Response, Status};
 use tracing::Level;
 
-use crate::cognito::{Budget, UpstreamError};
+use crate::cognito::{Budget, ErrorCode, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::Rpc;
-use crate::error::{Blame, Error, code_name};
+use crate::error::{Blame, Classified, Error, code_name};
 use crate::metrics as m;
 use crate::places::{Crowded, Holder, Place, Standing};
 use crate::telemetry::{self, Occasionally, TraceParent};
@@ -34,7 +33,7 @@ pub(crate) struct Outcome<T> {
     /// The answer, or why there is none.
     pub result: Result<T, Error>,
     /// When enumeration protection masked the answer: what Cognito really said.
-    pub masked: Option<&'static str>,
+    pub masked: Option<ErrorCode>,
 }
 
 impl<T> Outcome<T> {
@@ -45,13 +44,35 @@ impl<T> Outcome<T> {
             masked: None,
         }
     }
+}
 
-    /// The same outcome with the answer turned into `U`.
-    pub fn map<U>(self, answer: impl FnOnce(T) -> U) -> Outcome<U> {
-        Outcome {
+/// What a finished call is answered, for its door to render: the answer, or its error
+/// decided, and the call's request id (sent back in a header or trailer).
+#[derive(Debug)]
+pub(crate) struct Reply<T> {
+    /// The call's request id.
+    pub request_id: String,
+    /// The answer, or the error to answer.
+    pub result: Result<T, Box<Classified>>,
+}
+
+impl<T> Reply<T> {
+    /// The same reply with the answer turned into `U`.
+    pub fn map<U>(self, answer: impl FnOnce(T) -> U) -> Reply<U> {
+        Reply {
+            request_id: self.request_id,
             result: self.result.map(answer),
-            masked: self.masked,
         }
+    }
+}
+
+/// A reply that can only be an error: a call refused before it reached the service.
+pub(crate) type Refusal = Reply<Infallible>;
+
+impl Refusal {
+    /// The refusal, as a reply of any type.
+    pub fn widen<T>(self) -> Reply<T> {
+        self.map(|never| match never {})
     }
 }
 
@@ -169,14 +190,15 @@ pub(crate) struct Subject {
     pub client: String,
 }
 
-/// One call in progress.
+/// One call in progress. A call dropped before it was finished (its door gave up on it: the
+/// caller went away while its message was arriving) is finished as `CANCELLED`.
 pub(crate) struct Call {
     rpc: Rpc,
     protocol: Protocol,
     started: Instant,
     /// The caller's deadline, from `grpc-timeout` or `Connect-Timeout-Ms`.
     caller_timeout: Option<Duration>,
-    request_id: MetadataValue<Ascii>,
+    request_id: String,
     /// Who called: the mTLS client's identity, or `anonymous`.
     caller: String,
     /// The peer it came from, as `PEER_KEY` tells peers apart.
@@ -187,6 +209,8 @@ pub(crate) struct Call {
     /// Its place among the calls in progress, and whether its message has arrived.
     arrival: Option<Arc<Arrival>>,
     _place: Option<Place<Arc<Arrival>>>,
+    /// Its log line, audit event and metrics have been left.
+    finished: bool,
 }
 
 /// Counts one call in `grpc_server_in_flight` for as long as it lives.
@@ -240,8 +264,7 @@ impl Call {
             protocol,
             started,
             caller_timeout,
-            // A request id is printable ASCII by construction.
-            request_id: request_id.parse().expect("printable ASCII"),
+            request_id,
             caller,
             peer,
             span,
@@ -249,7 +272,13 @@ impl Call {
             _on_connection: connection.and_then(ConnectionInfo::call_started),
             arrival: None,
             _place: None,
+            finished: false,
         }
+    }
+
+    /// Its request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
     }
 
     /// The peer the call came from, when `PEER_KEY` tells peers apart.
@@ -321,33 +350,36 @@ impl Call {
     }
 
     /// Finishes a call refused before it reached the service with `error`: its log line,
-    /// audit event and metrics, and the status to answer.
-    pub fn refuse(self, error: Error, ending: Ending) -> Status {
-        match self.finish::<()>(None, Outcome::plain(Err(error)), ending) {
-            Err(status) => status,
-            Ok(_) => Error::Internal.into(),
-        }
+    /// audit event and metrics, and the refusal to answer.
+    pub fn refuse(mut self, error: Error, ending: Ending) -> Refusal {
+        self.conclude(None, Outcome::plain(Err(error)), ending)
     }
 
-    /// Turns the outcome into the answer, carrying the request id (in headers on success,
-    /// trailers on error), and leaves the call's log line, audit event and metrics.
+    /// Turns the outcome into the reply, and leaves the call's log line, audit event and
+    /// metrics.
     pub fn finish<T>(
-        self,
+        mut self,
         subject: Option<&Subject>,
         outcome: Outcome<T>,
         ending: Ending,
-    ) -> Result<Response<T>, Status> {
+    ) -> Reply<T> {
+        self.conclude(subject, outcome, ending)
+    }
+
+    fn conclude<T>(
+        &mut self,
+        subject: Option<&Subject>,
+        outcome: Outcome<T>,
+        ending: Ending,
+    ) -> Reply<T> {
+        self.finished = true;
         let _entered = self.span.clone().entered();
         let user = subject.map_or("-", |s| s.user.as_str());
         let client = subject.map_or("-", |s| s.client.as_str());
-        let masked = outcome.masked;
-        let (answer, code, reason) = match outcome.result {
+        let masked = outcome.masked.as_ref();
+        let (result, code, reason) = match outcome.result {
             Ok(response) => {
                 self.log_success(user, client, masked, ending);
-                let mut response = Response::new(response);
-                response
-                    .metadata_mut()
-                    .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
                 (Ok(response), "OK", None)
             }
             Err(error) => {
@@ -363,11 +395,7 @@ impl Call {
                     masked,
                 };
                 self.log_failure(user, client, &error, &failure, ending);
-                let mut status = classified.into_status();
-                status
-                    .metadata_mut()
-                    .insert(telemetry::REQUEST_ID_HEADER, self.request_id.clone());
-                (Err(status), code, Some(reason))
+                (Err(Box::new(classified)), code, Some(reason))
             }
         };
         let event = match (reason, masked) {
@@ -384,11 +412,16 @@ impl Call {
             Ending::CallerGone => "CANCELLED",
         };
         self.record(caller_code, client);
-        answer
+        Reply {
+            request_id: self.request_id.clone(),
+            result,
+        }
     }
 
-    /// Records a call still in flight when the grace period ended: its outcome is unknown.
-    pub fn abandon(self, subject: Option<&Subject>) {
+    /// Records a call still in flight when the grace period ended: its outcome is unknown,
+    /// and it is answered `SHUTTING_DOWN` if its caller still waits.
+    pub fn abandon(mut self, subject: Option<&Subject>) -> Refusal {
+        self.finished = true;
         let _entered = self.span.clone().entered();
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let client = subject.map_or("-", |s| s.client.as_str());
@@ -401,6 +434,10 @@ impl Call {
         );
         self.audit("password_reset.abandoned", subject, "UNKNOWN", None, false);
         self.record("UNAVAILABLE", client);
+        Reply {
+            request_id: self.request_id.clone(),
+            result: Err(Box::new(Error::ShuttingDown.classify())),
+        }
     }
 
     /// Counts the call by code and its latency, labelled with the app client's alias (`-`
@@ -418,7 +455,7 @@ impl Call {
         self.started.elapsed().as_secs_f64() * 1e3
     }
 
-    fn log_success(&self, user: &str, client: &str, masked: Option<&'static str>, ending: Ending) {
+    fn log_success(&self, user: &str, client: &str, masked: Option<&ErrorCode>, ending: Ending) {
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let caller_gone = ending == Ending::CallerGone;
         match masked {
@@ -435,7 +472,7 @@ impl Call {
                 grpc.method = method,
                 grpc.code = "OK",
                 masked = true,
-                cognito.code = cognito_code,
+                cognito.code = cognito_code.name(),
                 user,
                 client,
                 latency_ms,
@@ -464,10 +501,12 @@ impl Call {
             masked,
         } = *failure;
         // A masked answer logs what Cognito really said.
-        let cognito_code = masked.or(match error {
-            Error::Upstream(upstream) => upstream.cognito_code(),
-            _ => None,
-        });
+        let cognito_code = masked
+            .or(match error {
+                Error::Upstream(upstream) => upstream.cognito_code(),
+                _ => None,
+            })
+            .map(ErrorCode::name);
         let masked = masked.is_some().then_some(true);
         let detail = upstream_detail(error);
         let detail = detail.as_deref();
@@ -499,6 +538,10 @@ impl Call {
                 self.warn_of_stalling(error);
             }
             Blame::Upstream => failed!(Level::WARN, "call failed upstream"),
+            Blame::Capacity => failed!(
+                Level::WARN,
+                "call refused: this replica is at capacity or stopping"
+            ),
             Blame::Server => failed!(Level::ERROR, "call failed: server-side fault"),
         }
     }
@@ -542,23 +585,35 @@ impl Call {
             grpc.code = code,
             reason,
             caller_gone,
-            request_id = self.request_id.to_str().unwrap_or_default(),
+            request_id = self.request_id,
             "audit"
         );
     }
 }
 
 /// How a failed call is logged.
-struct Failure {
+struct Failure<'a> {
     code: &'static str,
     reason: &'static str,
     blame: Blame,
-    masked: Option<&'static str>,
+    masked: Option<&'a ErrorCode>,
 }
 
 /// The reason the audit records for a masked answer: that of Cognito's real error.
-fn masked_reason(cognito_code: &'static str) -> &'static str {
+fn masked_reason(cognito_code: &ErrorCode) -> &'static str {
     crate::error::cognito_row(cognito_code).map_or("MASKED", |row| row.reason)
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.conclude::<()>(
+                None,
+                Outcome::plain(Err(Error::Cancelled)),
+                Ending::CallerGone,
+            );
+        }
+    }
 }
 
 /// What an operator needs to see of an upstream failure; Cognito's messages and transport

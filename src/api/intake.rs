@@ -4,12 +4,13 @@
 //! `MAX_CONCURRENT_CALLS_PER_PEER` from one peer). With none free it takes back the place of
 //! the call whose message has been arriving longest (that call is answered `OVERLOADED`);
 //! when every call has its message, the newcomer is `OVERLOADED` at once, its message never
-//! read, so memory stays bounded whatever arrives. Its [`Call`] is handed to the handler. A
-//! message must arrive within `REQUEST_BODY_TIMEOUT` of the headers, or the call is answered
-//! `REQUEST_TIMEOUT`. A call the handler never claims was refused by tonic while decoding its
-//! message; it is answered here with this service's own status (`MALFORMED_REQUEST`, or
-//! `REQUEST_TOO_LARGE` for a message over `MAX_REQUEST_BYTES`) and finished like any other.
-//! A call whose caller goes away before the handler claims it is finished as `CANCELLED`.
+//! read, so memory stays bounded whatever arrives. Its [`Call`] is handed to the gRPC
+//! handler in the request's extensions ([`Unclaimed`]). A message must arrive within
+//! `REQUEST_BODY_TIMEOUT` of the headers, or the call is answered `REQUEST_TIMEOUT`. A call the
+//! handler never claims was refused by tonic while decoding its message; it is answered here
+//! with this service's own status (`MALFORMED_REQUEST`, or `REQUEST_TOO_LARGE` for a message
+//! over `MAX_REQUEST_BYTES`) and finished like any other. A call whose caller goes away before
+//! the handler claims it is dropped, and so finished as `CANCELLED`.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -21,8 +22,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 use tower::Service;
 
-use super::call::{Arrival, Call, Ending, Protocol};
-use super::{Answer, AnswerFuture, SERVICE_NAME};
+use super::call::{Arrival, Call, Ending, Protocol, Refusal};
+use super::{HttpFuture, HttpResponse, SERVICE_NAME, grpc};
 use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
@@ -42,18 +43,6 @@ impl Unclaimed {
     /// Takes the call; `None` when it was already taken.
     pub fn claim(&self) -> Option<Call> {
         self.0.lock().expect("call slot lock").take()
-    }
-}
-
-/// Finishes the call as cancelled if it was never claimed nor answered: the caller went away
-/// while its message was being read.
-pub(crate) struct CancelUnclaimed(pub Unclaimed);
-
-impl Drop for CancelUnclaimed {
-    fn drop(&mut self) {
-        if let Some(call) = self.0.claim() {
-            call.refuse(Error::Cancelled, Ending::CallerGone);
-        }
     }
 }
 
@@ -106,7 +95,7 @@ impl Gate {
         protocol: Protocol,
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
-    ) -> Result<Call, Status> {
+    ) -> Result<Call, Refusal> {
         let mut call = Call::start(rpc, protocol, headers, extensions);
         let arrival = call.arrival();
         match self.calls.take(call.peer(), arrival.clone()) {
@@ -119,11 +108,14 @@ impl Gate {
                 Ok(call)
             }
             Err(crowded) => {
-                let (reason, limit) = match crowded {
+                let (old_reason, limit) = match crowded {
                     Crowded::Full => ("calls", "MAX_CONCURRENT_CALLS"),
                     Crowded::PeerShare => ("peer_calls", "MAX_CONCURRENT_CALLS_PER_PEER"),
                 };
-                metrics::counter!(UPSTREAM_REJECTED, "reason" => reason).increment(1);
+                let reason = crowded.label("max_concurrent_calls");
+                metrics::counter!(m::CALLS_REFUSED, "reason" => reason).increment(1);
+                // The name it had before `grpc_calls_refused_total`, kept for dashboards.
+                metrics::counter!(UPSTREAM_REJECTED, "reason" => old_reason).increment(1);
                 Err(call.refuse(Error::Overloaded { limit }, Ending::Answered))
             }
         }
@@ -150,12 +142,12 @@ impl<S: NamedService> NamedService for Intake<S> {
 
 impl<S> Service<http::Request<Body>> for Intake<S>
 where
-    S: Service<http::Request<Body>, Response = Answer, Error = Infallible> + Send + 'static,
+    S: Service<http::Request<Body>, Response = HttpResponse, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Answer;
+    type Response = HttpResponse;
     type Error = Infallible;
-    type Future = AnswerFuture;
+    type Future = HttpFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -171,27 +163,30 @@ where
                 .start(rpc, Protocol::Grpc, request.headers(), request.extensions())
             {
                 Ok(call) => call,
-                Err(refused) => return Box::pin(std::future::ready(Ok(refused.into_http()))),
+                Err(refused) => {
+                    return Box::pin(std::future::ready(Ok(grpc::refusal(refused).into_http())));
+                }
             };
         let stalled = call.stalled(self.gate.body_timeout());
         let slot = Unclaimed::new(call);
         request.extensions_mut().insert(slot.clone());
         let served = self.inner.call(request);
         let limit = self.gate.max_request_bytes();
+        // Dropped unclaimed (the caller went away), the slot drops its call: `CANCELLED`.
         Box::pin(async move {
-            let guard = CancelUnclaimed(slot);
             let mut served = std::pin::pin!(served);
             let stalled = tokio::select! {
-                Ok(response) = &mut served => return Ok(unclaimed_answer(&guard.0, response, limit)),
+                Ok(response) = &mut served => return Ok(unclaimed_answer(&slot, response, limit)),
                 error = stalled => error,
             };
             // Still unclaimed, the call is still waiting for its message: answered so, and
             // the stream reset behind the answer.
-            if let Some(call) = guard.0.claim() {
-                return Ok(call.refuse(stalled, Ending::Answered).into_http());
+            if let Some(call) = slot.claim() {
+                let refused = call.refuse(stalled, Ending::Answered);
+                return Ok(grpc::refusal(refused).into_http());
             }
             let Ok(response) = served.await;
-            Ok(unclaimed_answer(&guard.0, response, limit))
+            Ok(unclaimed_answer(&slot, response, limit))
         })
     }
 }
@@ -199,7 +194,7 @@ where
 /// tonic's `response`, or, for a call the handler never claimed, this service's own answer:
 /// the message could not be read (over `limit` bytes, or undecodable), or the caller reset
 /// the stream while it was being read.
-fn unclaimed_answer(slot: &Unclaimed, response: Answer, limit: usize) -> Answer {
+fn unclaimed_answer(slot: &Unclaimed, response: HttpResponse, limit: usize) -> HttpResponse {
     let Some(call) = slot.claim() else {
         return response;
     };
@@ -218,5 +213,5 @@ fn unclaimed_answer(slot: &Unclaimed, response: Answer, limit: usize) -> Answer 
         }
         _ => (Error::MalformedRequest, Ending::Answered),
     };
-    call.refuse(error, ending).into_http()
+    grpc::refusal(call.refuse(error, ending)).into_http()
 }

@@ -1,5 +1,5 @@
 //! Proto → domain and back: each request is parsed into its validated domain type, naming
-//! every violated field; a delivery becomes its proto message.
+//! every violated field; a delivery becomes its proto answer.
 
 use std::collections::HashMap;
 
@@ -86,16 +86,20 @@ pub fn parse_confirm_forgot_password(
     })
 }
 
-pub(crate) fn code_delivery_details(delivery: CodeDelivery) -> pb::CodeDeliveryDetails {
-    let medium = match delivery.medium {
-        DeliveryMedium::Unspecified => pb::DeliveryMedium::Unspecified,
-        DeliveryMedium::Email => pb::DeliveryMedium::Email,
-        DeliveryMedium::Sms => pb::DeliveryMedium::Sms,
-    };
-    pb::CodeDeliveryDetails {
-        destination: delivery.destination,
-        delivery_medium: medium.into(),
-        attribute_name: delivery.attribute_name,
+impl From<CodeDelivery> for pb::ForgotPasswordResponse {
+    fn from(delivery: CodeDelivery) -> Self {
+        let medium = match delivery.medium {
+            DeliveryMedium::Unspecified => pb::DeliveryMedium::Unspecified,
+            DeliveryMedium::Email => pb::DeliveryMedium::Email,
+            DeliveryMedium::Sms => pb::DeliveryMedium::Sms,
+        };
+        Self {
+            code_delivery_details: Some(pb::CodeDeliveryDetails {
+                destination: delivery.destination,
+                delivery_medium: medium.into(),
+                attribute_name: delivery.attribute_name,
+            }),
+        }
     }
 }
 

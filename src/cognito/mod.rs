@@ -7,6 +7,7 @@
 //! Under the SDK, [`response`] reads every answer with a cap and refuses malformed ones.
 
 pub(crate) mod clients;
+mod code;
 mod response;
 
 use std::borrow::Cow;
@@ -42,14 +43,13 @@ use crate::domain::{
 use crate::metrics as m;
 pub use clients::{ClientSettings, CognitoSettings};
 
+pub use code::ErrorCode;
 pub(crate) use response::InvalidResponse;
 
 /// At most this many attempts per call, the first included.
 const MAX_ATTEMPTS: u32 = 3;
 /// The first retry waits up to this long; each later one twice as long.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
-/// The error code of Cognito's account-wide throttling: the request was not processed.
-const TOO_MANY_REQUESTS: &str = "TooManyRequestsException";
 /// The longest `Destination` or `AttributeName` accepted from Cognito, in characters. Real
 /// ones are masked addresses and attribute names, a few dozen characters at most.
 const MAX_DELIVERY_FIELD_CHARS: usize = 256;
@@ -147,8 +147,8 @@ impl NotAuthorized {
 pub(crate) enum UpstreamError {
     /// Cognito answered with an error code, e.g. `CodeMismatchException`.
     Service {
-        /// The exception name.
-        code: String,
+        /// The exception.
+        code: ErrorCode,
         /// Cognito's message, if any.
         message: Option<String>,
         /// Cognito's request id, if any.
@@ -188,7 +188,7 @@ impl UpstreamError {
     /// again: throttling, or a connection that was never made.
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
-            Self::Service { code, .. } => code == TOO_MANY_REQUESTS,
+            Self::Service { code, .. } => *code == ErrorCode::TooManyRequests,
             Self::Http { status: 429, .. } => true,
             Self::Unreachable {
                 before_connecting, ..
@@ -201,12 +201,13 @@ impl UpstreamError {
     /// A code that is not a plain exception name is not used as a label.
     pub(crate) fn outcome(&self) -> Cow<'static, str> {
         match self {
-            Self::Service { code, .. }
-                if code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-            {
-                Cow::Owned(code.clone())
+            Self::Service {
+                code: ErrorCode::Other(name),
+                ..
+            } if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                Cow::Borrowed("malformed_code")
             }
-            Self::Service { .. } => Cow::Borrowed("malformed_code"),
+            Self::Service { code, .. } => Cow::Owned(code.name().to_owned()),
             Self::Http { status, .. } => Cow::Owned(format!("http_{status}")),
             Self::Unreachable { .. } => Cow::Borrowed("unreachable"),
             Self::Timeout { .. } => Cow::Borrowed("timeout"),
@@ -215,8 +216,8 @@ impl UpstreamError {
         }
     }
 
-    /// The Cognito exception name, if Cognito gave one.
-    pub(crate) fn cognito_code(&self) -> Option<&str> {
+    /// The Cognito error code, if Cognito gave one.
+    pub(crate) fn cognito_code(&self) -> Option<&ErrorCode> {
         match self {
             Self::Service { code, .. } => Some(code),
             _ => None,
@@ -231,7 +232,7 @@ impl UpstreamError {
         match &err {
             SdkError::ServiceError(service) => match service.err().code() {
                 Some(code) if !code.is_empty() => Self::Service {
-                    code: code.to_owned(),
+                    code: ErrorCode::parse(code),
                     message: service.err().message().map(str::to_owned),
                     request_id,
                 },
@@ -591,7 +592,7 @@ where
             tracing::debug!(
                 attempt = made,
                 ?pause,
-                cognito.code = error.cognito_code(),
+                cognito.code = error.cognito_code().map(ErrorCode::name),
                 "retrying Cognito call"
             );
             tokio::time::sleep(pause).await;
@@ -746,7 +747,7 @@ mod tests {
     #[test]
     fn only_unprocessed_failures_are_retried() {
         let service = |code: &str| UpstreamError::Service {
-            code: code.into(),
+            code: ErrorCode::parse(code),
             message: None,
             request_id: None,
         };
@@ -809,10 +810,11 @@ mod tests {
             "eu-west-1"
         );
         assert!(cognito.select(Some(&id("someoneelse"))).is_none());
-        // One SDK client (one configuration, one connection pool) per region.
-        let [a, b, c] = [0, 1, 2].map(|i| cognito.clients()[i].sdk.config().clone());
-        assert_eq!(format!("{:?}", a.region()), format!("{:?}", b.region()));
-        assert_ne!(format!("{:?}", a.region()), format!("{:?}", c.region()));
+        // One SDK client (one configuration, one connection pool) per region: the clients of
+        // one region hold the very same one.
+        let [a, b, c] = [0, 1, 2].map(|i| cognito.clients()[i].sdk.config());
+        assert!(std::ptr::eq(a, b), "one SDK client for eu-west-1");
+        assert!(!std::ptr::eq(a, c), "another for us-east-1");
     }
 
     #[tokio::test]

@@ -1,0 +1,377 @@
+//! The service core, the same for every door: a call and its decoded request in, the reply
+//! out. It validates the request into its domain type, checks the app client and the abuse
+//! limits, calls Cognito within the call's budget, applies enumeration protection, and
+//! finishes the call (one log line, one audit event, its metrics). It knows nothing of HTTP,
+//! gRPC or JSON.
+//!
+//! Each call runs in a task of its own ([`InFlightCalls`]), so once it has been sent to
+//! Cognito its outcome is recorded even when the caller goes away; the calls still running
+//! when the shutdown grace period ends are abandoned, and recorded as such.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::call::{Call, Ending, Outcome, Reply, Subject};
+use super::parse::{parse_confirm_forgot_password, parse_forgot_password};
+use crate::cognito::{AppClient, Budget, Cognito, UpstreamError};
+use crate::domain::{
+    Account, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, PoolUser, Rpc,
+};
+use crate::error::Error;
+use crate::limits::Limits;
+use crate::masking::{CodeError, Mask, Masking};
+use crate::privacy::UsernameHasher;
+use crate::proto::v1 as pb;
+
+/// The alias logs and metrics give a `client_id` this server does not serve.
+const UNKNOWN_CLIENT: &str = "unknown";
+
+/// The calls running in their own tasks, and the signal that abandons them.
+#[derive(Debug, Default)]
+pub struct InFlightCalls {
+    tasks: TaskTracker,
+    abandon: CancellationToken,
+    abandoned: AtomicUsize,
+}
+
+impl InFlightCalls {
+    /// Abandons every call still running: each records itself as abandoned. Returns how
+    /// many there were, once all have, or after `within`.
+    pub async fn abandon(&self, within: Duration) -> usize {
+        self.abandon.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
+        self.abandoned.load(Ordering::SeqCst)
+    }
+}
+
+/// The service's state, shared by every call.
+#[derive(Debug)]
+struct Shared {
+    cognito: Cognito,
+    limits: Arc<Limits>,
+    /// Pseudonyms of usernames in logs and audit events.
+    usernames: UsernameHasher,
+    masking: Masking,
+    calls: Arc<InFlightCalls>,
+}
+
+/// The PasswordRecovery service, behind every door.
+#[derive(Debug, Clone)]
+pub(crate) struct Service {
+    shared: Arc<Shared>,
+}
+
+/// What a valid request is served with.
+struct Served {
+    /// The app client it names (or the default); `None` for one this server does not serve.
+    client: Option<Arc<AppClient>>,
+    /// When the upstream call must be done.
+    budget: Budget,
+    /// Cancelled when the caller goes away.
+    caller_gone: CancellationToken,
+}
+
+impl Service {
+    /// A service calling `cognito`'s app clients, each call passing `limits` first.
+    /// `usernames` hashes usernames for logs; `masking` answers for unknown users; `calls`
+    /// runs every call.
+    pub(crate) fn new(
+        cognito: Cognito,
+        limits: Arc<Limits>,
+        usernames: UsernameHasher,
+        masking: Masking,
+        calls: Arc<InFlightCalls>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                cognito,
+                limits,
+                usernames,
+                masking,
+                calls,
+            }),
+        }
+    }
+
+    /// Starts a reset: `call`, whose message `request` has just arrived.
+    pub(crate) async fn forgot_password(
+        &self,
+        call: Call,
+        request: pb::ForgotPasswordRequest,
+    ) -> Reply<CodeDelivery> {
+        let parsed = parse_forgot_password(request);
+        self.serve(call, parsed, |shared, request, served| async move {
+            shared.forgot_password(request, served).await
+        })
+        .await
+    }
+
+    /// Finishes a reset: `call`, whose message `request` has just arrived.
+    pub(crate) async fn confirm_forgot_password(
+        &self,
+        call: Call,
+        request: pb::ConfirmForgotPasswordRequest,
+    ) -> Reply<()> {
+        let parsed = parse_confirm_forgot_password(request);
+        self.serve(call, parsed, |shared, request, served| async move {
+            shared.confirm_forgot_password(request, served).await
+        })
+        .await
+    }
+
+    /// The life of every call once its message has arrived: from now on it keeps its place
+    /// (unless that was taken back first); a request that failed validation is answered at
+    /// once; a valid one is `run` in a task of its own within the call's budget, so its
+    /// outcome is recorded even if the caller goes away. Then `Call::finish`.
+    async fn serve<R, T, F, Fut>(
+        &self,
+        call: Call,
+        parsed: Result<R, Vec<FieldViolation>>,
+        run: F,
+    ) -> Reply<T>
+    where
+        R: AsRef<Account> + Send + 'static,
+        T: Send + 'static,
+        F: FnOnce(Arc<Shared>, R, Served) -> Fut + Send + 'static,
+        Fut: Future<Output = Outcome<T>> + Send + 'static,
+    {
+        if let Err(taken_back) = call.arrived() {
+            return call.refuse(taken_back, Ending::Answered).widen();
+        }
+        let request = match parsed {
+            Ok(request) => request,
+            Err(violations) => {
+                let _entered = call.span().clone().entered();
+                let invalid = Outcome::plain(Err(Error::InvalidRequest(violations)));
+                return call.finish(None, invalid, Ending::Answered);
+            }
+        };
+        let shared = self.shared.clone();
+        let account = request.as_ref();
+        let client = shared.cognito.select(account.client_id.as_ref()).cloned();
+        let subject = shared.subject(account, client.as_deref());
+        // An unknown client is refused before any upstream call: its budget does not matter.
+        let timeout = client.as_ref().map_or(Duration::ZERO, |c| c.timeout);
+        let request_id = call.request_id().to_owned();
+        let caller_gone = CancellationToken::new();
+        let span = call.span().clone();
+        let guard = CallerGone(Some((caller_gone.clone(), span.clone())));
+        let abandon = shared.calls.abandon.clone();
+        let task = {
+            let caller_gone = caller_gone.clone();
+            async move {
+                let served = Served {
+                    client,
+                    budget: call.budget(timeout),
+                    caller_gone: caller_gone.clone(),
+                };
+                let work = run(shared.clone(), request, served);
+                tokio::select! {
+                    outcome = work => {
+                        let ending = match caller_gone.is_cancelled() {
+                            true => Ending::CallerGone,
+                            false => Ending::Answered,
+                        };
+                        call.finish(Some(&subject), outcome, ending)
+                    }
+                    () = abandon.cancelled() => {
+                        shared.calls.abandoned.fetch_add(1, Ordering::SeqCst);
+                        call.abandon(Some(&subject)).widen()
+                    }
+                }
+            }
+            .instrument(span)
+        };
+        let joined = self.shared.calls.tasks.spawn(task).await;
+        guard.disarm();
+        joined.unwrap_or_else(|err| {
+            tracing::error!(error = %err, "a call's task failed");
+            Reply {
+                request_id,
+                result: Err(Box::new(Error::Internal.classify())),
+            }
+        })
+    }
+}
+
+/// What a call whose budget ran out while waiting on Cognito is answered: what a masked
+/// answer imitating a real one that would have come too late is answered too.
+fn timed_out(budget: Budget) -> Error {
+    Error::Upstream(UpstreamError::Timeout {
+        set_by_caller: budget.set_by_caller,
+    })
+}
+
+/// Dropped with the handler when the caller cancels or goes away before the answer: tells
+/// the call, which goes on to record its outcome.
+struct CallerGone(Option<(CancellationToken, tracing::Span)>);
+
+impl CallerGone {
+    /// The caller got its answer.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CallerGone {
+    fn drop(&mut self) {
+        if let Some((token, span)) = self.0.take() {
+            token.cancel();
+            tracing::debug!(
+                parent: &span,
+                "the caller went away; the call goes on to record its outcome"
+            );
+        }
+    }
+}
+
+impl Shared {
+    fn subject(&self, account: &Account, client: Option<&AppClient>) -> Subject {
+        let pool = client.and_then(|c| c.pool.as_deref());
+        Subject {
+            user: self
+                .usernames
+                .pseudonym(PoolUser::new(pool, &account.username)),
+            client_id: match (&account.client_id, client) {
+                (Some(id), _) => id.to_string(),
+                (None, Some(client)) => client.id.to_string(),
+                (None, None) => "-".to_owned(),
+            },
+            client: client
+                .map_or(UNKNOWN_CLIENT, |c| c.alias.as_str())
+                .to_owned(),
+        }
+    }
+
+    /// In the order of the README: client allowlist, global limit, per-username limit, a
+    /// place among the calls waiting on Cognito; then, unless the caller has gone or its
+    /// deadline leaves too little time, Cognito. Returns the app client to call and the place.
+    async fn admit(
+        &self,
+        account: &Account,
+        served: &Served,
+    ) -> Result<(Arc<AppClient>, OwnedSemaphorePermit), Error> {
+        let client = served.client.clone().ok_or(Error::ClientNotAllowed)?;
+        // Checked before the limits too, so that a call that cannot be sent costs no limit.
+        let in_time = || match served.budget.too_short(Instant::now()) {
+            true => Err(Error::DeadlineTooShort),
+            false => Ok(()),
+        };
+        in_time()?;
+        let user = PoolUser::new(client.pool.as_deref(), &account.username);
+        self.limits.admit(user).await.map_err(Error::RateLimited)?;
+        let permit = self.limits.upstream_permit().ok_or(Error::Overloaded {
+            limit: "MAX_CONCURRENT_UPSTREAM",
+        })?;
+        if served.caller_gone.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        in_time()?;
+        Ok((client, permit))
+    }
+
+    async fn forgot_password(
+        &self,
+        request: ForgotPassword,
+        served: Served,
+    ) -> Outcome<CodeDelivery> {
+        let (client, permit) = match self.admit(&request.account, &served).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return Outcome::plain(Err(refused)),
+        };
+        let (sent, budget) = (Instant::now(), served.budget);
+        let user = PoolUser::new(client.pool.as_deref(), &request.account.username);
+        let err = match client.forgot_password(&request, budget).await {
+            Ok(delivery) => {
+                self.masking
+                    .observe_delivery(client.region(), sent.elapsed());
+                return Outcome::plain(Ok(delivery));
+            }
+            Err(err) => err,
+        };
+        let Some(masked) = self.masking.mask(Rpc::ForgotPassword, &err) else {
+            return Outcome::plain(Err(Error::Upstream(err)));
+        };
+        let result = match self.exhausted(masked.mask, user) {
+            Some(refused) => Err(refused),
+            None => match self
+                .masking
+                .imitate_delivery(client.region(), sent, budget.deadline)
+                .await
+            {
+                true => Ok(self.masking.simulated_delivery(user)),
+                false => Err(timed_out(budget)),
+            },
+        };
+        // Held until the answer goes, as a real delivery holds it.
+        drop(permit);
+        Outcome {
+            result,
+            masked: masked.hidden(),
+        }
+    }
+
+    async fn confirm_forgot_password(
+        &self,
+        request: ConfirmForgotPassword,
+        served: Served,
+    ) -> Outcome<()> {
+        let (client, permit) = match self.admit(&request.account, &served).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return Outcome::plain(Err(refused)),
+        };
+        let (sent, budget) = (Instant::now(), served.budget);
+        let user = PoolUser::new(client.pool.as_deref(), &request.account.username);
+        let err = match client.confirm_forgot_password(&request, budget).await {
+            Ok(()) => return Outcome::plain(Ok(())),
+            Err(err) => err,
+        };
+        let Some(masked) = self.masking.mask(Rpc::ConfirmForgotPassword, &err) else {
+            return Outcome::plain(Err(Error::Upstream(err)));
+        };
+        let result = match self.exhausted(masked.mask, user) {
+            Some(refused) => Err(refused),
+            // Every code that does not work is one answer, as late as the slower real code
+            // error.
+            None => match self
+                .masking
+                .time_code_refusal(
+                    client.region(),
+                    CodeError::of(&masked.real),
+                    sent,
+                    budget.deadline,
+                )
+                .await
+            {
+                true => Err(Error::CodeRefused {
+                    request_id: masked.request_id.clone(),
+                }),
+                false => Err(timed_out(budget)),
+            },
+        };
+        drop(permit);
+        Outcome {
+            result,
+            masked: masked.hidden(),
+        }
+    }
+
+    /// For Cognito's own per-user attempt limit (`Mask::UserLimit`), this service's
+    /// per-username limit's refusal, the user's bucket emptied; `None` for any other mask, or
+    /// with no per-username limit (the call is then masked as any other is).
+    fn exhausted(&self, mask: Mask, user: PoolUser<'_>) -> Option<Error> {
+        match mask {
+            Mask::UserLimit => self.limits.exhaust(user).map(Error::RateLimited),
+            Mask::Delivery | Mask::CodeRefused => None,
+        }
+    }
+}
