@@ -34,6 +34,8 @@ use crate::metrics;
 use crate::privacy::UsernameHasher;
 use crate::proto;
 use crate::proto::v1::password_recovery_server::PasswordRecoveryServer;
+use crate::reload::{self, Watched};
+use crate::settings::SettingError;
 use crate::tls::ReloadingTls;
 
 /// How long a keepalive ping may go unanswered before the connection is closed.
@@ -49,9 +51,9 @@ const ABANDON_RECORD_TIME: Duration = Duration::from_secs(5);
 
 pub use crate::api::SERVICE_NAME;
 
-/// Why the application could not start or keep serving.
+/// Why the application could not start, or stopped other than when asked.
 #[derive(Debug, thiserror::Error)]
-pub enum StartupError {
+pub enum AppError {
     /// A setting is missing or malformed (exit code 2).
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -82,12 +84,18 @@ pub enum StartupError {
     Abandoned(usize),
 }
 
+impl From<SettingError> for AppError {
+    fn from(err: SettingError) -> Self {
+        Self::Config(err.into())
+    }
+}
+
 /// Binds the address of `setting`, and returns the listener with the address it got.
 async fn bind(
     setting: &'static str,
     addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), StartupError> {
-    let error = |source| StartupError::Bind {
+) -> Result<(TcpListener, SocketAddr), AppError> {
+    let error = |source| AppError::Bind {
         setting,
         addr,
         source,
@@ -107,8 +115,10 @@ pub struct Application {
     metrics_addr: SocketAddr,
     metrics_handle: PrometheusHandle,
     tls: Option<ReloadingTls>,
-    /// Re-reads app client secret files, when any client has one; stops when dropped.
-    _secret_reloader: Option<AbortOnDropHandle<()>>,
+    /// The files re-read while serving (TLS, app client secrets), every
+    /// `file_reload_interval`.
+    watched: Vec<Arc<dyn Watched>>,
+    file_reload_interval: Duration,
     routes: Routes,
     /// The Connect door on the gRPC port (`CONNECT_PROTOCOL`); `None` when it is closed.
     connect: Option<Connect>,
@@ -125,121 +135,27 @@ pub struct Application {
 impl Application {
     /// Builds every part and binds the listeners. Health turns SERVING once the Cognito client
     /// is built.
-    pub async fn build(config: Config) -> Result<Self, StartupError> {
+    pub async fn build(config: Config) -> Result<Self, AppError> {
         let metrics_handle = metrics::install();
-        let tls = config.tls.clone().map(ReloadingTls::load).transpose()?;
-        let cognito = Cognito::connect(&config.cognito).await?;
-        for (settings, client) in config.cognito.clients.iter().zip(cognito.clients()) {
-            tracing::info!(
-                client = settings.alias,
-                client_id = %settings.client_id,
-                client_secret = match (&settings.secret, &settings.secret_file) {
-                    (None, _) => "none",
-                    (Some(_), None) => "set",
-                    (Some(_), Some(_)) => "from file, reloaded on change",
-                },
-                user_pool_id = settings.user_pool_id.as_deref().unwrap_or("-"),
-                region = client.region(),
-                endpoint = settings.endpoint_url.as_deref().unwrap_or("default"),
-                cognito_timeout = %humantime::format_duration(settings.timeout),
-                default = settings.alias == config.cognito.default_client().alias,
-                "Cognito app client ready"
-            );
-        }
-        tracing::info!(
-            clients = cognito.clients().len(),
-            enumeration_protection = config.enumeration_protection,
-            tls = tls.is_some(),
-            mtls = config
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.client_ca_file.is_some()),
-            "Cognito clients ready"
-        );
-
-        let (usernames, masking) = username_hashers(&config);
-        let mut limits = Limits::new(&config.limits);
-        if let Some(redis) = &config.limits.redis {
-            limits = limits.with_shared(SharedLimits::start(redis)?);
-            tracing::info!(
-                prefix = redis.prefix,
-                timeout = %humantime::format_duration(redis.timeout),
-                "abuse limits are shared by the fleet on Redis"
-            );
-        }
-        let limits = Arc::new(limits);
-        tracing::info!(
-            username_rate_limit = %config.limits.username,
-            username_rate_limit_max_keys = config.limits.username_max_keys,
-            global_rate_limit_rps = config.limits.global_rps.map_or(0, |rps| rps.get()),
-            max_concurrent_upstream = config.limits.max_concurrent_upstream,
-            "abuse limits"
-        );
-        tracing::info!(
-            max_connections = config.max_connections,
-            max_connections_per_peer = config.max_connections_per_peer,
-            max_concurrent_calls = config.max_concurrent_calls,
-            max_concurrent_calls_per_peer = config.max_concurrent_calls_per_peer,
-            peer_key = ?config.peer_key,
-            request_header_timeout = %humantime::format_duration(config.request_header_timeout),
-            request_body_timeout = %humantime::format_duration(config.request_body_timeout),
-            "places, fair shares and time bounds"
-        );
-        let calls = Arc::new(InFlightCalls::default());
-        let regions: Vec<String> = cognito
-            .clients()
-            .iter()
-            .map(|c| c.region().to_owned())
-            .collect();
-        let secret_reload_interval = config.cognito.secret_reload_interval;
-        let secret_reloader = cognito.spawn_secret_reloader(secret_reload_interval);
-        let service = Service::new(
-            cognito,
-            limits,
-            usernames,
-            Masking::new(
-                config.enumeration_protection,
-                masking,
-                regions.iter().map(String::as_str),
+        let tls = match config.tls.clone() {
+            // ALPN offers HTTP/1.1 too when the Connect door serves it.
+            Some(settings) => Some(
+                ReloadingTls::load(settings, config.connect_protocol)
+                    .map_err(SettingError::from)?,
             ),
-            calls.clone(),
-        );
+            None => None,
+        };
+        let cognito = Cognito::build(&config.cognito).await?;
+        log_clients(&config, &cognito, tls.is_some());
+        let mut watched = cognito.watched_secrets();
+        watched.extend(tls.as_ref().map(ReloadingTls::watched));
+        let calls = Arc::new(InFlightCalls::default());
+        let service = service(&config, cognito, calls.clone())?;
 
         let health = HealthReporter::new();
         health.set_serving::<PasswordRecoveryServer<Grpc>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
-
-        // Both reflection versions list every service, each other included.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .include_reflection_service(false)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
-                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        };
-        // Calls of both protocols take their places at one gate.
-        let gate = Gate::new(IntakeSettings {
-            max_calls: config.max_concurrent_calls.get(),
-            max_calls_per_peer: config.max_concurrent_calls_per_peer.get(),
-            max_request_bytes: config.max_request_bytes,
-            body_timeout: config.request_body_timeout,
-        });
-        let connect = config
-            .connect_protocol
-            .then(|| Connect::new(service.clone(), gate.clone()));
-        let api = Intake::new(
-            PasswordRecoveryServer::new(Grpc::new(service))
-                .max_decoding_message_size(config.max_request_bytes),
-            gate,
-        );
-        let routes = Routes::new(api)
-            .add_service(health_service(&health))
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?);
+        let (routes, connect) = routes(&config, service, &health)?;
 
         let (grpc, grpc_addr) = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
         let health_listener = match &tls {
@@ -257,7 +173,8 @@ impl Application {
             metrics_addr,
             metrics_handle,
             tls,
-            _secret_reloader: secret_reloader.map(AbortOnDropHandle::new),
+            watched,
+            file_reload_interval: config.file_reload_interval,
             routes,
             connect,
             health,
@@ -294,27 +211,58 @@ impl Application {
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
-    pub async fn run_until_stopped(self) -> Result<(), StartupError> {
+    pub async fn run_until_stopped(self) -> Result<(), AppError> {
         self.run_until(stop_signals()).await
     }
 
     /// Serves until `stop` completes, then: health NOT_SERVING; keep serving for
     /// `SHUTDOWN_DELAY`; stop accepting; let in-flight calls finish within
     /// `SHUTDOWN_GRACE_PERIOD`. Calls still in flight then are abandoned, each recorded, and
-    /// the result is [`StartupError::Abandoned`].
-    pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), StartupError> {
+    /// the result is [`AppError::Abandoned`].
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), AppError> {
         let (close, closed) = watch::channel(false);
+        let mut running = self.serve(closed);
+        tokio::select! {
+            ended = running.servers.join_next() => return Err(unexpected_end(ended)),
+            () = stop => {}
+        }
+        tracing::info!(
+            delay = %humantime::format_duration(running.shutdown_delay),
+            grace = %humantime::format_duration(running.shutdown_grace_period),
+            "stop requested: NOT_SERVING"
+        );
+        running
+            .health
+            .set_not_serving::<PasswordRecoveryServer<Grpc>>()
+            .await;
+        running
+            .health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        tokio::select! {
+            ended = running.servers.join_next() => return Err(unexpected_end(ended)),
+            () = tokio::time::sleep(running.shutdown_delay) => {}
+        }
+        tracing::info!("no longer accepting connections; draining in-flight calls");
+        let _ = close.send(true);
+        running.drain().await
+    }
+
+    /// Starts every server (each stops accepting once `closed` turns true) and the file
+    /// reloader.
+    fn serve(self, closed: watch::Receiver<bool>) -> Running {
         let closing = move || {
             let mut closed = closed.clone();
             async move {
                 let _ = closed.wait_for(|closed| *closed).await;
             }
         };
-
         let health_addr = self.health_addr();
         memory::spawn_trimmer();
         let mut servers = JoinSet::new();
-        let reloader = self.tls.as_ref().map(ReloadingTls::spawn_reloader);
+        let tls = self.tls.is_some();
+        let reloader = (!self.watched.is_empty())
+            .then(|| reload::spawn(self.file_reload_interval, self.watched));
         let connect = self.connect.is_some();
         let serve = Server::builder()
             .accept_http1(connect)
@@ -331,78 +279,202 @@ impl Application {
                 connections::incoming(self.grpc, self.tls, self.connections),
                 closing(),
             );
-        servers.spawn(async move { serve.await.map_err(StartupError::from) });
+        servers.spawn(async move { serve.await.map_err(AppError::from) });
         if let Some((listener, _)) = self.health_listener {
             let serve = Server::builder()
                 .add_service(health_service(&self.health))
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), closing());
-            servers.spawn(async move { serve.await.map_err(StartupError::from) });
+            servers.spawn(async move { serve.await.map_err(AppError::from) });
         }
         let serve = metrics::serve(self.metrics, self.metrics_handle, closing());
-        servers.spawn(async move { serve.await.map_err(StartupError::Metrics) });
+        servers.spawn(async move { serve.await.map_err(AppError::Metrics) });
         tracing::info!(
             addr = %self.grpc_addr,
-            tls = reloader.is_some(),
+            tls,
             connect,
             health_addr = health_addr.map(|a| a.to_string()),
             metrics_addr = %self.metrics_addr,
             "serving gRPC"
         );
+        Running {
+            servers,
+            reloader: reloader.map(AbortOnDropHandle::new),
+            health: self.health,
+            shutdown_delay: self.shutdown_delay,
+            shutdown_grace_period: self.shutdown_grace_period,
+            calls: self.calls,
+        }
+    }
+}
 
-        tokio::select! {
-            ended = servers.join_next() => return Err(unexpected_end(ended)),
-            () = stop => {}
-        }
-        tracing::info!(
-            delay = %humantime::format_duration(self.shutdown_delay),
-            grace = %humantime::format_duration(self.shutdown_grace_period),
-            "stop requested: NOT_SERVING"
-        );
-        self.health
-            .set_not_serving::<PasswordRecoveryServer<Grpc>>()
-            .await;
-        self.health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        tokio::select! {
-            ended = servers.join_next() => return Err(unexpected_end(ended)),
-            () = tokio::time::sleep(self.shutdown_delay) => {}
-        }
+/// A serving application.
+struct Running {
+    servers: JoinSet<Result<(), AppError>>,
+    /// Stops re-reading files when dropped.
+    reloader: Option<AbortOnDropHandle<()>>,
+    health: HealthReporter,
+    shutdown_delay: Duration,
+    shutdown_grace_period: Duration,
+    calls: Arc<InFlightCalls>,
+}
 
-        tracing::info!("no longer accepting connections; draining in-flight calls");
-        let _ = close.send(true);
-        if let Some(reloader) = reloader {
-            reloader.abort();
-        }
-        let drained = tokio::time::timeout(self.shutdown_grace_period, async {
-            while let Some(ended) = servers.join_next().await {
-                ended.map_err(|e| StartupError::Stopped(e.to_string()))??;
+impl Running {
+    /// Once the listeners are closed: lets in-flight calls finish within the grace period;
+    /// those still in flight then are abandoned, each recorded ([`AppError::Abandoned`]).
+    async fn drain(mut self) -> Result<(), AppError> {
+        self.reloader = None;
+        let grace = self.shutdown_grace_period;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(ended) = self.servers.join_next().await {
+                ended.map_err(|e| AppError::Stopped(e.to_string()))??;
             }
-            Ok::<_, StartupError>(())
+            Ok::<_, AppError>(())
         })
         .await;
-        match drained {
-            Ok(result) => result?,
-            Err(_) => {
-                let abandoned = self.calls.abandon(ABANDON_RECORD_TIME).await;
-                if abandoned > 0 {
-                    tracing::error!(
-                        abandoned,
-                        grace = %humantime::format_duration(self.shutdown_grace_period),
-                        "grace period over: {abandoned} calls still in flight were abandoned"
-                    );
-                    return Err(StartupError::Abandoned(abandoned));
-                }
-                tracing::warn!(
-                    grace = %humantime::format_duration(self.shutdown_grace_period),
-                    "grace period over with connections still open and no call in flight; \
-                     stopping anyway"
-                );
-            }
+        if let Ok(result) = drained {
+            result?;
+            tracing::info!("stopped");
+            return Ok(());
         }
+        let abandoned = self.calls.abandon(ABANDON_RECORD_TIME).await;
+        if abandoned > 0 {
+            tracing::error!(
+                abandoned,
+                grace = %humantime::format_duration(grace),
+                "grace period over: {abandoned} calls still in flight were abandoned"
+            );
+            return Err(AppError::Abandoned(abandoned));
+        }
+        tracing::warn!(
+            grace = %humantime::format_duration(grace),
+            "grace period over with connections still open and no call in flight; stopping \
+             anyway"
+        );
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Logs every app client as built, and the service's protections.
+fn log_clients(config: &Config, cognito: &Cognito, tls: bool) {
+    for (settings, client) in config.cognito.clients.iter().zip(cognito.clients()) {
+        tracing::info!(
+            client = settings.alias,
+            client_id = %settings.client_id,
+            client_secret = match (&settings.secret, &settings.secret_file) {
+                (None, _) => "none",
+                (Some(_), None) => "set",
+                (Some(_), Some(_)) => "from file, reloaded on change",
+            },
+            user_pool_id = settings.user_pool_id.as_deref().unwrap_or("-"),
+            region = client.region(),
+            endpoint = settings.endpoint_url.as_deref().unwrap_or("default"),
+            cognito_timeout = %humantime::format_duration(settings.timeout),
+            default = settings.alias == config.cognito.default_client().alias,
+            "Cognito app client ready"
+        );
+    }
+    tracing::info!(
+        clients = cognito.clients().len(),
+        enumeration_protection = config.enumeration_protection,
+        tls,
+        mtls = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some()),
+        "Cognito clients ready"
+    );
+}
+
+/// The abuse limits, fleet-wide on Redis when it is configured.
+fn limits(config: &Config) -> Result<Limits, AppError> {
+    let mut limits = Limits::new(&config.limits);
+    if let Some(redis) = &config.limits.redis {
+        limits = limits.with_shared(SharedLimits::start(redis)?);
+        tracing::info!(
+            prefix = redis.prefix,
+            timeout = %humantime::format_duration(redis.timeout),
+            "abuse limits are shared by the fleet on Redis"
+        );
+    }
+    tracing::info!(
+        username_rate_limit = %config.limits.username,
+        username_rate_limit_max_keys = config.limits.username_max_keys,
+        global_rate_limit_rps = config.limits.global_rps.map_or(0, |rps| rps.get()),
+        max_concurrent_upstream = config.limits.max_concurrent_upstream,
+        "abuse limits"
+    );
+    tracing::info!(
+        max_connections = config.max_connections,
+        max_connections_per_peer = config.max_connections_per_peer,
+        max_concurrent_calls = config.max_concurrent_calls,
+        max_concurrent_calls_per_peer = config.max_concurrent_calls_per_peer,
+        peer_key = ?config.peer_key,
+        request_header_timeout = %humantime::format_duration(config.request_header_timeout),
+        request_body_timeout = %humantime::format_duration(config.request_body_timeout),
+        "places, fair shares and time bounds"
+    );
+    Ok(limits)
+}
+
+/// The service core behind both doors: `cognito`'s clients, the limits, the hashers and
+/// enumeration protection; every call runs among `calls`.
+fn service(
+    config: &Config,
+    cognito: Cognito,
+    calls: Arc<InFlightCalls>,
+) -> Result<Service, AppError> {
+    let (usernames, masking) = username_hashers(config);
+    let regions: Vec<String> = cognito
+        .clients()
+        .iter()
+        .map(|c| c.region().to_owned())
+        .collect();
+    let masking = Masking::new(
+        config.enumeration_protection,
+        masking,
+        regions.iter().map(String::as_str),
+    );
+    let limits = Arc::new(limits(config)?);
+    Ok(Service::new(cognito, limits, usernames, masking, calls))
+}
+
+/// tonic's routes (the gRPC door behind its intake, health, reflection v1 and v1alpha) and
+/// the Connect door in front of them, when it is open. Calls of both doors take their places
+/// at one gate.
+fn routes(
+    config: &Config,
+    service: Service,
+    health: &HealthReporter,
+) -> Result<(Routes, Option<Connect>), AppError> {
+    // Both reflection versions list every service, each other included.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let gate = Gate::new(IntakeSettings {
+        max_calls: config.max_concurrent_calls.get(),
+        max_calls_per_peer: config.max_concurrent_calls_per_peer.get(),
+        max_request_bytes: config.max_request_bytes,
+        body_timeout: config.request_body_timeout,
+    });
+    let connect = config
+        .connect_protocol
+        .then(|| Connect::new(service.clone(), gate.clone()));
+    let grpc = PasswordRecoveryServer::new(Grpc::new(service))
+        .max_decoding_message_size(config.max_request_bytes);
+    let routes = Routes::new(Intake::new(grpc, gate))
+        .add_service(health_service(health))
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    Ok((routes, connect))
 }
 
 /// The hashers of usernames: one for log pseudonyms and audit events, one for simulated
@@ -443,13 +515,11 @@ fn health_service(reporter: &HealthReporter) -> HealthServer<HealthService> {
 }
 
 /// A server that ended before shutdown was asked for: always a failure.
-fn unexpected_end(
-    ended: Option<Result<Result<(), StartupError>, tokio::task::JoinError>>,
-) -> StartupError {
+fn unexpected_end(ended: Option<Result<Result<(), AppError>, tokio::task::JoinError>>) -> AppError {
     match ended {
         Some(Ok(Err(err))) => err,
-        Some(Err(join)) => StartupError::Stopped(join.to_string()),
-        Some(Ok(Ok(()))) | None => StartupError::Stopped("a server stopped on its own".into()),
+        Some(Err(join)) => AppError::Stopped(join.to_string()),
+        Some(Ok(Ok(()))) | None => AppError::Stopped("a server stopped on its own".into()),
     }
 }
 

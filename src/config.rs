@@ -1,7 +1,8 @@
 //! Configuration from the environment and command-line flags (README "Configuration"). Every
 //! setting is an environment variable and the `--kebab-case` flag of the same name, except
 //! secrets, which have no flag (it would show in `ps`). A bad setting is a [`ConfigError`]
-//! naming it.
+//! naming it. Each subsystem's settings are built by a function of its own, with the parsers
+//! of [`crate::settings`]; no subsystem imports this module.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -12,14 +13,22 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use secrecy::{ExposeSecret, SecretSlice, SecretString};
+use secrecy::{SecretSlice, SecretString};
 
 use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
-use crate::limits::{LimitSettings, RedisSettings, UsernameRateLimit};
+use crate::limits::{LimitSettings, RedisSettings, RedisUrl, UsernameRateLimit};
 use crate::places::PeerKey;
+pub use crate::settings::parse_duration;
+use crate::settings::{
+    SettingError, check_endpoint_url, parse_positive_duration, read_secret_bytes, read_secret_file,
+};
 use crate::telemetry::{LogFormat, LogSettings};
 use crate::tls::TlsSettings;
+
+/// How often watched files are re-read when neither `FILE_RELOAD_INTERVAL` nor its older name
+/// `TLS_RELOAD_INTERVAL` is set.
+const DEFAULT_FILE_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The whole configuration of one process.
 #[derive(Debug)]
@@ -38,6 +47,8 @@ pub struct Config {
     pub log: LogSettings,
     /// TLS on the gRPC listener, when configured.
     pub tls: Option<TlsSettings>,
+    /// How often the TLS files and the app client secret files are re-read.
+    pub file_reload_interval: Duration,
     /// Where health is also served in plaintext when TLS is on (for kubelet probes).
     pub health_listen_addr: SocketAddr,
     /// Where `/metrics` is served.
@@ -81,22 +92,14 @@ pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
     /// A setting is missing or has an unusable value.
-    #[error("{setting}: {problem}")]
-    Setting {
-        /// The environment variable's name.
-        setting: &'static str,
-        /// What is wrong, never quoting a secret.
-        problem: String,
-    },
+    #[error(transparent)]
+    Setting(#[from] SettingError),
 }
 
 impl ConfigError {
     /// A problem with the setting named `setting`.
     pub fn setting(setting: &'static str, problem: impl Into<String>) -> Self {
-        Self::Setting {
-            setting,
-            problem: problem.into(),
-        }
+        Self::Setting(SettingError::new(setting, problem))
     }
 }
 
@@ -180,9 +183,14 @@ struct Cli {
     #[arg(long, env = "TLS_CLIENT_CA_FILE")]
     tls_client_ca_file: Option<PathBuf>,
 
-    /// How often the TLS files are checked for rotation.
-    #[arg(long, env = "TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
-    tls_reload_interval: Duration,
+    /// How often the TLS files and the app client secret files are read for rotation
+    /// (default 10s).
+    #[arg(long, env = "FILE_RELOAD_INTERVAL", value_parser = parse_positive_duration)]
+    file_reload_interval: Option<Duration>,
+
+    /// The older name of FILE_RELOAD_INTERVAL, used when that is not set.
+    #[arg(long, env = "TLS_RELOAD_INTERVAL", value_parser = parse_positive_duration)]
+    tls_reload_interval: Option<Duration>,
 
     /// Plaintext health listener, used when TLS is on (kubelet probes speak plaintext).
     #[arg(long, env = "HEALTH_LISTEN_ADDR", default_value = "0.0.0.0:8081")]
@@ -309,18 +317,6 @@ pub fn default_value(name: &str) -> Option<String> {
         .map(|value| value.to_string_lossy().into_owned())
 }
 
-/// Parses a humantime duration (`500ms`, `20s`, `15m`); a bare number is refused.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("{e} (use a unit, e.g. 500ms, 20s, 15m)"))
-}
-
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
-    match parse_duration(value)? {
-        Duration::ZERO => Err("must be longer than zero".to_owned()),
-        duration => Ok(duration),
-    }
-}
-
 impl Config {
     /// Reads the process's command line and environment.
     pub fn load() -> Result<Command, ConfigError> {
@@ -348,117 +344,12 @@ impl Config {
             Err(err) => return Err(ConfigError::Invalid(one_line(&err))),
         };
         let secret_env = |name: &str| env(name).and_then(|value| value.into_string().ok());
-
-        let aws_endpoint_url = cli.aws_endpoint_url.filter(|u| !u.is_empty());
-        if let Some(url) = &aws_endpoint_url {
-            check_endpoint_url(url)?;
-        }
-        let secret_from_env = secret_env("COGNITO_CLIENT_SECRET").filter(|s| !s.is_empty());
-        let client_id = cli.cognito_client_id.filter(|id| !id.is_empty());
-        let (clients, default) = match cli
-            .cognito_clients_file
-            .filter(|p| !p.as_os_str().is_empty())
-        {
-            Some(path) => {
-                if client_id.is_some()
-                    || secret_from_env.is_some()
-                    || cli.cognito_client_secret_file.is_some()
-                {
-                    return Err(ConfigError::setting(
-                        "COGNITO_CLIENTS_FILE",
-                        "set either COGNITO_CLIENTS_FILE or COGNITO_CLIENT_ID (with \
-                         COGNITO_CLIENT_SECRET[_FILE]), not both",
-                    ));
-                }
-                let fallbacks = Fallbacks {
-                    timeout: cli.cognito_timeout,
-                    endpoint_url: aws_endpoint_url.clone(),
-                };
-                clients::load_file(&path, &fallbacks)?
-            }
-            None => {
-                let client_id = client_id.ok_or_else(|| {
-                    ConfigError::setting(
-                        "COGNITO_CLIENT_ID",
-                        "required: the app client id of the user pool (or --cognito-client-id, \
-                         or COGNITO_CLIENTS_FILE for several clients)",
-                    )
-                })?;
-                let client_id = ClientId::parse("COGNITO_CLIENT_ID", client_id)
-                    .map_err(|v| ConfigError::setting("COGNITO_CLIENT_ID", v.description))?;
-                let secret =
-                    client_secret(secret_from_env, cli.cognito_client_secret_file.as_deref())?;
-                let shorthand = ClientSettings {
-                    alias: SHORTHAND_ALIAS.to_owned(),
-                    client_id,
-                    user_pool_id: None,
-                    region: cli.aws_region.filter(|r| !r.is_empty()),
-                    endpoint_url: aws_endpoint_url.clone(),
-                    timeout: cli.cognito_timeout,
-                    secret,
-                    secret_file: cli.cognito_client_secret_file.clone(),
-                };
-                (vec![shorthand], 0)
-            }
-        };
-
-        let username_hash_key = cli
-            .username_hash_key_file
-            .as_deref()
-            .map(|path| read_secret_bytes("USERNAME_HASH_KEY_FILE", path))
-            .transpose()?
-            .map(SecretSlice::from);
-        if let Some(key) = &username_hash_key
-            && key.expose_secret().len() < 16
-        {
-            return Err(ConfigError::setting(
-                "USERNAME_HASH_KEY_FILE",
-                "the key must be at least 16 bytes",
-            ));
-        }
-
-        let redis = match cli.rate_limit_redis_url.filter(|u| !u.is_empty()) {
-            None => None,
-            Some(url) => {
-                crate::limits::check_url(&url)?;
-                let username_hash_key = username_hash_key.clone().ok_or_else(|| {
-                    ConfigError::setting(
-                        "USERNAME_HASH_KEY_FILE",
-                        "required with RATE_LIMIT_REDIS_URL: replicas must agree on the keys \
-                         of the shared limits",
-                    )
-                })?;
-                let password = cli
-                    .rate_limit_redis_password_file
-                    .as_deref()
-                    .map(|path| read_secret_file("RATE_LIMIT_REDIS_PASSWORD_FILE", path))
-                    .transpose()?
-                    .map(SecretString::from);
-                Some(RedisSettings {
-                    url,
-                    password,
-                    prefix: cli.rate_limit_redis_prefix,
-                    timeout: cli.rate_limit_redis_timeout,
-                    username_hash_key,
-                })
-            }
-        };
-
-        let tls = tls_settings(
-            cli.tls_cert_file,
-            cli.tls_key_file,
-            cli.tls_client_ca_file,
-            cli.tls_reload_interval,
-            cli.connect_protocol,
-        )?;
-
+        let cognito = cognito_settings(&cli, secret_env("COGNITO_CLIENT_SECRET"))?;
+        let username_hash_key = username_hash_key(cli.username_hash_key_file.as_deref())?;
+        let limits = limit_settings(&cli, username_hash_key.as_ref())?;
         Ok(Command::Run(Box::new(Config {
             grpc_listen_addr: cli.grpc_listen_addr,
-            cognito: CognitoSettings {
-                clients,
-                default,
-                secret_reload_interval: cli.tls_reload_interval,
-            },
+            cognito,
             enumeration_protection: cli.enumeration_protection,
             shutdown_delay: cli.shutdown_delay,
             shutdown_grace_period: cli.shutdown_grace_period,
@@ -466,17 +357,15 @@ impl Config {
                 filter: cli.rust_log,
                 format: cli.log_format,
             },
-            tls,
+            tls: tls_settings(cli.tls_cert_file, cli.tls_key_file, cli.tls_client_ca_file)?,
+            file_reload_interval: cli
+                .file_reload_interval
+                .or(cli.tls_reload_interval)
+                .unwrap_or(DEFAULT_FILE_RELOAD_INTERVAL),
             health_listen_addr: cli.health_listen_addr,
             metrics_listen_addr: cli.metrics_listen_addr,
             otlp_endpoint: cli.otel_exporter_otlp_endpoint.filter(|e| !e.is_empty()),
-            limits: LimitSettings {
-                username: cli.username_rate_limit,
-                username_max_keys: cli.username_rate_limit_max_keys,
-                global_rps: NonZeroU32::new(cli.global_rate_limit_rps),
-                max_concurrent_upstream: cli.max_concurrent_upstream,
-                redis,
-            },
+            limits,
             max_request_bytes: cli.max_request_bytes.get(),
             keepalive_interval: cli.grpc_keepalive_interval,
             idle_timeout: cli.grpc_idle_timeout,
@@ -492,6 +381,142 @@ impl Config {
             peer_key: cli.peer_key,
         })))
     }
+}
+
+/// The app clients: from `COGNITO_CLIENTS_FILE`, or the one-client settings
+/// (`COGNITO_CLIENT_ID` and its secret, `secret_from_env` or a file); not both.
+fn cognito_settings(
+    cli: &Cli,
+    secret_from_env: Option<String>,
+) -> Result<CognitoSettings, ConfigError> {
+    let endpoint_url = cli.aws_endpoint_url.clone().filter(|u| !u.is_empty());
+    if let Some(url) = &endpoint_url {
+        check_endpoint_url(url).map_err(|p| ConfigError::setting("AWS_ENDPOINT_URL", p))?;
+    }
+    let secret_from_env = secret_from_env.filter(|s| !s.is_empty());
+    let client_id = cli.cognito_client_id.clone().filter(|id| !id.is_empty());
+    let clients_file = cli
+        .cognito_clients_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty());
+    let Some(path) = clients_file else {
+        let client = one_client(cli, client_id, secret_from_env, endpoint_url)?;
+        return Ok(CognitoSettings {
+            clients: vec![client],
+            default: 0,
+        });
+    };
+    if client_id.is_some() || secret_from_env.is_some() || cli.cognito_client_secret_file.is_some()
+    {
+        return Err(ConfigError::setting(
+            "COGNITO_CLIENTS_FILE",
+            "set either COGNITO_CLIENTS_FILE or COGNITO_CLIENT_ID (with \
+             COGNITO_CLIENT_SECRET[_FILE]), not both",
+        ));
+    }
+    let fallbacks = Fallbacks {
+        timeout: cli.cognito_timeout,
+        endpoint_url,
+    };
+    let (clients, default) = clients::load_file(path, &fallbacks)?;
+    Ok(CognitoSettings { clients, default })
+}
+
+/// The one client of the one-client settings, under the alias `default`, with no pool.
+fn one_client(
+    cli: &Cli,
+    client_id: Option<String>,
+    secret_from_env: Option<String>,
+    endpoint_url: Option<String>,
+) -> Result<ClientSettings, ConfigError> {
+    let client_id = client_id.ok_or_else(|| {
+        ConfigError::setting(
+            "COGNITO_CLIENT_ID",
+            "required: the app client id of the user pool (or --cognito-client-id, or \
+             COGNITO_CLIENTS_FILE for several clients)",
+        )
+    })?;
+    let client_id = ClientId::parse("COGNITO_CLIENT_ID", client_id)
+        .map_err(|v| ConfigError::setting("COGNITO_CLIENT_ID", v.description))?;
+    let secret_file = cli.cognito_client_secret_file.clone();
+    Ok(ClientSettings {
+        alias: SHORTHAND_ALIAS.to_owned(),
+        client_id,
+        user_pool_id: None,
+        region: cli.aws_region.clone().filter(|r| !r.is_empty()),
+        endpoint_url,
+        timeout: cli.cognito_timeout,
+        secret: client_secret(secret_from_env, secret_file.as_deref())?,
+        secret_file,
+    })
+}
+
+/// `USERNAME_HASH_KEY_FILE`'s key: at least 16 bytes.
+fn username_hash_key(file: Option<&Path>) -> Result<Option<SecretSlice<u8>>, ConfigError> {
+    const SETTING: &str = "USERNAME_HASH_KEY_FILE";
+    let Some(path) = file else {
+        return Ok(None);
+    };
+    let key = read_secret_bytes(path).map_err(|e| ConfigError::setting(SETTING, e.to_string()))?;
+    if key.len() < 16 {
+        return Err(ConfigError::setting(
+            SETTING,
+            "the key must be at least 16 bytes",
+        ));
+    }
+    Ok(Some(SecretSlice::from(key)))
+}
+
+/// The abuse limits, fleet-wide on Redis when `RATE_LIMIT_REDIS_URL` is set (which needs the
+/// username hash key, so replicas agree on the keys).
+fn limit_settings(
+    cli: &Cli,
+    username_hash_key: Option<&SecretSlice<u8>>,
+) -> Result<LimitSettings, ConfigError> {
+    let redis = match cli
+        .rate_limit_redis_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+    {
+        None => None,
+        Some(url) => Some(redis_settings(cli, url, username_hash_key)?),
+    };
+    Ok(LimitSettings {
+        username: cli.username_rate_limit,
+        username_max_keys: cli.username_rate_limit_max_keys,
+        global_rps: NonZeroU32::new(cli.global_rate_limit_rps),
+        max_concurrent_upstream: cli.max_concurrent_upstream,
+        redis,
+    })
+}
+
+fn redis_settings(
+    cli: &Cli,
+    url: &str,
+    username_hash_key: Option<&SecretSlice<u8>>,
+) -> Result<RedisSettings, ConfigError> {
+    let url = RedisUrl::parse(url).map_err(|p| ConfigError::setting("RATE_LIMIT_REDIS_URL", p))?;
+    let username_hash_key = username_hash_key.cloned().ok_or_else(|| {
+        ConfigError::setting(
+            "USERNAME_HASH_KEY_FILE",
+            "required with RATE_LIMIT_REDIS_URL: replicas must agree on the keys of the shared \
+             limits",
+        )
+    })?;
+    let password = cli
+        .rate_limit_redis_password_file
+        .as_deref()
+        .map(read_secret_file)
+        .transpose()
+        .map_err(|e| ConfigError::setting("RATE_LIMIT_REDIS_PASSWORD_FILE", e.to_string()))?
+        .map(SecretString::from);
+    Ok(RedisSettings {
+        url,
+        password,
+        prefix: cli.rate_limit_redis_prefix.clone(),
+        timeout: cli.rate_limit_redis_timeout,
+        username_hash_key,
+    })
 }
 
 /// Parses `args` with, for every setting `env` holds and the command line does not, its
@@ -553,53 +578,24 @@ fn client_secret(
             ));
         }
         (Some(secret), None) => secret,
-        (None, Some(path)) => read_secret_file("COGNITO_CLIENT_SECRET_FILE", path)?,
+        (None, Some(path)) => read_secret_file(path)
+            .map_err(|e| ConfigError::setting("COGNITO_CLIENT_SECRET_FILE", e.to_string()))?,
         (None, None) => return Ok(None),
     };
     Ok(Some(SecretString::from(secret)))
 }
 
-/// Reads a text secret from `path`, dropping one trailing newline; empty is an error.
-pub(crate) fn read_secret_file(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
-    String::from_utf8(read_secret_bytes(setting, path)?)
-        .map_err(|_| ConfigError::setting(setting, format!("{} is not UTF-8 text", path.display())))
-}
-
-/// Reads a secret of any bytes from `path`, dropping one trailing newline (`\n` or `\r\n`);
-/// empty is an error.
-fn read_secret_bytes(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let mut secret = std::fs::read(path).map_err(|e| {
-        ConfigError::setting(setting, format!("cannot read {}: {e}", path.display()))
-    })?;
-    if secret.ends_with(b"\n") {
-        secret.pop();
-        if secret.ends_with(b"\r") {
-            secret.pop();
-        }
-    }
-    if secret.is_empty() {
-        return Err(ConfigError::setting(
-            setting,
-            format!("{} is empty", path.display()),
-        ));
-    }
-    Ok(secret)
-}
-
+/// TLS on the gRPC port: a certificate and its key, and a client CA for mTLS.
 fn tls_settings(
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     client_ca_file: Option<PathBuf>,
-    reload_interval: Duration,
-    http1: bool,
 ) -> Result<Option<TlsSettings>, ConfigError> {
     match (cert_file, key_file) {
         (Some(cert_file), Some(key_file)) => Ok(Some(TlsSettings {
             cert_file,
             key_file,
             client_ca_file,
-            reload_interval,
-            http1,
         })),
         (Some(_), None) => Err(ConfigError::setting(
             "TLS_KEY_FILE",
@@ -617,19 +613,10 @@ fn tls_settings(
     }
 }
 
-pub(crate) fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
-    let problem = match url.parse::<tonic::codegen::http::Uri>() {
-        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
-            return Ok(());
-        }
-        Ok(_) => "must be an http:// or https:// URL with a host".to_owned(),
-        Err(e) => format!("not a URL: {e}"),
-    };
-    Err(ConfigError::setting("AWS_ENDPOINT_URL", problem))
-}
-
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret;
+
     use super::*;
 
     /// The configuration from `args` and the environment `env`, and nothing else.
@@ -661,14 +648,6 @@ mod tests {
             Some("0.0.0.0:50051")
         );
         assert_eq!(default_value("COGNITO_CLIENT_ID"), None);
-    }
-
-    #[test]
-    fn durations_need_a_unit() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_positive_duration("0s").is_err());
     }
 
     #[test]
@@ -726,7 +705,6 @@ mod tests {
             .unwrap()
             .tls
             .expect("TLS on");
-        assert_eq!(tls.reload_interval, Duration::from_secs(10));
         assert_eq!(tls.client_ca_file, None);
     }
 
@@ -835,10 +813,35 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_url_must_be_http() {
-        assert!(check_endpoint_url("http://127.0.0.1:5000").is_ok());
-        assert!(check_endpoint_url("https://cognito-idp.eu-west-1.amazonaws.com").is_ok());
-        assert!(check_endpoint_url("localhost:5000").is_err());
-        assert!(check_endpoint_url("ftp://x").is_err());
+    fn the_file_reload_interval_keeps_its_older_name() {
+        let base = ["--cognito-client-id", "abc"];
+        let interval = |env: &[(&str, &str)]| run(&base, env).unwrap().file_reload_interval;
+        assert_eq!(interval(&[]), Duration::from_secs(10));
+        assert_eq!(
+            interval(&[("TLS_RELOAD_INTERVAL", "3s")]),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            interval(&[
+                ("FILE_RELOAD_INTERVAL", "2s"),
+                ("TLS_RELOAD_INTERVAL", "3s")
+            ]),
+            Duration::from_secs(2)
+        );
+        let err = run(&base, &[("FILE_RELOAD_INTERVAL", "0s")]).unwrap_err();
+        assert!(err.to_string().contains("FILE_RELOAD_INTERVAL"), "{err}");
+    }
+
+    #[test]
+    fn an_unusable_endpoint_or_redis_url_names_its_setting() {
+        let base = ["--cognito-client-id", "abc"];
+        let err = run(&base, &[("AWS_ENDPOINT_URL", "localhost:5000")]).unwrap_err();
+        assert!(err.to_string().starts_with("AWS_ENDPOINT_URL:"), "{err}");
+        let err = run(&base, &[("RATE_LIMIT_REDIS_URL", "redis://:pw@127.0.0.1")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("RATE_LIMIT_REDIS_URL:"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("pw@"), "{err}");
     }
 }

@@ -19,5 +19,7 @@ pub(crate) mod metrics;
 pub mod places;
 pub(crate) mod privacy;
 pub mod proto;
+pub(crate) mod reload;
+pub mod settings;
 pub mod telemetry;
 pub mod tls;

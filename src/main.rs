@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use password_recovery::app::{Application, StartupError};
+use password_recovery::app::{AppError, Application};
 use password_recovery::config::{Command, Config};
 use password_recovery::telemetry;
 
@@ -11,7 +11,7 @@ use password_recovery::telemetry;
 async fn main() -> ExitCode {
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(StartupError::Config(err)) => {
+        Err(AppError::Config(err)) => {
             eprintln!("password-recovery: configuration error: {err}");
             ExitCode::from(2)
         }
@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), StartupError> {
+async fn run() -> Result<(), AppError> {
     let config = match Config::load()? {
         Command::Run(config) => config,
         Command::Print(text) => {

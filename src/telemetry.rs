@@ -8,7 +8,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
-use crate::config::ConfigError;
+use crate::settings::SettingError;
 
 /// Where and how log lines are written.
 #[derive(Debug, Clone)]
@@ -49,10 +49,13 @@ impl Telemetry {
 
 /// Installs the global subscriber: log lines to stdout and, with the `otel` feature and an
 /// `otlp_endpoint`, spans exported over OTLP/gRPC. A malformed `RUST_LOG` is a
-/// [`ConfigError`]; a subscriber already installed (as in tests) is left in place.
-pub fn init(settings: &LogSettings, otlp_endpoint: Option<&str>) -> Result<Telemetry, ConfigError> {
+/// [`SettingError`]; a subscriber already installed (as in tests) is left in place.
+pub fn init(
+    settings: &LogSettings,
+    otlp_endpoint: Option<&str>,
+) -> Result<Telemetry, SettingError> {
     let filter = EnvFilter::try_new(&settings.filter)
-        .map_err(|e| ConfigError::setting("RUST_LOG", format!("not a log filter: {e}")))?;
+        .map_err(|e| SettingError::new("RUST_LOG", format!("not a log filter: {e}")))?;
     let ansi = std::io::stdout().is_terminal();
     let lines = match settings.format {
         LogFormat::Json => fmt::layer()
@@ -103,7 +106,7 @@ mod otel {
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use tracing_subscriber::registry::LookupSpan;
 
-    use crate::config::ConfigError;
+    use crate::settings::SettingError;
 
     /// A layer exporting spans to the OTLP/gRPC collector at `endpoint`.
     pub(crate) fn layer<S>(
@@ -113,7 +116,7 @@ mod otel {
             tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
             SdkTracerProvider,
         ),
-        ConfigError,
+        SettingError,
     >
     where
         S: tracing::Subscriber + for<'span> LookupSpan<'span>,
@@ -122,7 +125,7 @@ mod otel {
             .with_tonic()
             .with_endpoint(endpoint)
             .build()
-            .map_err(|e| ConfigError::setting("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
+            .map_err(|e| SettingError::new("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string()))?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(

@@ -1,14 +1,13 @@
 //! TLS and mTLS on the gRPC listener, with certificates that rotate without a restart.
 //!
-//! Kubernetes rotates a mounted Secret by swapping a `..data` symlink, which file watches miss,
-//! so the files' contents are polled and, when they change, a new rustls `ServerConfig`
-//! (certificate and client verifier) replaces the old one. Each new handshake uses the newest
-//! config; connections already open keep theirs. The crypto provider is aws-lc-rs, the one the
-//! AWS SDK already uses, passed explicitly so no process-wide default is needed.
+//! The files are polled ([`crate::reload`]) and, when they change, a new rustls
+//! `ServerConfig` (certificate and client verifier) replaces the old one. Each new handshake
+//! uses the newest config; connections already open keep theirs. The crypto provider is
+//! aws-lc-rs, the one the AWS SDK already uses, passed explicitly so no process-wide default
+//! is needed.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -16,8 +15,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::ConfigError;
 use crate::metrics as m;
+use crate::reload::Watched;
+use crate::settings::SettingError;
 
 /// Where the certificate, key and (for mTLS) client CA come from.
 #[derive(Debug, Clone)]
@@ -29,10 +29,6 @@ pub struct TlsSettings {
     /// PEM CA bundle; when set, clients must present a certificate it signed
     /// (`TLS_CLIENT_CA_FILE`).
     pub client_ca_file: Option<PathBuf>,
-    /// How often the files are read for changes (`TLS_RELOAD_INTERVAL`).
-    pub reload_interval: Duration,
-    /// Offer HTTP/1.1 by ALPN next to `h2`, for the Connect protocol (`CONNECT_PROTOCOL`).
-    pub http1: bool,
 }
 
 /// A TLS file that cannot be read or does not load, at start-up or at a rotation. Displays
@@ -53,9 +49,9 @@ impl TlsError {
     }
 }
 
-impl From<TlsError> for ConfigError {
+impl From<TlsError> for SettingError {
     fn from(err: TlsError) -> Self {
-        ConfigError::setting(err.setting, err.problem)
+        SettingError::new(err.setting, err.problem)
     }
 }
 
@@ -133,61 +129,76 @@ impl Material {
 
 /// The current server config, replaced when the files change.
 #[derive(Clone)]
-pub(crate) struct ReloadingTls {
+pub(crate) struct ReloadingTls(Arc<Files>);
+
+/// The files, what was last read of them, and the config in use.
+struct Files {
     settings: TlsSettings,
-    current: Arc<RwLock<Arc<ServerConfig>>>,
+    /// Offer HTTP/1.1 by ALPN next to `h2` (the Connect door serves it).
+    http1: bool,
+    current: RwLock<Arc<ServerConfig>>,
+    last: Mutex<Option<Material>>,
 }
 
 impl ReloadingTls {
-    /// Loads the files once; a missing or malformed file is a [`ConfigError`] naming it.
-    pub(crate) fn load(settings: TlsSettings) -> Result<Self, ConfigError> {
-        let config = Material::read(&settings)?.server_config(settings.http1)?;
-        Ok(Self {
+    /// Loads the files once, offering HTTP/1.1 by ALPN when `http1`; a missing or malformed
+    /// file is a [`TlsError`] naming it.
+    pub(crate) fn load(settings: TlsSettings, http1: bool) -> Result<Self, TlsError> {
+        let material = Material::read(&settings)?;
+        let config = material.server_config(http1)?;
+        Ok(Self(Arc::new(Files {
             settings,
-            current: Arc::new(RwLock::new(config)),
-        })
+            http1,
+            current: RwLock::new(config),
+            last: Mutex::new(Some(material)),
+        })))
     }
 
     /// An acceptor with the current config, for one new connection.
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().expect("TLS config lock").clone())
+        TlsAcceptor::from(self.0.current.read().expect("TLS config lock").clone())
     }
 
-    /// Polls the files every `reload_interval` (until the task is aborted), swapping in a new
-    /// config when they change. A rotation that fails to load keeps the old config
-    /// and is logged at error, once per distinct content.
-    pub(crate) fn spawn_reloader(&self) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut last = Material::read(&this.settings).ok();
-            let mut ticks = tokio::time::interval(this.settings.reload_interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let material = match Material::read(&this.settings) {
-                    Ok(material) => material,
-                    // Mid-rotation files can be briefly absent; the next poll sees them.
-                    Err(err) => {
-                        tracing::debug!(error = %err, "TLS files not readable yet");
-                        continue;
-                    }
-                };
-                if last.as_ref() == Some(&material) {
-                    continue;
-                }
-                match material.server_config(this.settings.http1) {
-                    Ok(config) => {
-                        *this.current.write().expect("TLS config lock") = config;
-                        metrics::counter!(m::TLS_RELOADS, "result" => "reloaded").increment(1);
-                        tracing::info!("TLS certificate reloaded");
-                    }
-                    Err(err) => {
-                        metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
-                        tracing::error!(error = %err, "TLS files changed but do not load; keeping the previous certificate")
-                    }
-                }
-                last = Some(material);
+    /// The files, to be watched for rotation.
+    pub(crate) fn watched(&self) -> Arc<dyn Watched> {
+        self.0.clone()
+    }
+}
+
+impl Watched for Files {
+    fn reload(&self) -> Result<bool, String> {
+        let material = match Material::read(&self.settings) {
+            Ok(material) => material,
+            // Mid-rotation files can be briefly absent; the next poll sees them.
+            Err(err) => {
+                tracing::debug!(error = %err, "TLS files not readable yet");
+                return Ok(false);
             }
-        })
+        };
+        let mut last = self.last.lock().expect("TLS files lock");
+        if last.as_ref() == Some(&material) {
+            return Ok(false);
+        }
+        let loaded = material.server_config(self.http1);
+        *last = Some(material);
+        let config = loaded.map_err(|err| err.to_string())?;
+        *self.current.write().expect("TLS config lock") = config;
+        Ok(true)
+    }
+
+    fn report(&self, outcome: Result<(), &str>) {
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(m::TLS_RELOADS, "result" => "reloaded").increment(1);
+                tracing::info!("TLS certificate reloaded");
+            }
+            Err(problem) => {
+                metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
+                tracing::error!(
+                    error = problem,
+                    "TLS files changed but do not load; keeping the previous certificate"
+                );
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Reply, TestApp, forgot};
-use password_recovery::app::StartupError;
+use password_recovery::app::AppError;
 use prost::Message;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -234,7 +234,7 @@ async fn calls_that_outlast_the_grace_period_are_abandoned_and_counted() {
     let stopped = tokio::time::timeout(Duration::from_secs(10), app.stop()).await;
 
     assert!(
-        matches!(stopped, Ok(Err(StartupError::Abandoned(1)))),
+        matches!(stopped, Ok(Err(AppError::Abandoned(1)))),
         "{stopped:?}"
     );
     let answer = hung.await.unwrap();

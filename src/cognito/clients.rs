@@ -12,8 +12,8 @@ use regex::Regex;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::config::{ConfigError, check_endpoint_url, parse_duration, read_secret_file};
 use crate::domain::ClientId;
+use crate::settings::{SettingError, check_endpoint_url, parse_duration, read_secret_file};
 
 /// The setting every problem of the clients file is reported under.
 const SETTING: &str = "COGNITO_CLIENTS_FILE";
@@ -58,8 +58,6 @@ pub struct CognitoSettings {
     pub clients: Vec<ClientSettings>,
     /// The index in `clients` of the one for requests without a `client_id`.
     pub default: usize,
-    /// How often secret files are re-read (`TLS_RELOAD_INTERVAL`).
-    pub secret_reload_interval: Duration,
 }
 
 impl CognitoSettings {
@@ -105,12 +103,11 @@ pub(crate) struct Fallbacks {
 pub(crate) fn load_file(
     path: &Path,
     fallbacks: &Fallbacks,
-) -> Result<(Vec<ClientSettings>, usize), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::setting(SETTING, format!("cannot read {}: {e}", path.display()))
-    })?;
+) -> Result<(Vec<ClientSettings>, usize), SettingError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SettingError::new(SETTING, format!("cannot read {}: {e}", path.display())))?;
     parse(&text, fallbacks)
-        .map_err(|problem| ConfigError::setting(SETTING, format!("{}: {problem}", path.display())))
+        .map_err(|problem| SettingError::new(SETTING, format!("{}: {problem}", path.display())))
 }
 
 /// Parses and checks the file's text; a problem is one line.
@@ -194,7 +191,7 @@ fn check(alias: &str, entry: Entry, fallbacks: &Fallbacks) -> Result<ClientSetti
     }
     let endpoint_url = match entry.endpoint_url {
         Some(url) => {
-            check_endpoint_url(&url).map_err(|e| field("endpoint_url", problem_of(e)))?;
+            check_endpoint_url(&url).map_err(|problem| field("endpoint_url", problem))?;
             Some(url)
         }
         None => fallbacks.endpoint_url.clone(),
@@ -210,9 +207,9 @@ fn check(alias: &str, entry: Entry, fallbacks: &Fallbacks) -> Result<ClientSetti
     let secret = entry
         .secret_file
         .as_deref()
-        .map(|path| read_secret_file("secret_file", path))
+        .map(read_secret_file)
         .transpose()
-        .map_err(|e| field("secret_file", problem_of(e)))?
+        .map_err(|e| field("secret_file", e.to_string()))?
         .map(SecretString::from);
     Ok(ClientSettings {
         alias: alias.to_owned(),
@@ -224,14 +221,6 @@ fn check(alias: &str, entry: Entry, fallbacks: &Fallbacks) -> Result<ClientSetti
         secret,
         secret_file: entry.secret_file,
     })
-}
-
-/// A configuration error's problem, without the setting it names.
-fn problem_of(err: ConfigError) -> String {
-    match err {
-        ConfigError::Setting { problem, .. } => problem,
-        ConfigError::Invalid(problem) => problem,
-    }
 }
 
 #[cfg(test)]

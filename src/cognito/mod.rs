@@ -32,15 +32,15 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{ConfigError, read_secret_file};
 use crate::domain::{
     ClientId, CodeDelivery, ConfirmForgotPassword, DeliveryMedium, ForgotPassword, PassThrough,
     Rpc, Username,
 };
 use crate::metrics as m;
+use crate::reload::Watched;
+use crate::settings::{SettingError, read_secret_file};
 pub use clients::{ClientSettings, CognitoSettings};
 
 pub use code::ErrorCode;
@@ -308,7 +308,7 @@ fn failed_to_connect(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// One app client this server acts as: its settings, the SDK client of its region, and its
-/// secret, which [`Cognito::spawn_secret_reloader`] replaces when its file changes.
+/// secret, replaced when its file changes (it is [`Watched`]).
 #[derive(Debug)]
 pub(crate) struct AppClient {
     /// Its short name in logs, audit events and metrics.
@@ -392,21 +392,42 @@ impl AppClient {
         .await?;
         Ok(())
     }
+}
 
-    /// Re-reads the secret file, if there is one; a changed secret replaces the one in use, a
-    /// file that does not load leaves it. Returns what happened.
-    fn reload_secret(&self) -> Option<Result<bool, ConfigError>> {
-        let path = self.secret_file.as_deref()?;
-        let read = match read_secret_file("secret_file", path) {
-            Ok(read) => read,
-            Err(err) => return Some(Err(err)),
+/// A client's secret file: a changed secret replaces the one in use, a file that does not load
+/// leaves it. Each change noticed counts in `cognito_client_secret_reloads_total{client,result}`.
+impl Watched for AppClient {
+    fn reload(&self) -> Result<bool, String> {
+        let Some(path) = self.secret_file.as_deref() else {
+            return Ok(false);
         };
+        let read = read_secret_file(path).map_err(|err| format!("secret_file: {err}"))?;
         let mut secret = self.secret.write().unwrap_or_else(|e| e.into_inner());
         let changed = secret.as_ref().is_none_or(|s| s.expose_secret() != read);
         if changed {
             *secret = Some(SecretString::from(read));
         }
-        Some(Ok(changed))
+        Ok(changed)
+    }
+
+    fn report(&self, outcome: Result<(), &str>) {
+        let alias = self.alias.clone();
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "reloaded")
+                    .increment(1);
+                tracing::info!(client = alias, "app client secret reloaded");
+            }
+            Err(problem) => {
+                metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "failed")
+                    .increment(1);
+                tracing::error!(
+                    client = alias,
+                    error = problem,
+                    "app client secret not reloaded; the previous one stays in use"
+                );
+            }
+        }
     }
 }
 
@@ -420,10 +441,10 @@ pub(crate) struct Cognito {
 
 impl Cognito {
     /// Builds one SDK client per region and endpoint, sharing one configuration and one
-    /// connection pool. A region comes from the client's settings, else `AWS_REGION` or the
-    /// AWS profile (never the instance-metadata service). No credentials, no SDK retries (see
-    /// [`call`]).
-    pub(crate) async fn connect(settings: &CognitoSettings) -> Result<Self, ConfigError> {
+    /// connection pool (it connects lazily, on the first call). A region comes from the
+    /// client's settings, else `AWS_REGION` or the AWS profile (never the instance-metadata
+    /// service). No credentials, no SDK retries (see [`call`]).
+    pub(crate) async fn build(settings: &CognitoSettings) -> Result<Self, SettingError> {
         // For a client without a region: the environment, then the profile; never the
         // instance-metadata service (the default chain's last resort).
         let default_region = RegionProviderChain::first_try(
@@ -459,7 +480,7 @@ impl Cognito {
                     }
                     let config = config.build();
                     if config.region().is_none() {
-                        return Err(ConfigError::setting(
+                        return Err(SettingError::new(
                             "AWS_REGION",
                             "no region found in the environment or the AWS profile; set \
                              AWS_REGION",
@@ -503,54 +524,14 @@ impl Cognito {
         &self.clients
     }
 
-    /// Re-reads every secret file each `interval`: a rotated secret (a Kubernetes Secret
-    /// update swaps a `..data` symlink) is used by the next call. A file that does not load
-    /// keeps the previous secret and is logged at error, once until it changes. Each change
-    /// noticed counts in `cognito_client_secret_reloads_total{client,result}`.
-    pub(crate) fn spawn_secret_reloader(&self, interval: Duration) -> Option<JoinHandle<()>> {
-        let watched: Vec<Arc<AppClient>> = self
-            .clients
+    /// The secret files to watch for rotation (a Kubernetes Secret update swaps a `..data`
+    /// symlink): a rotated secret is used by the next call.
+    pub(crate) fn watched_secrets(&self) -> Vec<Arc<dyn Watched>> {
+        self.clients
             .iter()
             .filter(|c| c.secret_file.is_some())
-            .cloned()
-            .collect();
-        if watched.is_empty() {
-            return None;
-        }
-        Some(tokio::spawn(async move {
-            let mut failing = vec![None::<String>; watched.len()];
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                for (client, failed) in watched.iter().zip(failing.iter_mut()) {
-                    let alias = client.alias.clone();
-                    match client.reload_secret() {
-                        None | Some(Ok(false)) => *failed = None,
-                        Some(Ok(true)) => {
-                            *failed = None;
-                            metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "reloaded")
-                                .increment(1);
-                            tracing::info!(client = alias, "app client secret reloaded");
-                        }
-                        Some(Err(err)) => {
-                            let problem = err.to_string();
-                            if failed.as_ref() != Some(&problem) {
-                                metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "failed")
-                                    .increment(1);
-                                tracing::error!(
-                                    client = alias,
-                                    error = %problem,
-                                    "app client secret not reloaded; the previous one stays in use"
-                                );
-                                *failed = Some(problem);
-                            }
-                        }
-                    }
-                }
-            }
-        }))
+            .map(|c| c.clone() as Arc<dyn Watched>)
+            .collect()
     }
 }
 
@@ -797,9 +778,8 @@ mod tests {
                 client("c", "us-east-1", None),
             ],
             default: 1,
-            secret_reload_interval: Duration::from_secs(10),
         };
-        let cognito = Cognito::connect(&settings).await.unwrap();
+        let cognito = Cognito::build(&settings).await.unwrap();
 
         assert_eq!(cognito.select(None).unwrap().alias, "b");
         let id = |s: &str| ClientId::parse("client_id", s.into()).unwrap();
@@ -825,9 +805,8 @@ mod tests {
         let settings = CognitoSettings {
             clients: vec![client("only", "us-east-1", Some(format!("http://{addr}")))],
             default: 0,
-            secret_reload_interval: Duration::from_secs(10),
         };
-        let cognito = Cognito::connect(&settings).await.unwrap();
+        let cognito = Cognito::build(&settings).await.unwrap();
         let client = cognito.select(None).unwrap();
         let request = ForgotPassword {
             account: Account {

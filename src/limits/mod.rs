@@ -28,7 +28,7 @@ mod shared;
 
 use crate::domain::PoolUser;
 pub(crate) use shared::{
-    BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, SharedLimits, check_url,
+    BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, RedisUrl, SharedLimits,
 };
 
 /// Rate-limited calls, by `limiter`.
@@ -96,7 +96,7 @@ impl FromStr for UsernameRateLimit {
         let burst = burst
             .parse::<NonZeroU32>()
             .map_err(|_| format!("{burst:?} is not a positive whole number"))?;
-        let period = crate::config::parse_duration(period)?;
+        let period = crate::settings::parse_duration(period)?;
         if period < Duration::from_nanos(u64::from(burst.get())) {
             return Err("the period is too short for the burst".into());
         }

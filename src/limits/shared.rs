@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, Script};
+use redis::{ConnectionInfo, IntoConnectionInfo, Script};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
-use crate::config::ConfigError;
 use crate::domain::PoolUser;
 use crate::privacy::UsernameHasher;
+use crate::settings::SettingError;
 
 /// Calls judged by Redis, by outcome, and its latency.
 pub(crate) const BACKEND_SECONDS: &str = "rate_limit_backend_seconds";
@@ -41,7 +41,7 @@ const MAX_REMEMBERED: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     /// `redis://host:port/db` or `rediss://…`, without credentials (a username may be there).
-    pub(crate) url: String,
+    pub(crate) url: RedisUrl,
     /// `RATE_LIMIT_REDIS_PASSWORD_FILE`'s secret.
     pub(crate) password: Option<SecretString>,
     /// Prefix of every key.
@@ -53,21 +53,24 @@ pub struct RedisSettings {
     pub(crate) username_hash_key: SecretSlice<u8>,
 }
 
-/// Checks the URL of `RATE_LIMIT_REDIS_URL`: its scheme, and no password in it.
-pub(crate) fn check_url(url: &str) -> Result<(), ConfigError> {
-    let invalid = |problem: &str| ConfigError::setting("RATE_LIMIT_REDIS_URL", problem);
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(invalid("must start with redis:// or rediss://"));
+/// The URL of `RATE_LIMIT_REDIS_URL`, checked once: its scheme, and no password in it.
+#[derive(Debug, Clone)]
+pub struct RedisUrl(ConnectionInfo);
+
+impl RedisUrl {
+    /// Parses and checks `url`; the problem, never quoting the URL, when it is unusable.
+    pub(crate) fn parse(url: &str) -> Result<Self, &'static str> {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err("must start with redis:// or rediss://");
+        }
+        let info = url
+            .into_connection_info()
+            .map_err(|_| "is not a valid Redis URL")?;
+        if info.redis_settings().password().is_some() {
+            return Err("must not hold a password: put it in RATE_LIMIT_REDIS_PASSWORD_FILE");
+        }
+        Ok(Self(info))
     }
-    let info = url
-        .into_connection_info()
-        .map_err(|_| invalid("is not a valid Redis URL"))?;
-    if info.redis_settings().password().is_some() {
-        return Err(invalid(
-            "must not hold a password: put it in RATE_LIMIT_REDIS_PASSWORD_FILE",
-        ));
-    }
-    Ok(())
 }
 
 /// What Redis said of a call.
@@ -119,11 +122,8 @@ impl std::fmt::Debug for SharedLimits {
 
 impl SharedLimits {
     /// Limits on the Redis of `settings`; connects in the background.
-    pub(crate) fn start(settings: &RedisSettings) -> Result<Self, ConfigError> {
-        check_url(&settings.url)?;
-        let mut info = settings.url.as_str().into_connection_info().map_err(|_| {
-            ConfigError::setting("RATE_LIMIT_REDIS_URL", "is not a valid Redis URL")
-        })?;
+    pub(crate) fn start(settings: &RedisSettings) -> Result<Self, SettingError> {
+        let mut info = settings.url.0.clone();
         if let Some(password) = &settings.password {
             let redis = info
                 .redis_settings()
@@ -132,7 +132,7 @@ impl SharedLimits {
             info = info.set_redis_settings(redis);
         }
         let client = redis::Client::open(info)
-            .map_err(|e| ConfigError::setting("RATE_LIMIT_REDIS_URL", e.to_string()))?;
+            .map_err(|e| SettingError::new("RATE_LIMIT_REDIS_URL", e.to_string()))?;
         let connection = Arc::new(OnceLock::new());
         tokio::spawn(connect(client, connection.clone()));
         metrics::gauge!(BACKEND_UP).set(0.0);

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use fake_cognito::{FakeCognito, REQUEST_ID, Recorded, Reply};
-use password_recovery::app::{Application, StartupError};
+use password_recovery::app::{AppError, Application};
 use password_recovery::config::{Command, Config};
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
@@ -57,7 +57,7 @@ pub struct TestApp {
     pub metrics_addr: SocketAddr,
     pub cognito: FakeCognito,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), StartupError>>,
+    task: JoinHandle<Result<(), AppError>>,
 }
 
 impl TestApp {
@@ -124,7 +124,7 @@ impl TestApp {
     }
 
     /// Sends the stop signal and waits for the application to finish.
-    pub async fn stop(mut self) -> Result<(), StartupError> {
+    pub async fn stop(mut self) -> Result<(), AppError> {
         self.request_stop();
         self.task.await.expect("application task")
     }
