@@ -21,7 +21,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,7 +39,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::metrics as m;
-use crate::places::{Crowded, Holder, PeerKey, Place, Places, Standing};
+use crate::places::{Caps, Crowded, Holder, PeerKey, Place, Places, Standing};
 use crate::telemetry::Occasionally;
 use crate::tls::ReloadingTls;
 
@@ -501,11 +501,11 @@ pub(crate) fn incoming(
     settings: ConnectionSettings,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (send, receive) = mpsc::channel(64);
-    let places = Places::new(
-        settings.max_connections,
-        settings.max_per_peer,
-        Some(m::CONNECTIONS_OPEN),
-    );
+    let caps = Caps {
+        max: settings.max_connections,
+        per_peer: settings.max_per_peer,
+    };
+    let places = Places::new(caps, Some(m::CONNECTIONS_OPEN));
     let settings = Arc::new(settings);
     tokio::spawn(async move {
         loop {
@@ -528,28 +528,62 @@ pub(crate) fn incoming(
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let (send, tls, settings) = (send.clone(), tls.clone(), settings.clone());
-            tokio::spawn(async move {
-                let taken_back = activity.taken_back.clone();
-                let handshake = secure(stream, tls, addr);
-                let (transport, peer_identity) = tokio::select! {
-                    secured = handshake => match secured {
-                        Some(secured) => secured,
-                        None => return,
-                    },
-                    () = taken_back.cancelled() => return,
-                };
-                let info = ConnectionInfo {
-                    peer_identity,
-                    peer,
-                    activity,
-                };
-                let connection = Connection::new(transport, info, &settings, place);
-                let _ = send.send(Ok(connection)).await;
-            });
+            let accepted = Accepted {
+                stream,
+                addr,
+                peer,
+                activity,
+                place,
+            };
+            tokio::spawn(hand_over(
+                accepted,
+                tls.clone(),
+                settings.clone(),
+                send.clone(),
+            ));
         }
     });
     ReceiverStream::new(receive)
+}
+
+/// A connection accepted, in its place.
+struct Accepted {
+    stream: TcpStream,
+    addr: SocketAddr,
+    peer: Option<IpAddr>,
+    activity: Arc<Activity>,
+    place: Place<Arc<Activity>>,
+}
+
+/// Secures `accepted` (unless its place is taken back first) and hands it to the server.
+async fn hand_over(
+    accepted: Accepted,
+    tls: Option<ReloadingTls>,
+    settings: Arc<ConnectionSettings>,
+    server: mpsc::Sender<io::Result<Connection>>,
+) {
+    let Accepted {
+        stream,
+        addr,
+        peer,
+        activity,
+        place,
+    } = accepted;
+    let taken_back = activity.taken_back.clone();
+    let (transport, peer_identity) = tokio::select! {
+        secured = secure(stream, tls, addr) => match secured {
+            Some(secured) => secured,
+            None => return,
+        },
+        () = taken_back.cancelled() => return,
+    };
+    let info = ConnectionInfo {
+        peer_identity,
+        peer,
+        activity,
+    };
+    let connection = Connection::new(transport, info, &settings, place);
+    let _ = server.send(Ok(connection)).await;
 }
 
 /// A place among the connections for one from `peer`, taken back from another if need be;

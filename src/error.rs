@@ -497,7 +497,7 @@ fn answer_row(row: &Row, message: Option<&str>) -> Classified {
 
 /// The canonical name of a gRPC code, as Prometheus labels and logs show it (`OK`,
 /// `RESOURCE_EXHAUSTED`, …).
-pub(crate) fn code_name(code: Code) -> &'static str {
+pub(crate) fn grpc_code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -657,7 +657,7 @@ mod tests {
                 .unwrap_or_else(|| {
                     panic!("the README's table has no row for {}", row.cognito_code)
                 });
-            assert_eq!(code, code_name(row.code), "{}", row.cognito_code);
+            assert_eq!(code, grpc_code_name(row.code), "{}", row.cognito_code);
             assert!(
                 reasons.iter().any(|r| r == row.reason),
                 "{}",
@@ -671,7 +671,12 @@ mod tests {
                 .iter()
                 .find(|(.., reasons)| reasons.iter().any(|r| r == classified.reason))
                 .unwrap_or_else(|| panic!("the README's table lacks {}", classified.reason));
-            assert_eq!(code, code_name(classified.code), "{}", classified.reason);
+            assert_eq!(
+                code,
+                grpc_code_name(classified.code),
+                "{}",
+                classified.reason
+            );
             answered.insert(classified.reason.to_owned());
         }
         let documented: std::collections::BTreeSet<String> = rows

@@ -119,9 +119,19 @@ impl<H> State<H> {
     }
 }
 
+/// How many places there are, and how many one peer may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Places in all.
+    pub max: usize,
+    /// Places one peer may hold (at most `max`).
+    pub per_peer: usize,
+}
+
 impl<H: Holder> Places<H> {
-    /// At most `max` places, at most `per_peer` of them for one peer; `gauge` counts them.
-    pub fn new(max: usize, per_peer: usize, gauge: Option<&'static str>) -> Arc<Self> {
+    /// Places as `caps` says; `gauge` counts them.
+    pub fn new(caps: Caps, gauge: Option<&'static str>) -> Arc<Self> {
+        let Caps { max, per_peer } = caps;
         Arc::new(Self {
             state: Mutex::new(State {
                 holders: HashMap::new(),
@@ -283,7 +293,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_set_takes_back_the_lowest_tier_then_the_oldest_and_never_one_in_use() {
-        let places = Places::new(3, 3, None);
+        let places = Places::new(
+            Caps {
+                max: 3,
+                per_peer: 3,
+            },
+            None,
+        );
         let busy = Test::new(None);
         let idle_old = Test::new(Some((1, 0)));
         let silent_new = Test::new(Some((0, 5)));
@@ -312,7 +328,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_at_its_share_takes_back_only_its_own() {
-        let places = Places::new(10, 2, None);
+        let places = Places::new(
+            Caps {
+                max: 10,
+                per_peer: 2,
+            },
+            None,
+        );
         let other = Test::new(Some((0, 0)));
         let _other = places.take(peer(1), other.clone()).ok().unwrap();
         let mine_busy = Test::new(None);
@@ -337,7 +359,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_place_taken_back_is_not_given_back_twice() {
-        let places = Places::new(1, 1, None);
+        let places = Places::new(
+            Caps {
+                max: 1,
+                per_peer: 1,
+            },
+            None,
+        );
         let first = places.take(peer(1), Test::new(Some((0, 0)))).ok().unwrap();
         let second = places.take(peer(1), Test::new(None)).ok().unwrap();
         drop(first);

@@ -207,13 +207,24 @@ async fn cognito_errors_answered_with_http_200_or_403_still_map_by_code() {
     // Without enumeration protection, which answers Cognito's attempt limit as its own.
     let app = TestApp::spawn_with(&[("ENUMERATION_PROTECTION", "false")]).await;
     let mut client = app.client().await;
-    app.cognito.script([Reply::Error {
-        status: 403,
-        code: "LimitExceededException",
-        message: "Attempt limit exceeded, please try after some time.",
-    }]);
-    let status = client.forgot_password(forgot("frank")).await.unwrap_err();
-    assert_error(&status, Code::ResourceExhausted, "LIMIT_EXCEEDED");
+    // HTTP 200 is the risky one: the SDK takes any 200 for a success, so an error it carries
+    // must not become a delivery, or a password taken for reset.
+    for status in [200, 403] {
+        let limit = Reply::Error {
+            status,
+            code: "LimitExceededException",
+            message: "Attempt limit exceeded, please try after some time.",
+        };
+        app.cognito.script([limit.clone()]);
+        let refused = client.forgot_password(forgot("frank")).await.unwrap_err();
+        assert_error(&refused, Code::ResourceExhausted, "LIMIT_EXCEEDED");
+        app.cognito.script([limit]);
+        let refused = client
+            .confirm_forgot_password(confirm("frank"))
+            .await
+            .unwrap_err();
+        assert_error(&refused, Code::ResourceExhausted, "LIMIT_EXCEEDED");
+    }
 }
 
 #[tokio::test]
@@ -289,9 +300,8 @@ async fn forgot_password_for_unknown_user_is_masked() {
     let details = first.code_delivery_details.clone().unwrap();
     assert_eq!(details.delivery_medium(), DeliveryMedium::Email);
     assert_eq!(details.attribute_name, "email");
-    let d = details.destination.as_bytes();
-    assert_eq!(d.len(), 9, "{}", details.destination);
-    assert!(d[0].is_ascii_lowercase() && &d[1..5] == b"***@" && d[5].is_ascii_lowercase());
+    // The address's own mask, as Cognito would show it: not a keyed one of the hash.
+    assert_eq!(details.destination, "n***@e***");
     assert_eq!(first, again, "the same username gets the same answer");
     assert_eq!(first, no_contact);
 }

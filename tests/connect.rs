@@ -12,7 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use common::certs::{Ca, SecretMount};
 use common::tools::{buf, curl, run_grpcurl};
-use common::{CLIENT_ID, REQUEST_ID, Reply, TestApp, forgot};
+use common::{CLIENT_ID, CLIENT_SECRET, REQUEST_ID, Reply, TestApp, forgot};
 use password_recovery::error::COGNITO_ERRORS;
 use password_recovery::proto::v1::ForgotPasswordResponse;
 use prost::Message;
@@ -200,15 +200,17 @@ async fn both_rpcs_succeed_over_http1_and_h2c_with_json_and_proto() {
     assert_eq!(answer.header("x-request-id"), Some("connect-request-1"));
     let details = &answer.json()["codeDeliveryDetails"];
     assert_eq!(details["deliveryMedium"], "DELIVERY_MEDIUM_EMAIL");
-    assert!(details["destination"].is_string(), "{details}");
-    assert!(details["attributeName"].is_string(), "{details}");
+    assert_eq!(details["destination"], "a***@e***", "{details}");
+    assert_eq!(details["attributeName"], "email", "{details}");
     let sent = &app.cognito.recorded()[0];
     assert_eq!(sent.operation, "ForgotPassword");
     assert_eq!(sent.body["Username"], "alice");
     assert_eq!(sent.body["ClientId"], CLIENT_ID);
     assert_eq!(sent.body["ClientMetadata"]["k"], "v");
     assert_eq!(sent.body["UserContextData"]["IpAddress"], "192.0.2.1");
-    assert!(sent.body["SecretHash"].is_string());
+    let secret = secrecy::SecretString::from(CLIENT_SECRET);
+    let expected = password_recovery::cognito::secret_hash(&secret, "alice", CLIENT_ID);
+    assert_eq!(sent.body["SecretHash"], expected);
 
     let confirm_url = url(&app, "ConfirmForgotPassword");
     let body = confirm_json("alice");
@@ -366,7 +368,7 @@ async fn the_services_own_refusals_carry_their_details_and_retry_after() {
     let retry_after: f64 = limited.header("retry-after").unwrap().parse().unwrap();
     assert_eq!(retry_after, delay.ceil(), "whole seconds, rounded up");
     let quota = limited.detail("google.rpc.QuotaFailure").unwrap();
-    assert!(quota["violations"][0]["subject"].is_string(), "{quota}");
+    assert_eq!(quota["violations"][0]["subject"], "username", "{quota}");
     assert_eq!(
         app.cognito.recorded().len(),
         1,
@@ -923,7 +925,8 @@ async fn the_json_door_works_over_tls_with_http1_and_h2() {
         );
         let answer = parse_answer(&output.stdout);
         assert_eq!(answer.status, 200, "{answer:?}");
-        assert!(answer.json()["codeDeliveryDetails"].is_object());
+        let details = &answer.json()["codeDeliveryDetails"];
+        assert_eq!(details["destination"], "a***@e***", "{details}");
     }
 
     // A body larger than a stream's window is answered, not reset, over TLS's h2 too.

@@ -20,7 +20,7 @@ use tracing::Level;
 use crate::cognito::{Budget, ErrorCode, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::Rpc;
-use crate::error::{Blame, Classified, Error, code_name};
+use crate::error::{Blame, Classified, Error, grpc_code_name};
 use crate::metrics as m;
 use crate::places::{Crowded, Holder, Place, Standing};
 use crate::telemetry::{self, Occasionally, TraceParent};
@@ -387,7 +387,7 @@ impl Call {
                     metrics::counter!(m::REQUEST_TIMEOUTS, "stage" => "body").increment(1);
                 }
                 let classified = error.classify();
-                let (code, reason) = (code_name(classified.code), classified.reason);
+                let (code, reason) = (grpc_code_name(classified.code), classified.reason);
                 let failure = Failure {
                     code,
                     reason,

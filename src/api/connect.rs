@@ -397,7 +397,7 @@ fn error_answer(refused: Refusal) -> HttpResponse {
 /// `Retry-After` when the details hold a `RetryInfo`.
 fn error_json(error: &Classified) -> HttpResponse {
     let body = json!({
-        "code": code_name(error.code),
+        "code": connect_code(error.code),
         "message": error.message,
         "details": details_json(&error.details),
     });
@@ -415,7 +415,7 @@ fn error_json(error: &Classified) -> HttpResponse {
 fn protocol_error(http: StatusCode, code: Code, message: &str) -> HttpResponse {
     json_error(
         http,
-        &json!({ "code": code_name(code), "message": message }),
+        &json!({ "code": connect_code(code), "message": message }),
     )
 }
 
@@ -502,7 +502,7 @@ fn proto_json_duration(delay: Duration) -> String {
 }
 
 /// Connect's name of a gRPC code.
-fn code_name(code: Code) -> &'static str {
+fn connect_code(code: Code) -> &'static str {
     match code {
         Code::Ok => "ok",
         Code::Cancelled => "canceled",
@@ -749,7 +749,7 @@ mod tests {
 
     #[test]
     fn codes_follow_connects_table() {
-        assert_eq!(code_name(Code::Cancelled), "canceled");
+        assert_eq!(connect_code(Code::Cancelled), "canceled");
         assert_eq!(http_status(Code::Cancelled).as_u16(), 499);
         assert_eq!(http_status(Code::ResourceExhausted).as_u16(), 429);
         assert_eq!(http_status(Code::FailedPrecondition).as_u16(), 400);

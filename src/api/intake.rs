@@ -28,7 +28,7 @@ use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
 use crate::metrics as m;
-use crate::places::{Crowded, Places};
+use crate::places::{Caps, Crowded, Places};
 
 /// A call started by the intake, waiting for its handler to claim it.
 #[derive(Clone)]
@@ -71,7 +71,13 @@ impl Gate {
     /// A gate with `settings`.
     pub fn new(settings: IntakeSettings) -> Self {
         Self {
-            calls: Places::new(settings.max_calls, settings.max_calls_per_peer, None),
+            calls: Places::new(
+                Caps {
+                    max: settings.max_calls,
+                    per_peer: settings.max_calls_per_peer,
+                },
+                None,
+            ),
             settings: Arc::new(settings),
         }
     }

@@ -130,14 +130,22 @@ async fn checked(mut response: HttpResponse) -> Result<HttpResponse, ConnectorEr
                 "a success without Cognito's JSON content type",
             ));
         }
-        if !matches!(
-            serde_json::from_slice::<serde_json::Value>(&body),
-            Ok(serde_json::Value::Object(_))
-        ) {
+        let Ok(serde_json::Value::Object(object)) =
+            serde_json::from_slice::<serde_json::Value>(&body)
+        else {
             return Err(invalid(
                 body.len(),
                 "a success whose body is not a JSON object",
             ));
+        };
+        // An answer naming an error (the awsJson1_1 protocol names an error by its `__type`)
+        // is that error whatever its status: the SDK, which takes any 200 for a success, is
+        // given it as one, so it is never taken for a delivery or a reset password.
+        if object
+            .get("__type")
+            .is_some_and(serde_json::Value::is_string)
+        {
+            *response.status_mut() = http::StatusCode::BAD_REQUEST.into();
         }
     } else if !(400..=599).contains(&status) {
         return Err(invalid(body.len(), "neither a success nor an error status"));
@@ -214,6 +222,19 @@ mod tests {
         let body = r#"{"__type":"UserNotFoundException"}"#;
         assert_eq!(problem(400, "application/x-amz-json-1.1", body).await, None);
         assert_eq!(problem(503, "text/html", "<html>").await, None);
+        // An error answered with HTTP 200 reaches the SDK as an error.
+        let passed = checked(response(200, "application/x-amz-json-1.1", body))
+            .await
+            .unwrap();
+        assert_eq!(passed.status().as_u16(), 400);
+        let success = checked(response(
+            200,
+            "application/x-amz-json-1.1",
+            r#"{"__type":7}"#,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(success.status().as_u16(), 200);
     }
 
     #[tokio::test]

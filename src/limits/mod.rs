@@ -3,9 +3,9 @@
 //! normalised username of a user pool, shared by both RPCs) against inbox flooding and code
 //! guessing, and a bound on calls waiting on Cognito at once.
 //!
-//! Both limiters are GCRA: governor's for the global one; for the per-username one, a compact
-//! table of its own ([`UsernameTable`]) from a keyed 64-bit hash of (user pool, normalised username)
-//! to the bucket's theoretical arrival time. A bucket leaves the table only when it is full
+//! Both limiters are one GCRA ([`gcra`]): one bucket for the global limit; for the
+//! per-username one, a compact table ([`UsernameTable`]) from a keyed 64-bit hash of (user
+//! pool, normalised username) to the bucket's theoretical arrival time. A bucket leaves the table only when it is full
 //! again, so nothing is ever forgiven; when the table is full of live buckets, a *new* username
 //! is refused (`username_capacity`) rather than forgetting anyone else.
 
@@ -18,15 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod gcra;
 mod shared;
 
 use crate::domain::PoolUser;
+use gcra::Gcra;
 pub(crate) use shared::{
     BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, RedisUrl, SharedLimits,
 };
@@ -152,6 +150,7 @@ pub(crate) struct RateLimited {
 /// aim collisions at a victim. Each bucket costs about 36 bytes of memory.
 pub(crate) struct UsernameTable {
     spec: RateSpec,
+    gcra: Gcra,
     capacity: usize,
     keys: RandomState,
     epoch: Instant,
@@ -168,15 +167,15 @@ struct TableState {
     swept: u64,
 }
 
-/// What the table decided for one call.
+/// What the limits decided for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// Admitted and charged.
     Admitted,
-    /// The bucket has no token: retry after this long.
-    Limited(Duration),
-    /// A new username, and the table is full of live buckets: retry after this long.
-    AtCapacity(Duration),
+    /// Refused by this limiter: a call passes after this long. The per-username table refuses
+    /// as `Username` (the bucket has no token) or `UsernameCapacity` (a new username, and the
+    /// table is full of live buckets).
+    Refused(Limiter, Duration),
 }
 
 impl UsernameTable {
@@ -184,6 +183,7 @@ impl UsernameTable {
     pub(crate) fn new(spec: RateSpec, capacity: NonZeroUsize) -> Self {
         Self {
             spec,
+            gcra: Gcra::new(spec),
             capacity: capacity.get(),
             keys: RandomState::new(),
             epoch: Instant::now(),
@@ -225,8 +225,7 @@ impl UsernameTable {
     pub(crate) fn exhaust(&self, user: PoolUser<'_>) {
         let key = self.key(user);
         let now = self.now();
-        let interval = u64::try_from(self.spec.interval().as_nanos()).unwrap_or(u64::MAX);
-        let empty = now.saturating_add(interval.saturating_mul(u64::from(self.spec.burst.get())));
+        let empty = self.gcra.emptied(now);
         let mut guard = self.state.lock().expect("rate-limit lock");
         let state = &mut *guard;
         let has_room = state.buckets.len() < self.capacity || state.sweep(now);
@@ -247,8 +246,6 @@ impl UsernameTable {
     }
 
     fn check_key(&self, key: u64, now: u64) -> Verdict {
-        let interval = u64::try_from(self.spec.interval().as_nanos()).unwrap_or(u64::MAX);
-        let tolerance = interval.saturating_mul(u64::from(self.spec.burst.get()));
         let mut guard = self.state.lock().expect("rate-limit lock");
         let state = &mut *guard;
         let tat = match state.buckets.get(&key).copied() {
@@ -257,15 +254,15 @@ impl UsernameTable {
                 let wait = state.earliest_full.saturating_sub(now).max(1_000_000_000);
                 drop(guard);
                 self.warn_full(now);
-                return Verdict::AtCapacity(Duration::from_nanos(wait));
+                let wait = Duration::from_nanos(wait);
+                return Verdict::Refused(Limiter::UsernameCapacity, wait);
             }
             None => now,
         };
-        // GCRA: each call takes one emission interval; a bucket holds `burst` of them.
-        let new_tat = tat.max(now).saturating_add(interval);
-        if new_tat - now > tolerance {
-            return Verdict::Limited(Duration::from_nanos(new_tat - now - tolerance));
-        }
+        let new_tat = match self.gcra.charge(tat, now) {
+            Ok(new_tat) => new_tat,
+            Err(wait) => return Verdict::Refused(Limiter::Username, wait),
+        };
         let new_bucket = state.buckets.insert(key, new_tat).is_none();
         state.earliest_full = state.earliest_full.min(new_tat);
         let buckets = state.buckets.len();
@@ -319,8 +316,6 @@ impl TableState {
     }
 }
 
-type GlobalLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware>;
-
 /// The settings of [`Limits`].
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
@@ -338,8 +333,7 @@ pub struct LimitSettings {
 
 /// Every limit a call passes before Cognito.
 pub(crate) struct Limits {
-    clock: DefaultClock,
-    global: Option<(GlobalLimiter, NonZeroU32, String)>,
+    global: Option<(gcra::Bucket, NonZeroU32, String)>,
     username: Option<(UsernameTable, String)>,
     /// On Redis when configured: the in-process limiters then judge only while it fails.
     shared: Option<SharedLimits>,
@@ -358,10 +352,12 @@ impl fmt::Debug for Limits {
 impl Limits {
     /// Limits as `settings` says.
     pub(crate) fn new(settings: &LimitSettings) -> Self {
-        let clock = DefaultClock::default();
         let global = settings.global_rps.map(|rps| {
-            let limiter = RateLimiter::direct_with_clock(Quota::per_second(rps), clock.clone());
-            (limiter, rps, format!("{rps}/1s"))
+            let spec = RateSpec {
+                burst: rps,
+                period: Duration::from_secs(1),
+            };
+            (gcra::Bucket::new(spec), rps, format!("{rps}/1s"))
         });
         let username = match settings.username {
             UsernameRateLimit::Off => None,
@@ -371,7 +367,6 @@ impl Limits {
             )),
         };
         Self {
-            clock,
             global,
             username,
             shared: None,
@@ -406,13 +401,14 @@ impl Limits {
         let (table, limit) = self.username.as_ref()?;
         table.exhaust(user);
         let wait = match table.check(user) {
-            Verdict::Limited(wait) | Verdict::AtCapacity(wait) => wait,
+            Verdict::Refused(_, wait) => wait,
             Verdict::Admitted => table.spec().interval(),
         };
         if let Some(shared) = &self.shared {
             let key = shared.username_key(user);
             shared.remember_denial(&key, wait);
             shared.exhaust(shared::Bucket {
+                limiter: Limiter::Username,
                 key,
                 interval_us: u64::try_from(table.spec().interval().as_micros()).unwrap_or(u64::MAX),
                 burst: table.spec().burst.get(),
@@ -436,58 +432,56 @@ impl Limits {
             return Some(Err(refused(Limiter::Username, limit, wait)));
         }
         let mut buckets = Vec::with_capacity(2);
-        let mut limiters = Vec::with_capacity(2);
+        let mut limits = Vec::with_capacity(2);
         if let Some((_, rps, limit)) = &self.global {
             buckets.push(shared::Bucket {
+                limiter: Limiter::Global,
                 key: shared.global_key(),
                 interval_us: 1_000_000 / u64::from(rps.get()),
                 burst: rps.get(),
             });
-            limiters.push((Limiter::Global, limit.as_str()));
+            limits.push(limit.as_str());
         }
         if let Some((spec, key, limit)) = username {
             buckets.push(shared::Bucket {
+                limiter: Limiter::Username,
                 key,
                 interval_us: u64::try_from(spec.interval().as_micros()).unwrap_or(u64::MAX),
                 burst: spec.burst.get(),
             });
-            limiters.push((Limiter::Username, limit.as_str()));
+            limits.push(limit.as_str());
         }
         if buckets.is_empty() {
             return Some(Ok(()));
         }
-        match shared.check(&buckets).await {
-            shared::Verdict::Admitted => Some(Ok(())),
-            shared::Verdict::Refused(index, wait) => {
-                let (limiter, limit) = limiters[index];
+        // None: Redis did not answer in time or failed.
+        match shared.check(&buckets).await? {
+            Verdict::Admitted => Some(Ok(())),
+            Verdict::Refused(limiter, wait) => {
+                let index = buckets.iter().position(|b| b.limiter == limiter)?;
                 if limiter == Limiter::Username {
                     shared.remember_denial(&buckets[index].key, wait);
                 }
-                Some(Err(refused(limiter, limit, wait)))
+                Some(Err(refused(limiter, limits[index], wait)))
             }
-            shared::Verdict::Unavailable => None,
         }
     }
 
     /// Charges the global limiter, then the per-username one; the first that refuses decides.
     pub(crate) fn check(&self, user: PoolUser<'_>) -> Result<(), RateLimited> {
-        if let Some((limiter, _, limit)) = &self.global {
-            limiter.check().map_err(|not_until| {
-                refused(
-                    Limiter::Global,
-                    limit,
-                    not_until.wait_time_from(self.clock.now()),
-                )
-            })?;
+        if let Some((bucket, _, limit)) = &self.global {
+            bucket
+                .charge()
+                .map_err(|wait| refused(Limiter::Global, limit, wait))?;
         }
         if let Some((table, limit)) = &self.username {
             match table.check(user) {
                 Verdict::Admitted => {}
-                Verdict::Limited(wait) => return Err(refused(Limiter::Username, limit, wait)),
-                Verdict::AtCapacity(wait) => {
+                Verdict::Refused(Limiter::UsernameCapacity, wait) => {
                     let capacity = format!("{} usernames", table.capacity());
                     return Err(refused(Limiter::UsernameCapacity, &capacity, wait));
                 }
+                Verdict::Refused(limiter, wait) => return Err(refused(limiter, limit, wait)),
             }
         }
         Ok(())
@@ -670,24 +664,25 @@ mod tests {
         }
         assert!(matches!(
             table.check_key(victim, MINUTE),
-            Verdict::Limited(_)
+            Verdict::Refused(Limiter::Username, _)
         ));
 
         let mut at_capacity = 0;
         for flood in 2..20_000u64 {
             match table.check_key(flood, MINUTE + flood) {
                 Verdict::Admitted => {}
-                Verdict::AtCapacity(wait) => {
+                Verdict::Refused(Limiter::UsernameCapacity, wait) => {
                     at_capacity += 1;
                     assert!(wait >= Duration::from_secs(1), "{wait:?}");
                 }
-                Verdict::Limited(_) => panic!("a new username is never limited"),
+                Verdict::Refused(..) => panic!("a new username is never limited"),
             }
         }
 
         assert_eq!(table.len(), 1000);
         assert_eq!(at_capacity, 20_000 - 2 - 999);
-        let Verdict::Limited(wait) = table.check_key(victim, MINUTE + 20_000) else {
+        let Verdict::Refused(Limiter::Username, wait) = table.check_key(victim, MINUTE + 20_000)
+        else {
             panic!("the victim's bucket was forgiven");
         };
         assert!(wait > Duration::from_secs(179), "{wait:?}");
@@ -701,13 +696,13 @@ mod tests {
         // Bucket 1 is full again after one minute, bucket 2 after 1.5.
         assert!(matches!(
             table.check_key(3, MINUTE + MINUTE / 2 + 1),
-            Verdict::AtCapacity(_)
+            Verdict::Refused(Limiter::UsernameCapacity, _)
         ));
         assert_eq!(table.check_key(3, 2 * MINUTE + 1), Verdict::Admitted);
         assert_eq!(table.len(), 2);
         assert!(matches!(
             table.check_key(2, 2 * MINUTE + 2),
-            Verdict::Limited(_)
+            Verdict::Refused(Limiter::Username, _)
         ));
     }
 
@@ -731,16 +726,15 @@ mod tests {
         );
     }
 
-    /// The process's resident set size, for the memory report.
+    /// The process's resident set size: the test cannot judge without it, so it fails.
     fn resident_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-            .unwrap_or(0)
+        let status = std::fs::read_to_string("/proc/self/status")
+            .expect("/proc/self/status: the memory test needs Linux's procfs");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .filter(|kib| *kib > 0)
+            .expect("VmRSS in /proc/self/status")
     }
 }

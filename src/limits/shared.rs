@@ -20,6 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionInfo, IntoConnectionInfo, Script};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
+use super::{Limiter, Verdict};
 use crate::domain::PoolUser;
 use crate::privacy::UsernameHasher;
 use crate::settings::SettingError;
@@ -73,20 +74,11 @@ impl RedisUrl {
     }
 }
 
-/// What Redis said of a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Every limiter admitted it (and was charged).
-    Admitted,
-    /// The limiter at this index of the keys refused; a call passes after the wait.
-    Refused(usize, Duration),
-    /// Redis did not answer in time or failed: the in-process limits judge.
-    Unavailable,
-}
-
 /// One limiter as the script sees it.
 #[derive(Debug, Clone)]
 pub(crate) struct Bucket {
+    /// The limiter it is.
+    pub(crate) limiter: Limiter,
     /// The key.
     pub(crate) key: String,
     /// One call's share of the period, in microseconds.
@@ -186,16 +178,17 @@ impl SharedLimits {
         denials.insert(key.to_owned(), now + wait);
     }
 
-    /// Charges `buckets` in order, atomically, on Redis.
-    pub(crate) async fn check(&self, buckets: &[Bucket]) -> Verdict {
+    /// Charges `buckets` in order, atomically, on Redis; `None` when Redis did not answer
+    /// in time or failed (the in-process limits then judge).
+    pub(crate) async fn check(&self, buckets: &[Bucket]) -> Option<Verdict> {
         let now = self.now();
         if now < self.skip_until.load(Ordering::Relaxed) {
-            return Verdict::Unavailable;
+            return None;
         }
         let Some(connection) = self.connection.get() else {
             // Still connecting: no backoff, so the connection is used as soon as it is made.
             metrics::counter!(BACKEND_ERRORS, "kind" => "unconnected").increment(1);
-            return Verdict::Unavailable;
+            return None;
         };
         let mut connection = connection.clone();
         let mut invocation = self.script.prepare_invoke();
@@ -215,23 +208,24 @@ impl SharedLimits {
         match answer {
             Ok(Ok((0, _))) => {
                 self.answered();
-                Verdict::Admitted
+                Some(Verdict::Admitted)
             }
             Ok(Ok((index, wait_us))) if index <= buckets.len() => {
                 self.answered();
-                Verdict::Refused(index - 1, Duration::from_micros(wait_us))
+                let limiter = buckets[index - 1].limiter;
+                Some(Verdict::Refused(limiter, Duration::from_micros(wait_us)))
             }
             Ok(Ok(_)) => {
                 self.failed("error", "an answer the script cannot give");
-                Verdict::Unavailable
+                None
             }
             Ok(Err(err)) => {
                 self.failed("error", &err.to_string());
-                Verdict::Unavailable
+                None
             }
             Err(_) => {
                 self.failed("timeout", "no answer within RATE_LIMIT_REDIS_TIMEOUT");
-                Verdict::Unavailable
+                None
             }
         }
     }

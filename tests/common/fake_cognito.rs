@@ -97,6 +97,8 @@ struct Shared {
     state: Mutex<FakeState>,
     arrived: tokio::sync::Notify,
     released: tokio::sync::Semaphore,
+    /// Bytes of `Reply::Huge` bodies handed to the connection so far.
+    huge_sent: std::sync::atomic::AtomicUsize,
 }
 
 /// A local HTTP server that speaks Cognito's JSON protocol.
@@ -113,6 +115,7 @@ impl FakeCognito {
             state: Mutex::default(),
             arrived: tokio::sync::Notify::new(),
             released: tokio::sync::Semaphore::new(0),
+            huge_sent: std::sync::atomic::AtomicUsize::new(0),
         });
         let router = axum::Router::new()
             .fallback(handle)
@@ -152,6 +155,14 @@ impl FakeCognito {
         tokio::time::timeout(Duration::from_secs(30), wait)
             .await
             .unwrap_or_else(|_| panic!("{count} requests did not arrive within 30 s"));
+    }
+
+    /// Bytes of `Reply::Huge` bodies handed to the connection so far: what the client read,
+    /// plus at most what the sockets' buffers hold.
+    pub fn huge_bytes_sent(&self) -> usize {
+        self.shared
+            .huge_sent
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Lets `count` held answers go.
@@ -206,7 +217,7 @@ fn default_reply(operation: &str) -> Reply {
     }
 }
 
-async fn respond(reply: Reply, shared: &Shared) -> Response {
+async fn respond(reply: Reply, shared: &Arc<Shared>) -> Response {
     let mut reply = reply;
     loop {
         match reply {
@@ -232,9 +243,12 @@ async fn respond(reply: Reply, shared: &Shared) -> Response {
             Reply::Huge(bytes) => {
                 let chunk = Bytes::from(vec![b' '; 64 * 1024]);
                 let chunks = bytes.div_ceil(chunk.len());
-                let stream = tokio_stream::iter(
-                    (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
-                );
+                let shared = shared.clone();
+                let stream = tokio_stream::iter((0..chunks).map(move |_| {
+                    let sent = std::sync::atomic::Ordering::SeqCst;
+                    shared.huge_sent.fetch_add(chunk.len(), sent);
+                    Ok::<_, std::io::Error>(chunk.clone())
+                }));
                 return (
                     StatusCode::OK,
                     [("content-type", "application/x-amz-json-1.1")],
