@@ -1,9 +1,12 @@
 //! password-recovery: a gRPC service that starts and finishes password resets for users of an
 //! AWS Cognito user pool, for internal callers.
 //!
-//! A call flows one way: gRPC request (`api`) → validated request (`domain`) → Cognito
-//! (`cognito`) → answer, or an `error::Error` that becomes a `tonic::Status`. `app` builds and
-//! serves everything, with health, reflection and graceful shutdown.
+//! A call flows one way: a door (gRPC or Connect, `api`) starts it and reads its message → the
+//! transport-free service core validates it (`domain`), applies the limits (`limits`), calls
+//! Cognito (`cognito`) and enumeration protection (`masking`), and finishes the call with its
+//! reply: the answer, or an `error::Error` decided (`error::Classified`) → the door renders the
+//! reply in its own protocol. `app` builds and serves everything, with health, reflection and
+//! graceful shutdown; `config` reads the settings, parsed with `settings`.
 
 pub(crate) mod api;
 pub mod app;
