@@ -24,6 +24,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use crate::api::{
     Connect, Gate, Grpc, InFlightCalls, Intake, IntakeSettings, ProtocolsLayer, Service,
 };
+use crate::callers::Callers;
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
 use crate::connections::{self, ConnectionSettings};
@@ -147,15 +148,20 @@ impl Application {
         };
         let cognito = Cognito::build(&config.cognito).await?;
         log_clients(&config, &cognito, tls.is_some());
+        let callers = Arc::new(Callers::new(config.callers.as_ref()));
+        log_callers(&config, &callers);
         let mut watched = cognito.watched_secrets();
         watched.extend(tls.as_ref().map(ReloadingTls::watched));
+        if config.callers.is_some() {
+            watched.push(callers.clone());
+        }
         let calls = Arc::new(InFlightCalls::default());
-        let service = service(&config, cognito, calls.clone())?;
+        let service = service(&config, cognito, callers.clone(), calls.clone())?;
 
         let health = HealthReporter::new();
         health.set_serving::<PasswordRecoveryServer<Grpc>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
-        let (routes, connect) = routes(&config, service, &health)?;
+        let (routes, connect) = routes(&config, service, callers, &health)?;
 
         let (grpc, grpc_addr) = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
         let health_listener = match &tls {
@@ -386,6 +392,24 @@ fn log_clients(config: &Config, cognito: &Cognito, tls: bool) {
     );
 }
 
+/// Says who may call: the policy's callers, or that every caller may do everything.
+fn log_callers(config: &Config, callers: &Callers) {
+    let header = config.identity_header.map(|h| format!("{h:?}"));
+    match &config.callers {
+        Some(settings) => tracing::info!(
+            file = %settings.file.display(),
+            callers = settings.policy.len(),
+            identity_header = header,
+            "callers policy in force: callers it does not name are refused"
+        ),
+        None => tracing::info!(
+            identity_header = header,
+            "CALLERS_FILE is not set: every caller may call every RPC for every app client"
+        ),
+    }
+    debug_assert_eq!(callers.has_policy(), config.callers.is_some());
+}
+
 /// The abuse limits, fleet-wide on Redis when it is configured.
 fn limits(config: &Config) -> Result<Limits, AppError> {
     let mut limits = Limits::new(&config.limits);
@@ -422,6 +446,7 @@ fn limits(config: &Config) -> Result<Limits, AppError> {
 fn service(
     config: &Config,
     cognito: Cognito,
+    callers: Arc<Callers>,
     calls: Arc<InFlightCalls>,
 ) -> Result<Service, AppError> {
     let (usernames, masking) = username_hashers(config);
@@ -436,7 +461,9 @@ fn service(
         regions.iter().map(String::as_str),
     );
     let limits = Arc::new(limits(config)?);
-    Ok(Service::new(cognito, limits, usernames, masking, calls))
+    Ok(Service::new(
+        cognito, callers, limits, usernames, masking, calls,
+    ))
 }
 
 /// tonic's routes (the gRPC door behind its intake, health, reflection v1 and v1alpha) and
@@ -445,6 +472,7 @@ fn service(
 fn routes(
     config: &Config,
     service: Service,
+    callers: Arc<Callers>,
     health: &HealthReporter,
 ) -> Result<(Routes, Option<Connect>), AppError> {
     // Both reflection versions list every service, each other included.
@@ -459,12 +487,14 @@ fn routes(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
-    let gate = Gate::new(IntakeSettings {
+    let settings = IntakeSettings {
+        identity_header: config.identity_header,
         max_calls: config.max_concurrent_calls.get(),
         max_calls_per_peer: config.max_concurrent_calls_per_peer.get(),
         max_request_bytes: config.max_request_bytes,
         body_timeout: config.request_body_timeout,
-    });
+    };
+    let gate = Gate::new(settings, callers);
     let connect = config
         .connect_protocol
         .then(|| Connect::new(service.clone(), gate.clone()));

@@ -15,6 +15,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use secrecy::{SecretSlice, SecretString};
 
+use crate::callers::{self, CallersSettings, IdentityHeader};
 use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
 use crate::limits::{LimitSettings, RedisSettings, RedisUrl, UsernameRateLimit};
@@ -83,6 +84,10 @@ pub struct Config {
     pub max_concurrent_calls_per_peer: NonZeroUsize,
     /// What a peer is, for the per-peer shares.
     pub peer_key: PeerKey,
+    /// Who may call (`CALLERS_FILE`); `None`: every caller may do everything.
+    pub callers: Option<CallersSettings>,
+    /// Where a caller without a client certificate is named (`CALLER_IDENTITY_HEADER`).
+    pub identity_header: Option<IdentityHeader>,
 }
 
 /// A setting that is missing or malformed. Displays as one line naming the setting.
@@ -291,6 +296,22 @@ struct Cli {
     #[arg(long, env = "GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     grpc_idle_timeout: Duration,
 
+    /// A TOML file naming each caller (by its client certificate's URI SAN, else its CN, or
+    /// `anonymous`) and the app clients and RPCs it may use: see the README's "Callers".
+    /// Unset: every caller may do everything.
+    #[arg(long, env = "CALLERS_FILE")]
+    callers_file: Option<PathBuf>,
+
+    /// Behind a mesh whose sidecar terminates mTLS: name a caller without a client certificate
+    /// by the sidecar's header. Only safe when nothing but the sidecar reaches the port.
+    #[arg(long, env = "CALLER_IDENTITY_HEADER", value_enum)]
+    caller_identity_header: Option<IdentityHeader>,
+
+    /// Confirms CALLER_IDENTITY_HEADER with a GRPC_LISTEN_ADDR that is not loopback (true or
+    /// false).
+    #[arg(long, env = "CALLER_IDENTITY_HEADER_ANY_ADDRESS", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    caller_identity_header_any_address: bool,
+
     /// File holding the key of username hashes in logs and audit events (at least 16 bytes;
     /// one trailing newline is dropped). Unset: a random key per process.
     #[arg(long, env = "USERNAME_HASH_KEY_FILE")]
@@ -345,6 +366,8 @@ impl Config {
         };
         let secret_env = |name: &str| env(name).and_then(|value| value.into_string().ok());
         let cognito = cognito_settings(&cli, secret_env("COGNITO_CLIENT_SECRET"))?;
+        let callers = callers_settings(cli.callers_file.as_deref(), &cognito)?;
+        let identity_header = identity_header(&cli)?;
         let username_hash_key = username_hash_key(cli.username_hash_key_file.as_deref())?;
         let limits = limit_settings(&cli, username_hash_key.as_ref())?;
         Ok(Command::Run(Box::new(Config {
@@ -379,6 +402,8 @@ impl Config {
             max_connections_per_peer: cli.max_connections_per_peer,
             max_concurrent_calls_per_peer: cli.max_concurrent_calls_per_peer,
             peer_key: cli.peer_key,
+            callers,
+            identity_header,
         })))
     }
 }
@@ -420,6 +445,44 @@ fn cognito_settings(
     };
     let (clients, default) = clients::load_file(path, &fallbacks)?;
     Ok(CognitoSettings { clients, default })
+}
+
+/// The callers policy of `file`, checked against the app clients of `cognito`.
+fn callers_settings(
+    file: Option<&Path>,
+    cognito: &CognitoSettings,
+) -> Result<Option<CallersSettings>, ConfigError> {
+    let Some(file) = file.filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(None);
+    };
+    let aliases: Vec<&str> = cognito.clients.iter().map(|c| c.alias.as_str()).collect();
+    let policy = callers::load_file(file, &aliases)?;
+    Ok(Some(CallersSettings {
+        file: file.to_owned(),
+        policy,
+        aliases: aliases.into_iter().map(str::to_owned).collect(),
+    }))
+}
+
+/// `CALLER_IDENTITY_HEADER`, refused with a listen address others than the sidecar could reach
+/// unless `CALLER_IDENTITY_HEADER_ANY_ADDRESS` confirms it.
+fn identity_header(cli: &Cli) -> Result<Option<IdentityHeader>, ConfigError> {
+    let Some(header) = cli.caller_identity_header else {
+        return Ok(None);
+    };
+    let addr = cli.grpc_listen_addr;
+    if !addr.ip().is_loopback() && !cli.caller_identity_header_any_address {
+        return Err(ConfigError::setting(
+            "CALLER_IDENTITY_HEADER",
+            format!(
+                "a header names callers only safely when nothing but the mesh's sidecar reaches \
+                 the port, and GRPC_LISTEN_ADDR {addr} is not a loopback address: listen on \
+                 127.0.0.1 behind the sidecar, or confirm with \
+                 CALLER_IDENTITY_HEADER_ANY_ADDRESS=true"
+            ),
+        ));
+    }
+    Ok(Some(header))
 }
 
 /// The one client of the one-client settings, under the alias `default`, with no pool.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation as ProtoFieldViolation, StatusExt};
 
+use crate::callers::Lacks;
 use crate::cognito::{ErrorCode, NotAuthorized, UpstreamError};
 use crate::domain::FieldViolation;
 use crate::limits::{OVERLOAD_RETRY_DELAY, RateLimited};
@@ -115,6 +116,13 @@ pub(crate) enum Error {
     InvalidRequest(Vec<FieldViolation>),
     /// The request named an app client this server does not serve.
     ClientNotAllowed,
+    /// The callers policy does not let this caller make this call.
+    CallerNotAllowed {
+        /// The caller's name: its identity, or `anonymous`.
+        caller: String,
+        /// What it lacks.
+        lacks: Lacks,
+    },
     /// Cognito, or the way to it, failed.
     Upstream(UpstreamError),
     /// Under enumeration protection, the one answer to a confirmation code that does not work,
@@ -253,6 +261,7 @@ impl Error {
                  configured one",
                 Caller,
             ),
+            Self::CallerNotAllowed { caller, lacks } => caller_not_allowed(caller, lacks),
             Self::Upstream(upstream) => classify_upstream(upstream),
             Self::CodeRefused { request_id } => {
                 Classified::new(Code::InvalidArgument, "CODE_MISMATCH", CODE_REFUSED, Caller)
@@ -357,6 +366,30 @@ fn invalid_request(violations: &[FieldViolation]) -> Classified {
             .collect::<Vec<_>>(),
     );
     classified
+}
+
+fn caller_not_allowed(caller: &str, lacks: &Lacks) -> Classified {
+    let refused = |message: String| {
+        Classified::new(
+            Code::PermissionDenied,
+            "CALLER_NOT_ALLOWED",
+            message,
+            Blame::Caller,
+        )
+        .with("caller", caller)
+    };
+    match lacks {
+        Lacks::Unnamed => refused(format!(
+            "the caller {caller} is not named in this server's callers policy"
+        )),
+        Lacks::Rpc(rpc) => {
+            refused(format!("the caller {caller} may not call {rpc}")).with("rpc", *rpc)
+        }
+        Lacks::Client(alias) => refused(format!(
+            "the caller {caller} may not use the app client {alias}"
+        ))
+        .with("client", alias.clone()),
+    }
 }
 
 fn rate_limited(refused: &RateLimited) -> Classified {
@@ -595,6 +628,10 @@ mod tests {
             service_error("NotAuthorizedException", Some("Something new.")),
             Error::InvalidRequest(vec![]),
             Error::ClientNotAllowed,
+            Error::CallerNotAllowed {
+                caller: "spiffe://example.org/ns/web/sa/api".into(),
+                lacks: Lacks::Client("support".into()),
+            },
             service_error("BrandNewException", None),
             http(503),
             http(429),

@@ -10,6 +10,7 @@
 
 pub(crate) mod api;
 pub mod app;
+pub mod callers;
 pub mod cognito;
 pub mod config;
 pub(crate) mod connections;

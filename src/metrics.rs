@@ -44,6 +44,9 @@ pub const CALLS_REFUSED: &str = "grpc_calls_refused_total";
 /// or `body` (the call was answered `REQUEST_TIMEOUT`).
 pub const REQUEST_TIMEOUTS: &str = "grpc_request_timeouts_total";
 
+/// Callers policy changes noticed, by `result`: `reloaded`, or `failed` (the previous policy
+/// stays in force).
+pub const CALLERS_RELOADS: &str = "callers_policy_reloads_total";
 /// TLS rotations noticed, by `result`: `reloaded`, or `failed` (the previous certificate stays).
 pub const TLS_RELOADS: &str = "tls_certificate_reloads_total";
 /// App client secret rotations noticed, by `client` (alias) and `result`: `reloaded`, or
@@ -118,6 +121,10 @@ fn describe() {
         limits::BACKEND_SECONDS,
         Unit::Seconds,
         "Round trips to the shared rate-limit backend"
+    );
+    describe_counter!(
+        CALLERS_RELOADS,
+        "Changed callers policies loaded (reloaded) or refused (failed: the previous policy stays)"
     );
     describe_counter!(
         TLS_RELOADS,

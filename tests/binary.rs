@@ -208,3 +208,71 @@ async fn every_problem_of_the_clients_file_is_one_line_naming_alias_and_field() 
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not both"), "{stderr}");
 }
+
+#[tokio::test]
+async fn every_problem_of_the_callers_file_is_one_line_naming_file_caller_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[callers.\"spiffe://a/b\"]\nclients = [\"web\"]\n",
+            "callers.\"spiffe://a/b\".clients",
+        ),
+        (
+            "[callers.a]\nclients = [\"default\"]\nrpcs = [\"SignUp\"]\n",
+            "callers.\"a\".rpcs",
+        ),
+        (
+            "[callers.a]\nclients = [\"default\"]\nrate_limit = \"ten\"\n",
+            "callers.\"a\".rate_limit",
+        ),
+        (
+            "[callers.a]\nclient = [\"default\"]\n",
+            "unknown field `client`",
+        ),
+    ];
+    for (index, (text, named)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("callers-{index}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let path = path.to_str().unwrap();
+        let (code, stderr) = exit_with_stderr(&[
+            ("COGNITO_CLIENT_ID", CLIENT_ID),
+            ("AWS_REGION", "us-east-1"),
+            ("CALLERS_FILE", path),
+        ])
+        .await;
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("CALLERS_FILE: {path}: ")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(named), "{named} not in {stderr}");
+    }
+    let (code, stderr) = exit_with_stderr(&[
+        ("COGNITO_CLIENT_ID", CLIENT_ID),
+        ("AWS_REGION", "us-east-1"),
+        ("CALLERS_FILE", "/nonexistent/callers.toml"),
+    ])
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("CALLERS_FILE: cannot read /nonexistent/callers.toml"),
+        "{stderr}"
+    );
+
+    // A header naming callers on an address more than the sidecar can reach.
+    let header = [
+        ("COGNITO_CLIENT_ID", CLIENT_ID),
+        ("AWS_REGION", "us-east-1"),
+        ("CALLER_IDENTITY_HEADER", "l5d-client-id"),
+        ("GRPC_LISTEN_ADDR", "0.0.0.0:0"),
+    ];
+    let (code, stderr) = exit_with_stderr(&header).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("CALLER_IDENTITY_HEADER: "), "{stderr}");
+    assert!(
+        stderr.contains("CALLER_IDENTITY_HEADER_ANY_ADDRESS=true"),
+        "{stderr}"
+    );
+}

@@ -549,3 +549,29 @@ async fn the_configmap_with_the_redis_component_starts_the_real_server_on_redis(
         "the call was limited on Redis: {keys:?}"
     );
 }
+
+#[test]
+fn the_example_callers_policy_loads_against_the_example_clients() {
+    let clients: toml::Table = toml::from_str(&clients_toml()).unwrap();
+    let aliases: Vec<&str> = clients["clients"]
+        .as_table()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("callers.toml");
+    let text = load("clients-configmap.yaml")["data"]["callers.toml"]
+        .as_str()
+        .expect("the clients ConfigMap holds callers.toml")
+        .to_owned();
+    std::fs::write(&path, text).unwrap();
+    let policy = password_recovery::callers::load_file(&path, &aliases)
+        .unwrap_or_else(|err| panic!("the example policy does not load: {err}"));
+    assert_eq!(policy.len(), 3);
+    let configmap = std::fs::read_to_string(manifests_dir().join("configmap.yaml")).unwrap();
+    assert!(
+        configmap.contains("CALLERS_FILE: \"/etc/password-recovery/callers.toml\""),
+        "the ConfigMap shows where the policy is mounted"
+    );
+}

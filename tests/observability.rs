@@ -167,13 +167,15 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     let confirm_method = ("grpc_method", "ConfirmForgotPassword");
     let grpc = ("protocol", "grpc");
     let client = ("client", "default");
+    // A caller without a certificate, and no callers policy.
+    let caller = ("caller", "anonymous");
     let at = |name, labels: &[(&str, &str)]| {
         sample(&scrape, name, labels).unwrap_or_else(|| panic!("{name} {labels:?}:\n{scrape}"))
     };
     assert_eq!(
         at(
             "grpc_server_started_total",
-            &[service_name, grpc, forgot_method]
+            &[service_name, grpc, caller, forgot_method]
         ),
         3.0
     );
@@ -183,6 +185,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             &[
                 service_name,
                 grpc,
+                caller,
                 client,
                 forgot_method,
                 ("grpc_code", "OK")
@@ -196,6 +199,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             &[
                 service_name,
                 grpc,
+                caller,
                 ("client", "-"),
                 forgot_method,
                 ("grpc_code", "INVALID_ARGUMENT")
@@ -209,6 +213,7 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
             &[
                 service_name,
                 grpc,
+                caller,
                 client,
                 confirm_method,
                 ("grpc_code", "INVALID_ARGUMENT")
@@ -219,14 +224,14 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
     assert_eq!(
         at(
             "grpc_server_handling_seconds_count",
-            &[service_name, grpc, client, forgot_method]
+            &[service_name, grpc, caller, client, forgot_method]
         ),
         2.0
     );
     assert_eq!(
         at(
             "grpc_server_handling_seconds_count",
-            &[service_name, grpc, ("client", "-"), forgot_method]
+            &[service_name, grpc, caller, ("client", "-"), forgot_method]
         ),
         1.0
     );

@@ -190,6 +190,16 @@ pub(crate) struct Subject {
     pub client: String,
 }
 
+/// Who called: its name in the callers policy (its identity, or `anonymous`), and its label in
+/// the call metrics (bounded by the policy).
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The mTLS client's identity (or the mesh's header's), or `anonymous`.
+    pub name: String,
+    /// The policy's name for it, `anonymous`, or `unknown`.
+    pub label: String,
+}
+
 /// One call in progress. A call dropped before it was finished (its door gave up on it: the
 /// caller went away while its message was arriving) is finished as `CANCELLED`.
 pub(crate) struct Call {
@@ -199,8 +209,8 @@ pub(crate) struct Call {
     /// The caller's deadline, from `grpc-timeout` or `Connect-Timeout-Ms`.
     caller_timeout: Option<Duration>,
     request_id: String,
-    /// Who called: the mTLS client's identity, or `anonymous`.
-    caller: String,
+    /// Who called.
+    caller: Caller,
     /// The peer it came from, as `PEER_KEY` tells peers apart.
     peer: Option<IpAddr>,
     span: tracing::Span,
@@ -230,19 +240,18 @@ impl Drop for InFlight {
 }
 
 impl Call {
-    /// A call of `rpc` by `protocol` whose request carries `headers` and `extensions`.
+    /// A call of `rpc` by `protocol` from `caller` whose request carries `headers` and
+    /// `extensions`.
     pub fn start(
         rpc: Rpc,
         protocol: Protocol,
+        caller: Caller,
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Self {
         let started = Instant::now();
         let connection = extensions.get::<ConnectionInfo>();
         let peer = connection.and_then(|c| c.peer);
-        let caller = connection
-            .and_then(|c| c.peer_identity.clone())
-            .unwrap_or_else(|| "anonymous".to_owned());
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let request_id = telemetry::request_id(header(telemetry::REQUEST_ID_HEADER));
         let trace = header("traceparent").and_then(TraceParent::parse);
@@ -256,7 +265,7 @@ impl Call {
             parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
         );
         telemetry::link_remote_parent(&span, trace.as_ref());
-        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol.label())
+        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol.label(), "caller" => caller.label.clone())
             .increment(1);
         let caller_timeout = protocol.caller_timeout(headers);
         Self {
@@ -279,6 +288,16 @@ impl Call {
     /// Its request id.
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// Who called, by its name in the callers policy.
+    pub fn caller(&self) -> &str {
+        &self.caller.name
+    }
+
+    /// The RPC called.
+    pub fn rpc(&self) -> Rpc {
+        self.rpc
     }
 
     /// The peer the call came from, when `PEER_KEY` tells peers apart.
@@ -444,10 +463,10 @@ impl Call {
     /// when the request was refused before naming one).
     fn record(&self, code: &'static str, client: &str) {
         let (method, protocol) = (self.rpc.method(), self.protocol.label());
-        let client = client.to_owned();
-        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone())
+        let (client, caller) = (client.to_owned(), self.caller.label.clone());
+        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone(), "caller" => caller.clone())
             .increment(1);
-        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol, "client" => client)
+        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol, "client" => client, "caller" => caller)
             .record(self.started.elapsed().as_secs_f64());
     }
 
@@ -578,7 +597,7 @@ impl Call {
             target: "audit",
             event,
             user = subject.map_or("-", |s| s.user.as_str()),
-            caller = self.caller,
+            caller = self.caller.name,
             client = subject.map_or("-", |s| s.client.as_str()),
             client_id = subject.map_or("-", |s| s.client_id.as_str()),
             grpc.method = self.rpc.method(),

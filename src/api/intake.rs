@@ -22,8 +22,10 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 use tower::Service;
 
-use super::call::{Arrival, Call, Ending, Protocol, Refusal};
+use super::call::{Arrival, Call, Caller, Ending, Protocol, Refusal};
 use super::{HttpFuture, HttpResponse, SERVICE_NAME, grpc};
+use crate::callers::{Callers, IdentityHeader};
+use crate::connections::ConnectionInfo;
 use crate::domain::Rpc;
 use crate::error::Error;
 use crate::limits::UPSTREAM_REJECTED;
@@ -49,6 +51,8 @@ impl Unclaimed {
 /// The intake's settings.
 #[derive(Debug, Clone)]
 pub struct IntakeSettings {
+    /// `CALLER_IDENTITY_HEADER`: where a caller without a client certificate is named.
+    pub identity_header: Option<IdentityHeader>,
     /// `MAX_CONCURRENT_CALLS`.
     pub max_calls: usize,
     /// `MAX_CONCURRENT_CALLS_PER_PEER`.
@@ -65,11 +69,12 @@ pub struct IntakeSettings {
 pub(crate) struct Gate {
     calls: Arc<Places<Arc<Arrival>>>,
     settings: Arc<IntakeSettings>,
+    callers: Arc<Callers>,
 }
 
 impl Gate {
-    /// A gate with `settings`.
-    pub fn new(settings: IntakeSettings) -> Self {
+    /// A gate with `settings`, naming callers as `callers` does.
+    pub fn new(settings: IntakeSettings, callers: Arc<Callers>) -> Self {
         Self {
             calls: Places::new(
                 Caps {
@@ -79,6 +84,24 @@ impl Gate {
                 None,
             ),
             settings: Arc::new(settings),
+            callers,
+        }
+    }
+
+    /// Who sent a request with `headers` on the connection of `extensions`: its client
+    /// certificate's identity, else (behind a mesh, when configured) the sidecar's header's.
+    fn caller(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> Caller {
+        let identity = extensions
+            .get::<ConnectionInfo>()
+            .and_then(|c| c.peer_identity.clone())
+            .or_else(|| {
+                self.settings
+                    .identity_header
+                    .and_then(|header| header.identity(headers))
+            });
+        Caller {
+            label: self.callers.label(identity.as_deref()),
+            name: Callers::name(identity.as_deref()).to_owned(),
         }
     }
 
@@ -102,7 +125,8 @@ impl Gate {
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Result<Call, Refusal> {
-        let mut call = Call::start(rpc, protocol, headers, extensions);
+        let caller = self.caller(headers, extensions);
+        let mut call = Call::start(rpc, protocol, caller, headers, extensions);
         let arrival = call.arrival();
         match self.calls.take(call.peer(), arrival.clone()) {
             Ok(taken) => {

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use super::call::{Call, Ending, Outcome, Reply, Subject};
 use super::parse::{parse_confirm_forgot_password, parse_forgot_password};
+use crate::callers::Callers;
 use crate::cognito::{AppClient, Budget, Cognito, UpstreamError};
 use crate::domain::{
     Account, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, PoolUser, Rpc,
@@ -57,6 +58,8 @@ impl InFlightCalls {
 #[derive(Debug)]
 struct Shared {
     cognito: Cognito,
+    /// Who may call.
+    callers: Arc<Callers>,
     limits: Arc<Limits>,
     /// Pseudonyms of usernames in logs and audit events.
     usernames: UsernameHasher,
@@ -72,6 +75,10 @@ pub(crate) struct Service {
 
 /// What a valid request is served with.
 struct Served {
+    /// The RPC.
+    rpc: Rpc,
+    /// Who called, by its name in the callers policy.
+    caller: String,
     /// The app client it names (or the default); `None` for one this server does not serve.
     client: Option<Arc<AppClient>>,
     /// When the upstream call must be done.
@@ -81,11 +88,12 @@ struct Served {
 }
 
 impl Service {
-    /// A service calling `cognito`'s app clients, each call passing `limits` first.
-    /// `usernames` hashes usernames for logs; `masking` answers for unknown users; `calls`
-    /// runs every call.
+    /// A service calling `cognito`'s app clients for the callers `callers` lets through, each
+    /// call passing `limits` first. `usernames` hashes usernames for logs; `masking` answers
+    /// for unknown users; `calls` runs every call.
     pub(crate) fn new(
         cognito: Cognito,
+        callers: Arc<Callers>,
         limits: Arc<Limits>,
         usernames: UsernameHasher,
         masking: Masking,
@@ -94,6 +102,7 @@ impl Service {
         Self {
             shared: Arc::new(Shared {
                 cognito,
+                callers,
                 limits,
                 usernames,
                 masking,
@@ -147,6 +156,12 @@ impl Service {
         if let Err(taken_back) = call.arrived() {
             return call.refuse(taken_back, Ending::Answered).widen();
         }
+        // A caller that may not call this RPC at all learns nothing of its request.
+        if let Err(lacks) = self.shared.callers.may_call(call.caller(), call.rpc()) {
+            let caller = call.caller().to_owned();
+            let refused = Error::CallerNotAllowed { caller, lacks };
+            return call.refuse(refused, Ending::Answered).widen();
+        }
         let request = match parsed {
             Ok(request) => request,
             Err(violations) => {
@@ -170,6 +185,8 @@ impl Service {
             let caller_gone = caller_gone.clone();
             async move {
                 let served = Served {
+                    rpc: call.rpc(),
+                    caller: call.caller().to_owned(),
                     client,
                     budget: call.budget(timeout),
                     caller_gone: caller_gone.clone(),
@@ -252,15 +269,23 @@ impl Shared {
         }
     }
 
-    /// In the order of the README: client allowlist, global limit, per-username limit, a
-    /// place among the calls waiting on Cognito; then, unless the caller has gone or its
-    /// deadline leaves too little time, Cognito. Returns the app client to call and the place.
+    /// In the order of the README: client allowlist, the caller's grant, the caller's own
+    /// limit, global limit, per-username limit, a place among the calls waiting on Cognito;
+    /// then, unless the caller has gone or its deadline leaves too little time, Cognito.
+    /// Returns the app client to call and the place.
     async fn admit(
         &self,
         account: &Account,
         served: &Served,
     ) -> Result<(Arc<AppClient>, OwnedSemaphorePermit), Error> {
         let client = served.client.clone().ok_or(Error::ClientNotAllowed)?;
+        let caller_limit = self
+            .callers
+            .admit(&served.caller, served.rpc, &client.alias)
+            .map_err(|lacks| Error::CallerNotAllowed {
+                caller: served.caller.clone(),
+                lacks,
+            })?;
         // Checked before the limits too, so that a call that cannot be sent costs no limit.
         let in_time = || match served.budget.too_short(Instant::now()) {
             true => Err(Error::DeadlineTooShort),
@@ -268,7 +293,10 @@ impl Shared {
         };
         in_time()?;
         let user = PoolUser::new(client.pool.as_deref(), &account.username);
-        self.limits.admit(user).await.map_err(Error::RateLimited)?;
+        self.limits
+            .admit(caller_limit.as_deref(), user)
+            .await
+            .map_err(Error::RateLimited)?;
         let permit = self.limits.upstream_permit().ok_or(Error::Overloaded {
             limit: "MAX_CONCURRENT_UPSTREAM",
         })?;

@@ -118,7 +118,7 @@ pub(crate) fn parse(
     let file: ClientsFile = toml::from_str(text).map_err(|err| {
         let line = err
             .span()
-            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
         let message = err.message().replace('\n', " ");
         match line {
             Some(line) => format!("line {line}: {message}"),

@@ -24,7 +24,10 @@ mod gcra;
 mod shared;
 
 use crate::domain::PoolUser;
+pub(crate) use gcra::Bucket;
 use gcra::Gcra;
+
+use crate::callers::CallerLimit;
 pub(crate) use shared::{
     BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, RedisUrl, SharedLimits,
 };
@@ -85,9 +88,18 @@ impl FromStr for UsernameRateLimit {
     type Err = String;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        if value == "off" {
-            return Ok(Self::Off);
+        match value {
+            "off" => Ok(Self::Off),
+            limit => limit.parse().map(Self::Limit),
         }
+    }
+}
+
+impl FromStr for RateSpec {
+    type Err = String;
+
+    /// `N/DURATION`, e.g. `5/15m`.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
         let (burst, period) = value
             .split_once('/')
             .ok_or("expected N/DURATION (e.g. 5/15m) or off")?;
@@ -98,7 +110,7 @@ impl FromStr for UsernameRateLimit {
         if period < Duration::from_nanos(u64::from(burst.get())) {
             return Err("the period is too short for the burst".into());
         }
-        Ok(Self::Limit(RateSpec { burst, period }))
+        Ok(Self { burst, period })
     }
 }
 
@@ -114,6 +126,8 @@ impl fmt::Display for UsernameRateLimit {
 /// Which limiter refused a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Limiter {
+    /// A caller's own `rate_limit` in `CALLERS_FILE`.
+    Caller,
     /// `GLOBAL_RATE_LIMIT_RPS`.
     Global,
     /// `USERNAME_RATE_LIMIT`.
@@ -126,6 +140,7 @@ impl Limiter {
     /// The name in metrics, ErrorInfo metadata and QuotaFailure.
     pub(crate) fn name(self) -> &'static str {
         match self {
+            Self::Caller => "caller",
             Self::Global => "global",
             Self::Username => "username",
             Self::UsernameCapacity => "username_capacity",
@@ -382,12 +397,23 @@ impl Limits {
 
     /// Charges the limits, fleet-wide on Redis when configured and answering, else this
     /// replica's own.
-    pub(crate) async fn admit(&self, user: PoolUser<'_>) -> Result<(), RateLimited> {
+    /// The caller's own limit (`caller`), when it has one, is charged first.
+    pub(crate) async fn admit(
+        &self,
+        caller: Option<&CallerLimit>,
+        user: PoolUser<'_>,
+    ) -> Result<(), RateLimited> {
         if let Some(shared) = &self.shared {
             // None: Redis is unavailable, and this replica's own limits judge.
-            if let Some(verdict) = self.check_shared(shared, user).await {
+            if let Some(verdict) = self.check_shared(shared, caller, user).await {
                 return verdict;
             }
+        }
+        if let Some(caller) = caller {
+            caller
+                .bucket
+                .charge()
+                .map_err(|wait| refused(Limiter::Caller, &caller.limit, wait))?;
         }
         self.check(user)
     }
@@ -420,6 +446,7 @@ impl Limits {
     async fn check_shared(
         &self,
         shared: &SharedLimits,
+        caller: Option<&CallerLimit>,
         user: PoolUser<'_>,
     ) -> Option<Result<(), RateLimited>> {
         let username = self
@@ -431,8 +458,17 @@ impl Limits {
         {
             return Some(Err(refused(Limiter::Username, limit, wait)));
         }
-        let mut buckets = Vec::with_capacity(2);
-        let mut limits = Vec::with_capacity(2);
+        let mut buckets = Vec::with_capacity(3);
+        let mut limits = Vec::with_capacity(3);
+        if let Some(caller) = caller {
+            buckets.push(shared::Bucket {
+                limiter: Limiter::Caller,
+                key: shared.caller_key(&caller.name),
+                interval_us: u64::try_from(caller.spec.interval().as_micros()).unwrap_or(u64::MAX),
+                burst: caller.spec.burst.get(),
+            });
+            limits.push(caller.limit.as_str());
+        }
         if let Some((_, rps, limit)) = &self.global {
             buckets.push(shared::Bucket {
                 limiter: Limiter::Global,

@@ -151,6 +151,14 @@ impl SharedLimits {
         format!("{}global", self.prefix)
     }
 
+    /// The key of the caller `name`'s bucket: a digest of the name, so every key is short.
+    pub(crate) fn caller_key(&self, name: &str) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(name.as_bytes());
+        let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}caller:{hash}", self.prefix)
+    }
+
     /// The key of `user`'s bucket (both RPCs share it): a keyed hash, never the username.
     pub(crate) fn username_key(&self, user: PoolUser<'_>) -> String {
         let digest = self.keys.digest(user);

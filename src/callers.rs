@@ -1,0 +1,570 @@
+//! Who may call (README "Callers"). Cognito evaluates no IAM policy for these two operations,
+//! so this service is where resets are authorized: `CALLERS_FILE` names each caller by its
+//! identity (the mTLS client certificate's URI SAN, else its CN; `anonymous` for a caller
+//! without one) with the app clients and RPCs it may use and, optionally, a rate limit of its
+//! own. A caller not named is refused. Without the file every caller may do everything.
+//!
+//! The file is re-read every `FILE_RELOAD_INTERVAL` ([`crate::reload`]): a changed policy
+//! applies to the next call, a file that does not load keeps the policy in use.
+//!
+//! Behind a mesh whose sidecar terminates mTLS, the identity can come from the header the
+//! sidecar sets instead (`CALLER_IDENTITY_HEADER`): only safe when nothing but the sidecar can
+//! reach the port.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::Deserialize;
+
+use crate::domain::Rpc;
+use crate::limits::{Bucket, RateSpec};
+use crate::metrics as m;
+use crate::reload::Watched;
+use crate::settings::SettingError;
+
+/// The setting every problem of the callers file is reported under.
+const SETTING: &str = "CALLERS_FILE";
+/// The name of callers without a client certificate (or identity header).
+pub const ANONYMOUS: &str = "anonymous";
+/// The metric label of a caller the policy does not name (or of any identified caller when
+/// there is no policy): label values stay bounded by the policy.
+pub const UNKNOWN: &str = "unknown";
+/// The longest caller name accepted (URI SANs and CNs are far shorter).
+const MAX_NAME_CHARS: usize = 256;
+
+/// Where a caller's identity comes from when its connection has no client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdentityHeader {
+    /// Linkerd's `l5d-client-id` (the client's mesh identity).
+    #[value(name = "l5d-client-id")]
+    L5dClientId,
+    /// Istio's (Envoy's) `x-forwarded-client-cert`: the `URI=` of its last element.
+    #[value(name = "x-forwarded-client-cert")]
+    XForwardedClientCert,
+}
+
+impl IdentityHeader {
+    /// The identity the header of `headers` names, if it names one.
+    pub(crate) fn identity(self, headers: &http::HeaderMap) -> Option<String> {
+        let value = match self {
+            Self::L5dClientId => headers.get("l5d-client-id")?,
+            Self::XForwardedClientCert => headers.get("x-forwarded-client-cert")?,
+        };
+        let value = value.to_str().ok()?.trim();
+        let identity = match self {
+            Self::L5dClientId => Some(value.to_owned()),
+            Self::XForwardedClientCert => xfcc_uri(value),
+        }?;
+        let printable = identity.chars().all(|c| c.is_ascii_graphic());
+        (!identity.is_empty() && printable && identity.len() <= MAX_NAME_CHARS).then_some(identity)
+    }
+}
+
+/// The `URI=` of the last (the nearest proxy's client) element of an `x-forwarded-client-cert`
+/// value: elements are separated by `,`, pairs by `;`, and a value may be quoted.
+fn xfcc_uri(value: &str) -> Option<String> {
+    let last = split_unquoted(value, ',').pop()?;
+    split_unquoted(&last, ';').into_iter().find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        key.trim()
+            .eq_ignore_ascii_case("uri")
+            .then(|| value.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// `value` split at every `separator` outside double quotes.
+fn split_unquoted(value: &str, separator: char) -> Vec<String> {
+    let (mut parts, mut current, mut quoted) = (Vec::new(), String::new(), false);
+    for c in value.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            c if c == separator && !quoted => parts.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    parts.push(current);
+    parts
+}
+
+/// What one caller may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// The app client aliases it may use.
+    clients: BTreeSet<String>,
+    /// The RPCs it may call.
+    rpcs: BTreeSet<&'static str>,
+    /// Its own limit, all its calls together.
+    rate_limit: Option<RateSpec>,
+}
+
+/// Every caller named, and what each may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    callers: HashMap<String, Grant>,
+}
+
+/// `CALLERS_FILE`'s shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallersFile {
+    #[serde(default)]
+    callers: BTreeMap<String, Entry>,
+}
+
+/// One `[callers."<identity>"]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    clients: Vec<String>,
+    rpcs: Option<Vec<String>>,
+    rate_limit: Option<String>,
+}
+
+impl Policy {
+    /// How many callers it names.
+    pub fn len(&self) -> usize {
+        self.callers.len()
+    }
+
+    /// True when it names no caller (every call is then refused).
+    pub fn is_empty(&self) -> bool {
+        self.callers.is_empty()
+    }
+
+    /// Parses and checks the file's text against the app client `aliases` served; a problem
+    /// is one line naming the caller and the field.
+    pub(crate) fn parse(text: &str, aliases: &[&str]) -> Result<Self, String> {
+        let file: CallersFile = toml::from_str(text).map_err(|err| {
+            let line = err
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let message = err.message().replace('\n', " ");
+            match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            }
+        })?;
+        let mut callers = HashMap::new();
+        for (name, entry) in file.callers {
+            let grant = grant(&name, entry, aliases)
+                .map_err(|(field, problem)| format!("callers.{name:?}.{field}: {problem}"))?;
+            callers.insert(name, grant);
+        }
+        Ok(Self { callers })
+    }
+}
+
+fn grant(name: &str, entry: Entry, aliases: &[&str]) -> Result<Grant, (&'static str, String)> {
+    if name.is_empty()
+        || name.chars().count() > MAX_NAME_CHARS
+        || !name.chars().all(|c| c.is_ascii_graphic())
+    {
+        return Err((
+            "name",
+            format!("a caller is named by 1 to {MAX_NAME_CHARS} printable ASCII characters"),
+        ));
+    }
+    let mut clients = BTreeSet::new();
+    for alias in entry.clients {
+        if !aliases.contains(&alias.as_str()) {
+            return Err((
+                "clients",
+                format!(
+                    "{alias:?} is not an app client alias this server serves (it serves {})",
+                    aliases.join(", ")
+                ),
+            ));
+        }
+        clients.insert(alias);
+    }
+    let rpcs = match entry.rpcs {
+        None => Rpc::ALL.iter().map(|rpc| rpc.method()).collect(),
+        Some(rpcs) => {
+            let mut granted = BTreeSet::new();
+            for method in rpcs {
+                let rpc = Rpc::ALL.into_iter().find(|rpc| rpc.method() == method);
+                let Some(rpc) = rpc else {
+                    return Err((
+                        "rpcs",
+                        format!("{method:?} is not an RPC (ForgotPassword, ConfirmForgotPassword)"),
+                    ));
+                };
+                granted.insert(rpc.method());
+            }
+            granted
+        }
+    };
+    let rate_limit = entry
+        .rate_limit
+        .map(|limit| limit.parse::<RateSpec>())
+        .transpose()
+        .map_err(|problem| ("rate_limit", problem))?;
+    Ok(Grant {
+        clients,
+        rpcs,
+        rate_limit,
+    })
+}
+
+/// The callers policy as configured: its file and what it held at start-up.
+#[derive(Debug, Clone)]
+pub struct CallersSettings {
+    /// `CALLERS_FILE`.
+    pub file: PathBuf,
+    /// Its policy at start-up.
+    pub policy: Policy,
+    /// The app client aliases served, which every reload is checked against.
+    pub aliases: Vec<String>,
+}
+
+/// Reads and checks the callers file at `path`. Every problem is one line naming the file,
+/// the caller and the field.
+pub fn load_file(path: &Path, aliases: &[&str]) -> Result<Policy, SettingError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SettingError::new(SETTING, format!("cannot read {}: {e}", path.display())))?;
+    Policy::parse(&text, aliases)
+        .map_err(|problem| SettingError::new(SETTING, format!("{}: {problem}", path.display())))
+}
+
+/// Why a caller was refused: what it lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lacks {
+    /// The policy does not name it.
+    Unnamed,
+    /// It may not call this RPC.
+    Rpc(&'static str),
+    /// It may not use this app client.
+    Client(String),
+}
+
+/// One caller's own limit, in force.
+#[derive(Debug)]
+pub(crate) struct CallerLimit {
+    /// The caller's name.
+    pub name: String,
+    /// Its limit.
+    pub spec: RateSpec,
+    /// The limit as written, e.g. `10/1s`.
+    pub limit: String,
+    /// Its bucket on this replica.
+    pub bucket: Bucket,
+}
+
+/// A policy in force, with a bucket for each caller that has a limit.
+#[derive(Debug)]
+struct Active {
+    policy: Policy,
+    limits: HashMap<String, Arc<CallerLimit>>,
+}
+
+impl Active {
+    /// `policy`, keeping the buckets of `previous` whose caller's limit did not change.
+    fn new(policy: Policy, previous: Option<&Active>) -> Self {
+        let limits = policy
+            .callers
+            .iter()
+            .filter_map(|(name, grant)| {
+                let spec = grant.rate_limit?;
+                let kept = previous
+                    .and_then(|p| p.limits.get(name))
+                    .filter(|l| l.spec == spec)
+                    .cloned();
+                let limit = kept.unwrap_or_else(|| {
+                    Arc::new(CallerLimit {
+                        name: name.clone(),
+                        spec,
+                        limit: spec.to_string(),
+                        bucket: Bucket::new(spec),
+                    })
+                });
+                Some((name.clone(), limit))
+            })
+            .collect();
+        Self { policy, limits }
+    }
+}
+
+/// Who may call, as the service checks it on every call.
+#[derive(Debug)]
+pub(crate) struct Callers {
+    /// `None`: no policy, every caller may do everything.
+    active: RwLock<Option<Arc<Active>>>,
+    /// The file and aliases a reload reads and checks, with its text as last read.
+    file: Option<(PathBuf, Vec<String>)>,
+    last_text: Mutex<Option<String>>,
+}
+
+impl Callers {
+    /// The policy of `settings`, or none.
+    pub(crate) fn new(settings: Option<&CallersSettings>) -> Self {
+        let Some(settings) = settings else {
+            return Self {
+                active: RwLock::new(None),
+                file: None,
+                last_text: Mutex::new(None),
+            };
+        };
+        let text = std::fs::read_to_string(&settings.file).ok();
+        Self {
+            active: RwLock::new(Some(Arc::new(Active::new(settings.policy.clone(), None)))),
+            file: Some((settings.file.clone(), settings.aliases.clone())),
+            last_text: Mutex::new(text),
+        }
+    }
+
+    fn active(&self) -> Option<Arc<Active>> {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The name of the caller with `identity` (`None`: no certificate) as the policy knows
+    /// it: its identity, or `anonymous`.
+    pub(crate) fn name(identity: Option<&str>) -> &str {
+        identity.unwrap_or(ANONYMOUS)
+    }
+
+    /// The caller's label in metrics: its name when the policy names it, `anonymous`, or
+    /// `unknown`.
+    pub(crate) fn label(&self, identity: Option<&str>) -> String {
+        let name = Self::name(identity);
+        let named = self
+            .active()
+            .is_some_and(|active| active.policy.callers.contains_key(name));
+        match (named, identity) {
+            (true, _) => name.to_owned(),
+            (false, None) => ANONYMOUS.to_owned(),
+            (false, Some(_)) => UNKNOWN.to_owned(),
+        }
+    }
+
+    /// Checks that the caller `name` may call `rpc` with the app client `alias`; its own
+    /// limit, if it has one.
+    pub(crate) fn admit(
+        &self,
+        name: &str,
+        rpc: Rpc,
+        alias: &str,
+    ) -> Result<Option<Arc<CallerLimit>>, Lacks> {
+        let Some(active) = self.active() else {
+            return Ok(None);
+        };
+        let grant = active.policy.callers.get(name).ok_or(Lacks::Unnamed)?;
+        if !grant.rpcs.contains(rpc.method()) {
+            return Err(Lacks::Rpc(rpc.method()));
+        }
+        if !grant.clients.contains(alias) {
+            return Err(Lacks::Client(alias.to_owned()));
+        }
+        Ok(active.limits.get(name).cloned())
+    }
+
+    /// Checks that the caller `name` may call `rpc` at all (before its request is looked at).
+    pub(crate) fn may_call(&self, name: &str, rpc: Rpc) -> Result<(), Lacks> {
+        let Some(active) = self.active() else {
+            return Ok(());
+        };
+        let grant = active.policy.callers.get(name).ok_or(Lacks::Unnamed)?;
+        match grant.rpcs.contains(rpc.method()) {
+            true => Ok(()),
+            false => Err(Lacks::Rpc(rpc.method())),
+        }
+    }
+
+    /// True when a policy is in force.
+    pub(crate) fn has_policy(&self) -> bool {
+        self.active().is_some()
+    }
+}
+
+impl Watched for Callers {
+    fn reload(&self) -> Result<bool, String> {
+        let Some((path, aliases)) = &self.file else {
+            return Ok(false);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() == Some(text.as_str()) {
+            return Ok(false);
+        }
+        let aliases: Vec<&str> = aliases.iter().map(String::as_str).collect();
+        let parsed = Policy::parse(&text, &aliases);
+        *last = Some(text);
+        let policy = parsed.map_err(|problem| format!("{}: {problem}", path.display()))?;
+        let mut active = self.active.write().unwrap_or_else(|e| e.into_inner());
+        if active.as_ref().is_some_and(|a| a.policy == policy) {
+            return Ok(false);
+        }
+        *active = Some(Arc::new(Active::new(policy, active.as_deref())));
+        Ok(true)
+    }
+
+    fn report(&self, outcome: Result<(), &str>) {
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(m::CALLERS_RELOADS, "result" => "reloaded").increment(1);
+                tracing::info!("callers policy reloaded");
+            }
+            Err(problem) => {
+                metrics::counter!(m::CALLERS_RELOADS, "result" => "failed").increment(1);
+                tracing::error!(
+                    error = problem,
+                    "CALLERS_FILE changed but does not load; the previous policy stays in force"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALIASES: &[&str] = &["web", "support"];
+
+    fn parse(text: &str) -> Result<Policy, String> {
+        Policy::parse(text, ALIASES)
+    }
+
+    const POLICY: &str = r#"
+        [callers."spiffe://cluster.local/ns/web/sa/backend"]
+        clients = ["web"]
+        rpcs = ["ForgotPassword"]
+        rate_limit = "10/1s"
+
+        [callers.anonymous]
+        clients = []
+    "#;
+
+    fn callers(text: &str) -> Callers {
+        let callers = Callers::new(None);
+        *callers.active.write().unwrap() = Some(Arc::new(Active::new(parse(text).unwrap(), None)));
+        callers
+    }
+
+    #[test]
+    fn a_caller_may_do_what_it_is_granted_and_nothing_else() {
+        let callers = callers(POLICY);
+        let web = "spiffe://cluster.local/ns/web/sa/backend";
+        let limit = callers.admit(web, Rpc::ForgotPassword, "web").unwrap();
+        assert_eq!(limit.unwrap().limit, "10/1s");
+        assert_eq!(
+            callers
+                .admit(web, Rpc::ForgotPassword, "support")
+                .unwrap_err(),
+            Lacks::Client("support".into())
+        );
+        assert_eq!(
+            callers
+                .admit(web, Rpc::ConfirmForgotPassword, "web")
+                .unwrap_err(),
+            Lacks::Rpc("ConfirmForgotPassword")
+        );
+        assert_eq!(
+            callers
+                .admit("someone", Rpc::ForgotPassword, "web")
+                .unwrap_err(),
+            Lacks::Unnamed
+        );
+        assert_eq!(
+            callers
+                .admit(Callers::name(None), Rpc::ForgotPassword, "web")
+                .unwrap_err(),
+            Lacks::Client("web".into()),
+            "anonymous may call every RPC but with no client"
+        );
+        assert_eq!(callers.label(Some(web)), web);
+        assert_eq!(callers.label(Some("someone")), UNKNOWN);
+        assert_eq!(callers.label(None), ANONYMOUS);
+        // Without a policy, everyone may do everything.
+        let open = Callers::new(None);
+        assert!(
+            open.admit("x", Rpc::ConfirmForgotPassword, "web")
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(open.label(Some("x")), UNKNOWN);
+    }
+
+    #[test]
+    fn every_mistake_is_one_line_naming_the_caller_and_the_field() {
+        for (text, expected) in [
+            (
+                "[callers.a]\nclients = [\"mobile\"]",
+                "callers.\"a\".clients: \"mobile\" is not an app client alias",
+            ),
+            (
+                "[callers.a]\nclients = []\nrpcs = [\"SignUp\"]",
+                "callers.\"a\".rpcs: \"SignUp\" is not an RPC",
+            ),
+            (
+                "[callers.a]\nclients = []\nrate_limit = \"fast\"",
+                "callers.\"a\".rate_limit: expected N/DURATION",
+            ),
+            (
+                "[callers.a]\nclients = []\nrole = \"admin\"",
+                "line 3: unknown field `role`",
+            ),
+            ("[callers.a]\nrpcs = []", "missing field `clients`"),
+            (
+                "[callers.\"has space\"]\nclients = []",
+                "callers.\"has space\".name:",
+            ),
+        ] {
+            let problem = parse(text).unwrap_err();
+            assert!(problem.contains(expected), "{text:?}: {problem}");
+            assert!(!problem.contains('\n'), "{problem}");
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_buckets_of_unchanged_limits() {
+        let first = Active::new(parse(POLICY).unwrap(), None);
+        let web = "spiffe://cluster.local/ns/web/sa/backend";
+        let bucket = |active: &Active| Arc::as_ptr(&active.limits[web]);
+        let same = Active::new(parse(POLICY).unwrap(), Some(&first));
+        assert_eq!(bucket(&same), bucket(&first));
+        let changed = Active::new(
+            parse(&POLICY.replace("10/1s", "5/1s")).unwrap(),
+            Some(&first),
+        );
+        assert_ne!(bucket(&changed), bucket(&first));
+    }
+
+    #[test]
+    fn identities_come_from_the_mesh_header_when_asked() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "l5d-client-id",
+            "web.ns.serviceaccount.identity.linkerd.cluster.local"
+                .parse()
+                .unwrap(),
+        );
+        headers.insert(
+            "x-forwarded-client-cert",
+            "By=spiffe://a;URI=spiffe://old,By=spiffe://cluster.local/ns/pr/sa/default;Hash=ab;Subject=\"CN=x,O=y\";URI=spiffe://cluster.local/ns/web/sa/backend"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            IdentityHeader::L5dClientId.identity(&headers).as_deref(),
+            Some("web.ns.serviceaccount.identity.linkerd.cluster.local")
+        );
+        assert_eq!(
+            IdentityHeader::XForwardedClientCert
+                .identity(&headers)
+                .as_deref(),
+            Some("spiffe://cluster.local/ns/web/sa/backend")
+        );
+        assert_eq!(
+            IdentityHeader::L5dClientId.identity(&http::HeaderMap::new()),
+            None
+        );
+    }
+}
