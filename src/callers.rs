@@ -45,12 +45,18 @@ pub enum IdentityHeader {
 }
 
 impl IdentityHeader {
-    /// The identity the header of `headers` names, if it names one.
+    /// The identity the header of `headers` names, if it names one: one header line, well
+    /// formed, naming printable ASCII of at most 256 characters. Anything else names no one.
     pub(crate) fn identity(self, headers: &http::HeaderMap) -> Option<String> {
-        let value = match self {
-            Self::L5dClientId => headers.get("l5d-client-id")?,
-            Self::XForwardedClientCert => headers.get("x-forwarded-client-cert")?,
+        let name = match self {
+            Self::L5dClientId => "l5d-client-id",
+            Self::XForwardedClientCert => "x-forwarded-client-cert",
         };
+        let mut values = headers.get_all(name).iter();
+        let value = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
         let value = value.to_str().ok()?.trim();
         let identity = match self {
             Self::L5dClientId => Some(value.to_owned()),
@@ -61,33 +67,70 @@ impl IdentityHeader {
     }
 }
 
-/// The `URI=` of the last (the nearest proxy's client) element of an `x-forwarded-client-cert`
-/// value: elements are separated by `,`, pairs by `;`, and a value may be quoted.
+/// The `URI=` of the last element (the client of the nearest proxy, which appends its own) of
+/// an `x-forwarded-client-cert` value: elements are separated by `,`, their pairs by `;`, and
+/// a value may be quoted, with `\"` inside. A value that does not parse names no one: a quote
+/// left open would otherwise hide the proxy's own element behind a caller's forged one.
 fn xfcc_uri(value: &str) -> Option<String> {
-    let last = split_unquoted(value, ',').pop()?;
-    split_unquoted(&last, ';').into_iter().find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        key.trim()
-            .eq_ignore_ascii_case("uri")
-            .then(|| value.trim().trim_matches('"').to_owned())
-    })
+    let elements = xfcc_elements(value)?;
+    let last = elements.last()?;
+    let uris: Vec<&String> = last
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case("uri"))
+        .map(|(_, value)| value)
+        .collect();
+    match uris.as_slice() {
+        [uri] => Some((*uri).clone()),
+        _ => None,
+    }
 }
 
-/// `value` split at every `separator` outside double quotes.
-fn split_unquoted(value: &str, separator: char) -> Vec<String> {
-    let (mut parts, mut current, mut quoted) = (Vec::new(), String::new(), false);
-    for c in value.chars() {
+/// An `x-forwarded-client-cert` value's elements, each its `key=value` pairs; `None` when it
+/// is malformed (a quote left open, a pair without `=`).
+fn xfcc_elements(value: &str) -> Option<Vec<Vec<(String, String)>>> {
+    let (mut elements, mut pairs) = (Vec::new(), Vec::new());
+    let (mut key, mut current) = (None::<String>, String::new());
+    let mut chars = value.chars();
+    let finish_pair = |key: &mut Option<String>, current: &mut String, pairs: &mut Vec<_>| {
+        let Some(name) = key.take() else {
+            return current.trim().is_empty();
+        };
+        pairs.push((
+            name.trim().to_owned(),
+            std::mem::take(current).trim().to_owned(),
+        ));
+        true
+    };
+    while let Some(c) = chars.next() {
         match c {
-            '"' => {
-                quoted = !quoted;
-                current.push(c);
+            '"' if key.is_some() => loop {
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => current.push(chars.next()?),
+                    c => current.push(c),
+                }
+            },
+            '"' => return None,
+            '=' if key.is_none() => key = Some(std::mem::take(&mut current)),
+            ';' => {
+                if !finish_pair(&mut key, &mut current, &mut pairs) {
+                    return None;
+                }
             }
-            c if c == separator && !quoted => parts.push(std::mem::take(&mut current)),
+            ',' => {
+                if !finish_pair(&mut key, &mut current, &mut pairs) {
+                    return None;
+                }
+                elements.push(std::mem::take(&mut pairs));
+            }
             c => current.push(c),
         }
     }
-    parts.push(current);
-    parts
+    if !finish_pair(&mut key, &mut current, &mut pairs) {
+        return None;
+    }
+    elements.push(pairs);
+    Some(elements)
 }
 
 /// What one caller may do.
@@ -111,8 +154,9 @@ pub struct Policy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CallersFile {
+    /// Each caller's table, read as an [`Entry`] of its own so that a mistake in it names it.
     #[serde(default)]
-    callers: BTreeMap<String, Entry>,
+    callers: BTreeMap<String, toml::Value>,
 }
 
 /// One `[callers."<identity>"]` table.
@@ -149,7 +193,9 @@ impl Policy {
             }
         })?;
         let mut callers = HashMap::new();
-        for (name, entry) in file.callers {
+        for (name, table) in file.callers {
+            let entry = Entry::deserialize(table)
+                .map_err(|err| format!("callers.{name:?}: {}", err.message().replace('\n', " ")))?;
             let grant = grant(&name, entry, aliases)
                 .map_err(|(field, problem)| format!("callers.{name:?}.{field}: {problem}"))?;
             callers.insert(name, grant);
@@ -166,6 +212,12 @@ fn grant(name: &str, entry: Entry, aliases: &[&str]) -> Result<Grant, (&'static 
         return Err((
             "name",
             format!("a caller is named by 1 to {MAX_NAME_CHARS} printable ASCII characters"),
+        ));
+    }
+    if name == UNKNOWN {
+        return Err((
+            "name",
+            "`unknown` is the metric label of callers the policy does not name".into(),
         ));
     }
     let mut clients = BTreeSet::new();
@@ -202,7 +254,12 @@ fn grant(name: &str, entry: Entry, aliases: &[&str]) -> Result<Grant, (&'static 
         .rate_limit
         .map(|limit| limit.parse::<RateSpec>())
         .transpose()
-        .map_err(|problem| ("rate_limit", problem))?;
+        .map_err(|problem| {
+            (
+                "rate_limit",
+                format!("{problem}; leave it out for no limit"),
+            )
+        })?;
     Ok(Grant {
         clients,
         rpcs,
@@ -217,17 +274,29 @@ pub struct CallersSettings {
     pub file: PathBuf,
     /// Its policy at start-up.
     pub policy: Policy,
+    /// The text it was read from, so that a reload sees a change made since.
+    text: String,
     /// The app client aliases served, which every reload is checked against.
-    pub aliases: Vec<String>,
+    aliases: Vec<String>,
 }
 
-/// Reads and checks the callers file at `path`. Every problem is one line naming the file,
-/// the caller and the field.
-pub fn load_file(path: &Path, aliases: &[&str]) -> Result<Policy, SettingError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| SettingError::new(SETTING, format!("cannot read {}: {e}", path.display())))?;
-    Policy::parse(&text, aliases)
-        .map_err(|problem| SettingError::new(SETTING, format!("{}: {problem}", path.display())))
+impl CallersSettings {
+    /// Reads and checks the callers file at `path` against the app client `aliases` served.
+    /// Every problem is one line naming the file, the caller and the field.
+    pub fn load(path: &Path, aliases: &[&str]) -> Result<Self, SettingError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SettingError::new(SETTING, format!("cannot read {}: {e}", path.display()))
+        })?;
+        let policy = Policy::parse(&text, aliases).map_err(|problem| {
+            SettingError::new(SETTING, format!("{}: {problem}", path.display()))
+        })?;
+        Ok(Self {
+            file: path.to_owned(),
+            policy,
+            text,
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+        })
+    }
 }
 
 /// Why a caller was refused: what it lacks.
@@ -308,11 +377,10 @@ impl Callers {
                 last_text: Mutex::new(None),
             };
         };
-        let text = std::fs::read_to_string(&settings.file).ok();
         Self {
             active: RwLock::new(Some(Arc::new(Active::new(settings.policy.clone(), None)))),
             file: Some((settings.file.clone(), settings.aliases.clone())),
-            last_text: Mutex::new(text),
+            last_text: Mutex::new(Some(settings.text.clone())),
         }
     }
 
@@ -323,38 +391,56 @@ impl Callers {
             .clone()
     }
 
-    /// The name of the caller with `identity` (`None`: no certificate) as the policy knows
-    /// it: its identity, or `anonymous`.
+    /// The name of the caller with `identity` (`None`: no certificate) as logs and audit
+    /// events show it: its identity, or `anonymous`.
     pub(crate) fn name(identity: Option<&str>) -> &str {
         identity.unwrap_or(ANONYMOUS)
+    }
+
+    /// The policy's name for the caller with `identity`: `anonymous` for none; a presented
+    /// identity that is a reserved name (`anonymous`, `unknown`) names no entry, so that no
+    /// certificate or header can claim the anonymous grant's place.
+    fn key(identity: Option<&str>) -> Option<&str> {
+        match identity {
+            None => Some(ANONYMOUS),
+            Some(ANONYMOUS | UNKNOWN) => None,
+            Some(identity) => Some(identity),
+        }
+    }
+
+    fn grant<'a>(active: &'a Active, identity: Option<&str>) -> Option<(&'a str, &'a Grant)> {
+        let key = Self::key(identity)?;
+        active
+            .policy
+            .callers
+            .get_key_value(key)
+            .map(|(name, grant)| (name.as_str(), grant))
     }
 
     /// The caller's label in metrics: its name when the policy names it, `anonymous`, or
     /// `unknown`.
     pub(crate) fn label(&self, identity: Option<&str>) -> String {
-        let name = Self::name(identity);
-        let named = self
-            .active()
-            .is_some_and(|active| active.policy.callers.contains_key(name));
+        let active = self.active();
+        let named = active.as_deref().and_then(|a| Self::grant(a, identity));
         match (named, identity) {
-            (true, _) => name.to_owned(),
-            (false, None) => ANONYMOUS.to_owned(),
-            (false, Some(_)) => UNKNOWN.to_owned(),
+            (Some((name, _)), _) => name.to_owned(),
+            (None, None) => ANONYMOUS.to_owned(),
+            (None, Some(_)) => UNKNOWN.to_owned(),
         }
     }
 
-    /// Checks that the caller `name` may call `rpc` with the app client `alias`; its own
-    /// limit, if it has one.
+    /// Checks that the caller with `identity` may call `rpc` with the app client `alias`; its
+    /// own limit, if it has one.
     pub(crate) fn admit(
         &self,
-        name: &str,
+        identity: Option<&str>,
         rpc: Rpc,
         alias: &str,
     ) -> Result<Option<Arc<CallerLimit>>, Lacks> {
         let Some(active) = self.active() else {
             return Ok(None);
         };
-        let grant = active.policy.callers.get(name).ok_or(Lacks::Unnamed)?;
+        let (name, grant) = Self::grant(&active, identity).ok_or(Lacks::Unnamed)?;
         if !grant.rpcs.contains(rpc.method()) {
             return Err(Lacks::Rpc(rpc.method()));
         }
@@ -364,12 +450,13 @@ impl Callers {
         Ok(active.limits.get(name).cloned())
     }
 
-    /// Checks that the caller `name` may call `rpc` at all (before its request is looked at).
-    pub(crate) fn may_call(&self, name: &str, rpc: Rpc) -> Result<(), Lacks> {
+    /// Checks that the caller with `identity` may call `rpc` at all (before its request is
+    /// read).
+    pub(crate) fn may_call(&self, identity: Option<&str>, rpc: Rpc) -> Result<(), Lacks> {
         let Some(active) = self.active() else {
             return Ok(());
         };
-        let grant = active.policy.callers.get(name).ok_or(Lacks::Unnamed)?;
+        let (_, grant) = Self::grant(&active, identity).ok_or(Lacks::Unnamed)?;
         match grant.rpcs.contains(rpc.method()) {
             true => Ok(()),
             false => Err(Lacks::Rpc(rpc.method())),
@@ -443,6 +530,7 @@ mod tests {
     "#;
 
     fn callers(text: &str) -> Callers {
+        // Only the policy matters here: the file is never re-read.
         let callers = Callers::new(None);
         *callers.active.write().unwrap() = Some(Arc::new(Active::new(parse(text).unwrap(), None)));
         callers
@@ -452,30 +540,30 @@ mod tests {
     fn a_caller_may_do_what_it_is_granted_and_nothing_else() {
         let callers = callers(POLICY);
         let web = "spiffe://cluster.local/ns/web/sa/backend";
-        let limit = callers.admit(web, Rpc::ForgotPassword, "web").unwrap();
+        let limit = callers
+            .admit(Some(web), Rpc::ForgotPassword, "web")
+            .unwrap();
         assert_eq!(limit.unwrap().limit, "10/1s");
         assert_eq!(
             callers
-                .admit(web, Rpc::ForgotPassword, "support")
+                .admit(Some(web), Rpc::ForgotPassword, "support")
                 .unwrap_err(),
             Lacks::Client("support".into())
         );
         assert_eq!(
             callers
-                .admit(web, Rpc::ConfirmForgotPassword, "web")
+                .admit(Some(web), Rpc::ConfirmForgotPassword, "web")
                 .unwrap_err(),
             Lacks::Rpc("ConfirmForgotPassword")
         );
         assert_eq!(
             callers
-                .admit("someone", Rpc::ForgotPassword, "web")
+                .admit(Some("someone"), Rpc::ForgotPassword, "web")
                 .unwrap_err(),
             Lacks::Unnamed
         );
         assert_eq!(
-            callers
-                .admit(Callers::name(None), Rpc::ForgotPassword, "web")
-                .unwrap_err(),
+            callers.admit(None, Rpc::ForgotPassword, "web").unwrap_err(),
             Lacks::Client("web".into()),
             "anonymous may call every RPC but with no client"
         );
@@ -485,11 +573,17 @@ mod tests {
         // Without a policy, everyone may do everything.
         let open = Callers::new(None);
         assert!(
-            open.admit("x", Rpc::ConfirmForgotPassword, "web")
+            open.admit(Some("x"), Rpc::ConfirmForgotPassword, "web")
                 .unwrap()
                 .is_none()
         );
         assert_eq!(open.label(Some("x")), UNKNOWN);
+        // No certificate or header can claim the anonymous grant by its name.
+        assert_eq!(
+            callers.may_call(Some(ANONYMOUS), Rpc::ForgotPassword),
+            Err(Lacks::Unnamed)
+        );
+        assert_eq!(callers.label(Some(ANONYMOUS)), UNKNOWN);
     }
 
     #[test]
@@ -509,9 +603,18 @@ mod tests {
             ),
             (
                 "[callers.a]\nclients = []\nrole = \"admin\"",
-                "line 3: unknown field `role`",
+                "callers.\"a\": unknown field `role`",
             ),
-            ("[callers.a]\nrpcs = []", "missing field `clients`"),
+            (
+                "[callers.a]\nrpcs = []",
+                "callers.\"a\": missing field `clients`",
+            ),
+            (
+                "[callers.unknown]\nclients = []",
+                "callers.\"unknown\".name:",
+            ),
+            ("[callers]\na = 1", "callers.\"a\":"),
+            ("[callers.a]\nclients = [\n", "line 2: unclosed array"),
             (
                 "[callers.\"has space\"]\nclients = []",
                 "callers.\"has space\".name:",
@@ -565,6 +668,42 @@ mod tests {
         assert_eq!(
             IdentityHeader::L5dClientId.identity(&http::HeaderMap::new()),
             None
+        );
+        // Two header lines name no one.
+        headers.append("l5d-client-id", "second".parse().unwrap());
+        assert_eq!(IdentityHeader::L5dClientId.identity(&headers), None);
+    }
+
+    #[test]
+    fn a_forged_xfcc_element_never_names_the_caller() {
+        let xfcc = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-forwarded-client-cert", value.parse().unwrap());
+            IdentityHeader::XForwardedClientCert.identity(&headers)
+        };
+        // A quote left open would hide the proxy's own element behind the caller's.
+        assert_eq!(
+            xfcc(
+                r#"URI=spiffe://cluster.local/ns/web/sa/backend;X=",By=spiffe://pr;URI=spiffe://attacker"#
+            ),
+            None
+        );
+        assert_eq!(
+            xfcc(r#"Subject="CN=a\",URI=spiffe://forged";URI=spiffe://real"#),
+            Some("spiffe://real".into()),
+            "an escaped quote stays inside its value"
+        );
+        assert_eq!(
+            xfcc("URI=spiffe://a;URI=spiffe://b"),
+            None,
+            "two URIs in one element"
+        );
+        assert_eq!(xfcc("By=spiffe://pr;Hash=ab"), None, "no URI");
+        assert_eq!(xfcc("URI"), None);
+        assert_eq!(
+            xfcc(r#"URI="spiffe://a b""#),
+            None,
+            "printable without spaces only"
         );
     }
 }

@@ -15,7 +15,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use secrecy::{SecretSlice, SecretString};
 
-use crate::callers::{self, CallersSettings, IdentityHeader};
+use crate::callers::{CallersSettings, IdentityHeader};
 use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
 use crate::limits::{LimitSettings, RedisSettings, RedisUrl, UsernameRateLimit};
@@ -456,12 +456,7 @@ fn callers_settings(
         return Ok(None);
     };
     let aliases: Vec<&str> = cognito.clients.iter().map(|c| c.alias.as_str()).collect();
-    let policy = callers::load_file(file, &aliases)?;
-    Ok(Some(CallersSettings {
-        file: file.to_owned(),
-        policy,
-        aliases: aliases.into_iter().map(str::to_owned).collect(),
-    }))
+    Ok(Some(CallersSettings::load(file, &aliases)?))
 }
 
 /// `CALLER_IDENTITY_HEADER`, refused with a listen address others than the sidecar could reach

@@ -74,6 +74,8 @@ pub(crate) struct ConnectionSettings {
 pub struct ConnectionInfo {
     /// The mTLS client certificate's URI SAN, else its common name.
     pub peer_identity: Option<String>,
+    /// True when the connection came through TLS.
+    pub(crate) tls: bool,
     /// The peer, as `PEER_KEY` tells peers apart; `None` when it does not.
     pub(crate) peer: Option<IpAddr>,
     activity: Arc<Activity>,
@@ -570,6 +572,7 @@ async fn hand_over(
         place,
     } = accepted;
     let taken_back = activity.taken_back.clone();
+    let through_tls = tls.is_some();
     let (transport, peer_identity) = tokio::select! {
         secured = secure(stream, tls, addr) => match secured {
             Some(secured) => secured,
@@ -579,6 +582,7 @@ async fn hand_over(
     };
     let info = ConnectionInfo {
         peer_identity,
+        tls: through_tls,
         peer,
         activity,
     };
@@ -661,8 +665,19 @@ async fn secure(
     }
 }
 
-/// A client certificate's identity: its first URI SAN (e.g. a SPIFFE id), else its CN.
+/// A client certificate's identity: its first URI SAN (e.g. a SPIFFE id), else its CN; any
+/// character that is not printable ASCII becomes `?` (it then matches no callers policy name,
+/// and reaches no log line as it was).
 pub fn certificate_identity(der: &[u8]) -> Option<String> {
+    raw_certificate_identity(der).map(|identity| {
+        identity
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect()
+    })
+}
+
+fn raw_certificate_identity(der: &[u8]) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let uri = cert
@@ -729,6 +744,7 @@ mod tests {
 
         let info = ConnectionInfo {
             peer_identity: None,
+            tls: false,
             peer: None,
             activity: Arc::new(activity),
         };
@@ -752,6 +768,7 @@ mod tests {
         for served in [&idle, &busy] {
             let info = ConnectionInfo {
                 peer_identity: None,
+                tls: false,
                 peer: None,
                 activity: served.clone(),
             };
@@ -769,6 +786,7 @@ mod tests {
         assert_eq!(silent.standing(), None, "not taken back twice");
         let closing = ConnectionInfo {
             peer_identity: None,
+            tls: false,
             peer: None,
             activity: silent,
         };

@@ -132,7 +132,9 @@ async fn with_mtls(policy: &str, extra: &[(&str, &str)]) -> Mtls {
 
 #[tokio::test]
 async fn each_caller_may_use_only_the_clients_and_rpcs_it_is_granted() {
-    let Mtls { app, ca, .. } = with_mtls(POLICY, &[]).await;
+    // The mesh's header is honoured on plaintext connections only, never over TLS.
+    let Mtls { app, ca, .. } =
+        with_mtls(POLICY, &[("CALLER_IDENTITY_HEADER", "l5d-client-id")]).await;
     let mut backend = mtls(&app, &ca, &ca.client_with_uri("backend", BACKEND)).await;
     let mut support = mtls(&app, &ca, &ca.client("support-tool")).await;
     let mut stranger = mtls(&app, &ca, &ca.client("stranger")).await;
@@ -158,6 +160,12 @@ async fn each_caller_may_use_only_the_clients_and_rpcs_it_is_granted() {
     );
     let refused = stranger.forgot_password(via(WEB, "ann")).await.unwrap_err();
     assert_not_allowed(&refused, "stranger", None);
+    let mut claiming = Request::new(via(WEB, "ann"));
+    claiming
+        .metadata_mut()
+        .insert("l5d-client-id", BACKEND.parse().unwrap());
+    let refused = stranger.forgot_password(claiming).await.unwrap_err();
+    assert_not_allowed(&refused, "stranger", None);
     // A caller that may not call the RPC learns nothing of its request, valid or not.
     let refused = stranger.forgot_password(via(WEB, "")).await.unwrap_err();
     assert_not_allowed(&refused, "stranger", None);
@@ -172,6 +180,13 @@ async fn each_caller_may_use_only_the_clients_and_rpcs_it_is_granted() {
         3,
         "no refused call reached Cognito"
     );
+    // An identity may not claim the anonymous grant by its name.
+    let mut anonymous = mtls(&app, &ca, &ca.client("anonymous")).await;
+    let refused = anonymous
+        .forgot_password(via(WEB, "ann"))
+        .await
+        .unwrap_err();
+    assert_not_allowed(&refused, "anonymous", None);
 
     // The call metrics carry the caller: the policy's names, `unknown` for the others.
     let metrics = scrape(&app.metrics_addr.to_string()).await;
@@ -201,6 +216,14 @@ async fn a_caller_over_its_own_limit_is_refused_and_others_are_not() {
     let Mtls { app, ca, .. } = with_mtls(POLICY, &[]).await;
     let mut backend = mtls(&app, &ca, &ca.client_with_uri("backend", BACKEND)).await;
     let mut support = mtls(&app, &ca, &ca.client("support-tool")).await;
+    // A call refused by the policy charges nothing: the whole burst is still there.
+    for _ in 0..3 {
+        let refused = backend
+            .forgot_password(via(SUPPORT, "u0"))
+            .await
+            .unwrap_err();
+        assert_not_allowed(&refused, BACKEND, Some(("client", "support")));
+    }
     backend.forgot_password(via(WEB, "u1")).await.unwrap();
     backend.forgot_password(via(WEB, "u2")).await.unwrap();
 
@@ -235,18 +258,28 @@ async fn anonymous_callers_are_one_caller_granted_or_not() {
         "granted.toml",
         "[callers.anonymous]\nclients = [\"default\"]\nrpcs = [\"ForgotPassword\"]\n",
     );
-    let app = TestApp::spawn_with(&[("CALLERS_FILE", granted.to_str().unwrap())]).await;
+    let app = TestApp::spawn_with(&[
+        ("CALLERS_FILE", granted.to_str().unwrap()),
+        ("USERNAME_RATE_LIMIT", "1/1h"),
+    ])
+    .await;
     let mut client = app.client().await;
+    // Refused calls charge no limit: ann's one call an hour is still there after them.
+    for _ in 0..2 {
+        let refused = client
+            .confirm_forgot_password(confirm("ann"))
+            .await
+            .unwrap_err();
+        assert_not_allowed(
+            &refused,
+            "anonymous",
+            Some(("rpc", "ConfirmForgotPassword")),
+        );
+    }
     client.forgot_password(forgot("ann")).await.unwrap();
-    let refused = client
-        .confirm_forgot_password(confirm("ann"))
-        .await
-        .unwrap_err();
-    assert_not_allowed(
-        &refused,
-        "anonymous",
-        Some(("rpc", "ConfirmForgotPassword")),
-    );
+    let limited = client.forgot_password(forgot("ann")).await.unwrap_err();
+    let info = assert_error(&limited, Code::ResourceExhausted, "RATE_LIMITED");
+    assert_eq!(info.metadata["limiter"], "username");
     assert_eq!(app.cognito.recorded().len(), 1);
 
     let none = write(
@@ -296,7 +329,7 @@ async fn behind_a_sidecar_the_meshs_header_names_the_caller_by_both_doors() {
         "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
         app.addr
     );
-    let post = |identity: &str| {
+    let post = |identity: &str, body: &'static str| {
         let header = format!("l5d-client-id: {identity}");
         let url = url.clone();
         async move {
@@ -310,7 +343,7 @@ async fn behind_a_sidecar_the_meshs_header_names_the_caller_by_both_doors() {
                     "--header",
                     &header,
                     "--data-binary",
-                    r#"{"username": "ann"}"#,
+                    body,
                     &url,
                 ])
                 .output()
@@ -319,16 +352,44 @@ async fn behind_a_sidecar_the_meshs_header_names_the_caller_by_both_doors() {
             String::from_utf8_lossy(&output.stdout).into_owned()
         }
     };
-    let allowed = post(linkerd_id).await;
+    let allowed = post(linkerd_id, r#"{"username": "ann"}"#).await;
     assert!(allowed.trim_end().ends_with("200"), "{allowed}");
-    let refused = post("other.identity").await;
+    let refused = post("other.identity", r#"{"username": "ann"}"#).await;
     assert!(refused.trim_end().ends_with("403"), "{refused}");
     assert!(refused.contains("CALLER_NOT_ALLOWED"), "{refused}");
+    // Refused before its body is read: it learns nothing of its request.
+    let refused = post("other.identity", "not json").await;
+    assert!(refused.trim_end().ends_with("403"), "{refused}");
     assert_eq!(
         app.cognito.recorded().len(),
         2,
         "refused calls reached Cognito"
     );
+
+    // Istio's header names the caller by its last element, the sidecar's own.
+    let policy = format!("[callers.\"{BACKEND}\"]\nclients = [\"default\"]\n");
+    let callers = write(dir.path(), "istio.toml", &policy);
+    let app = TestApp::spawn_with(&[
+        ("CALLERS_FILE", callers.to_str().unwrap()),
+        ("CALLER_IDENTITY_HEADER", "x-forwarded-client-cert"),
+    ])
+    .await;
+    let mut client = app.client().await;
+    let with_xfcc = |value: String| {
+        let mut request = Request::new(forgot("ann"));
+        request
+            .metadata_mut()
+            .insert("x-forwarded-client-cert", value.parse().unwrap());
+        request
+    };
+    let sidecar = format!("By=spiffe://cluster.local/ns/pr/sa/default;Hash=ab;URI={BACKEND}");
+    client.forgot_password(with_xfcc(sidecar)).await.unwrap();
+    let forged = format!(
+        "URI={BACKEND};X=\",By=spiffe://cluster.local/ns/pr/sa/default;URI=spiffe://x/ns/evil"
+    );
+    let refused = client.forgot_password(with_xfcc(forged)).await.unwrap_err();
+    assert_not_allowed(&refused, "anonymous", None);
+    assert_eq!(app.cognito.recorded().len(), 1);
 }
 
 #[tokio::test]
@@ -337,6 +398,9 @@ async fn a_rotated_policy_applies_to_the_next_calls_and_a_broken_one_keeps_the_l
     let mut newcomer = mtls(&app, &ca, &ca.client("newcomer")).await;
     let refused = newcomer.forgot_password(via(WEB, "ann")).await.unwrap_err();
     assert_not_allowed(&refused, "newcomer", None);
+    let mut backend = mtls(&app, &ca, &ca.client_with_uri("backend", BACKEND)).await;
+    backend.forgot_password(via(WEB, "u1")).await.unwrap();
+    backend.forgot_password(via(WEB, "u2")).await.unwrap();
 
     // Written aside and renamed into place, as a ConfigMap update lands.
     let replace = |text: &str| {
@@ -360,11 +424,15 @@ async fn a_rotated_policy_applies_to_the_next_calls_and_a_broken_one_keeps_the_l
     };
     wait_until(|| async { reloads("reloaded").await == Some(1.0) }).await;
     newcomer.forgot_password(via(WEB, "ann")).await.unwrap();
+    // The backend's limit did not change: its spent bucket stays spent.
+    let limited = backend.forgot_password(via(WEB, "u3")).await.unwrap_err();
+    let info = assert_error(&limited, Code::ResourceExhausted, "RATE_LIMITED");
+    assert_eq!(info.metadata["limiter"], "caller");
 
     replace("[callers.newcomer\nclients = [");
     wait_until(|| async { reloads("failed").await == Some(1.0) }).await;
     newcomer.forgot_password(via(WEB, "bob")).await.unwrap();
-    assert_eq!(app.cognito.recorded().len(), 2);
+    assert_eq!(app.cognito.recorded().len(), 4);
 }
 
 /// Polls `done` every 20 ms until it holds, for at most 10 s.

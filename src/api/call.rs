@@ -194,7 +194,9 @@ pub(crate) struct Subject {
 /// the call metrics (bounded by the policy).
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
-    /// The mTLS client's identity (or the mesh's header's), or `anonymous`.
+    /// The mTLS client's identity (or the mesh's header's); `None` for neither.
+    pub identity: Option<String>,
+    /// Its identity, or `anonymous`.
     pub name: String,
     /// The policy's name for it, `anonymous`, or `unknown`.
     pub label: String,
@@ -290,9 +292,9 @@ impl Call {
         &self.request_id
     }
 
-    /// Who called, by its name in the callers policy.
-    pub fn caller(&self) -> &str {
-        &self.caller.name
+    /// Who called.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
     }
 
     /// The RPC called.

@@ -89,19 +89,21 @@ impl Gate {
     }
 
     /// Who sent a request with `headers` on the connection of `extensions`: its client
-    /// certificate's identity, else (behind a mesh, when configured) the sidecar's header's.
+    /// certificate's identity; behind a mesh (when configured), on a plaintext connection
+    /// only, the sidecar's header's. A TLS connection is never named by a header.
     fn caller(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> Caller {
-        let identity = extensions
-            .get::<ConnectionInfo>()
-            .and_then(|c| c.peer_identity.clone())
-            .or_else(|| {
-                self.settings
-                    .identity_header
-                    .and_then(|header| header.identity(headers))
-            });
+        let connection = extensions.get::<ConnectionInfo>();
+        let identity = match connection {
+            Some(connection) if connection.tls => connection.peer_identity.clone(),
+            _ => self
+                .settings
+                .identity_header
+                .and_then(|header| header.identity(headers)),
+        };
         Caller {
             label: self.callers.label(identity.as_deref()),
             name: Callers::name(identity.as_deref()).to_owned(),
+            identity,
         }
     }
 
@@ -126,7 +128,15 @@ impl Gate {
         extensions: &http::Extensions,
     ) -> Result<Call, Refusal> {
         let caller = self.caller(headers, extensions);
+        let may_call = self.callers.may_call(caller.identity.as_deref(), rpc);
         let mut call = Call::start(rpc, protocol, caller, headers, extensions);
+        // A caller that may not call the RPC is refused before it holds a place or sends a
+        // byte of its message: it learns nothing of its request.
+        if let Err(lacks) = may_call {
+            let caller = call.caller().name.clone();
+            let refused = Error::CallerNotAllowed { caller, lacks };
+            return Err(call.refuse(refused, Ending::Answered));
+        }
         let arrival = call.arrival();
         match self.calls.take(call.peer(), arrival.clone()) {
             Ok(taken) => {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::call::{Call, Ending, Outcome, Reply, Subject};
+use super::call::{Call, Caller, Ending, Outcome, Reply, Subject};
 use super::parse::{parse_confirm_forgot_password, parse_forgot_password};
 use crate::callers::Callers;
 use crate::cognito::{AppClient, Budget, Cognito, UpstreamError};
@@ -77,8 +77,8 @@ pub(crate) struct Service {
 struct Served {
     /// The RPC.
     rpc: Rpc,
-    /// Who called, by its name in the callers policy.
-    caller: String,
+    /// Who called.
+    caller: Caller,
     /// The app client it names (or the default); `None` for one this server does not serve.
     client: Option<Arc<AppClient>>,
     /// When the upstream call must be done.
@@ -156,12 +156,6 @@ impl Service {
         if let Err(taken_back) = call.arrived() {
             return call.refuse(taken_back, Ending::Answered).widen();
         }
-        // A caller that may not call this RPC at all learns nothing of its request.
-        if let Err(lacks) = self.shared.callers.may_call(call.caller(), call.rpc()) {
-            let caller = call.caller().to_owned();
-            let refused = Error::CallerNotAllowed { caller, lacks };
-            return call.refuse(refused, Ending::Answered).widen();
-        }
         let request = match parsed {
             Ok(request) => request,
             Err(violations) => {
@@ -186,7 +180,7 @@ impl Service {
             async move {
                 let served = Served {
                     rpc: call.rpc(),
-                    caller: call.caller().to_owned(),
+                    caller: call.caller().clone(),
                     client,
                     budget: call.budget(timeout),
                     caller_gone: caller_gone.clone(),
@@ -281,9 +275,9 @@ impl Shared {
         let client = served.client.clone().ok_or(Error::ClientNotAllowed)?;
         let caller_limit = self
             .callers
-            .admit(&served.caller, served.rpc, &client.alias)
+            .admit(served.caller.identity.as_deref(), served.rpc, &client.alias)
             .map_err(|lacks| Error::CallerNotAllowed {
-                caller: served.caller.clone(),
+                caller: served.caller.name.clone(),
                 lacks,
             })?;
         // Checked before the limits too, so that a call that cannot be sent costs no limit.

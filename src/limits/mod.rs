@@ -90,7 +90,12 @@ impl FromStr for UsernameRateLimit {
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         match value {
             "off" => Ok(Self::Off),
-            limit => limit.parse().map(Self::Limit),
+            limit => limit.parse().map(Self::Limit).map_err(|problem: String| {
+                match problem.starts_with("expected") {
+                    true => format!("{problem} or off"),
+                    false => problem,
+                }
+            }),
         }
     }
 }
@@ -102,7 +107,7 @@ impl FromStr for RateSpec {
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         let (burst, period) = value
             .split_once('/')
-            .ok_or("expected N/DURATION (e.g. 5/15m) or off")?;
+            .ok_or("expected N/DURATION (e.g. 5/15m)")?;
         let burst = burst
             .parse::<NonZeroU32>()
             .map_err(|_| format!("{burst:?} is not a positive whole number"))?;
