@@ -28,6 +28,7 @@ use crate::callers::Callers;
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
 use crate::connections::{self, ConnectionSettings};
+use crate::idempotency::Idempotency;
 use crate::limits::{Limits, SharedLimits};
 use crate::masking::Masking;
 use crate::memory;
@@ -461,8 +462,19 @@ fn service(
         regions.iter().map(String::as_str),
     );
     let limits = Arc::new(limits(config)?);
+    let idempotency = Idempotency::new(
+        config.idempotency_window,
+        config.idempotency_max_keys.get(),
+        rand::random(),
+    );
     Ok(Service::new(
-        cognito, callers, limits, usernames, masking, calls,
+        cognito,
+        callers,
+        limits,
+        usernames,
+        masking,
+        calls,
+        idempotency,
     ))
 }
 

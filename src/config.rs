@@ -88,6 +88,10 @@ pub struct Config {
     pub callers: Option<CallersSettings>,
     /// Where a caller without a client certificate is named (`CALLER_IDENTITY_HEADER`).
     pub identity_header: Option<IdentityHeader>,
+    /// How long an idempotent call's outcome is remembered (`IDEMPOTENCY_WINDOW`).
+    pub idempotency_window: Duration,
+    /// At most this many outcomes remembered (`IDEMPOTENCY_MAX_KEYS`).
+    pub idempotency_max_keys: NonZeroUsize,
 }
 
 /// A setting that is missing or malformed. Displays as one line naming the setting.
@@ -296,6 +300,15 @@ struct Cli {
     #[arg(long, env = "GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     grpc_idle_timeout: Duration,
 
+    /// How long the outcome of a call with a request_id is remembered, to answer its retries.
+    #[arg(long, env = "IDEMPOTENCY_WINDOW", default_value = "1h", value_parser = parse_positive_duration)]
+    idempotency_window: Duration,
+
+    /// At most this many outcomes of calls with a request_id remembered (about 2 KiB each);
+    /// while all are in their window, new calls run unremembered.
+    #[arg(long, env = "IDEMPOTENCY_MAX_KEYS", default_value = "10000")]
+    idempotency_max_keys: NonZeroUsize,
+
     /// A TOML file naming each caller (by its client certificate's URI SAN, else its CN, or
     /// `anonymous`) and the app clients and RPCs it may use: see the README's "Callers".
     /// Unset: every caller may do everything.
@@ -404,6 +417,8 @@ impl Config {
             peer_key: cli.peer_key,
             callers,
             identity_header,
+            idempotency_window: cli.idempotency_window,
+            idempotency_max_keys: cli.idempotency_max_keys,
         })))
     }
 }

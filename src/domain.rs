@@ -363,6 +363,24 @@ pub(crate) fn optional_client_id(
     }
 }
 
+/// An optional AIP-155 `request_id`: empty, or a UUID in its hyphenated form (any case).
+pub(crate) fn optional_request_id(
+    field: &str,
+    value: String,
+) -> Result<Option<uuid::Uuid>, FieldViolation> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let hyphenated = value.len() == 36 && value.as_bytes()[8] == b'-';
+    match uuid::Uuid::try_parse(&value) {
+        Ok(id) if hyphenated => Ok(Some(id)),
+        _ => Err(violation(
+            field,
+            "must be a UUID such as 123e4567-e89b-42d3-a456-426614174000, or empty",
+        )),
+    }
+}
+
 /// What both operations pass through to Cognito untouched.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PassThrough {
@@ -389,6 +407,8 @@ pub(crate) struct Account {
 pub(crate) struct ForgotPassword {
     /// Whose password to reset.
     pub(crate) account: Account,
+    /// Makes the call idempotent (AIP-155).
+    pub(crate) request_id: Option<uuid::Uuid>,
     /// Fields passed through to Cognito.
     pub(crate) pass_through: PassThrough,
 }
@@ -398,6 +418,8 @@ pub(crate) struct ForgotPassword {
 pub(crate) struct ConfirmForgotPassword {
     /// Whose password to set.
     pub(crate) account: Account,
+    /// Makes the call idempotent (AIP-155).
+    pub(crate) request_id: Option<uuid::Uuid>,
     /// The code the user received.
     pub(crate) confirmation_code: ConfirmationCode,
     /// The new password.

@@ -155,6 +155,8 @@ pub(crate) enum Error {
     DeadlineTooShort,
     /// The request message could not be decoded; the service never saw it.
     MalformedRequest,
+    /// The `request_id` of an earlier call came with another request.
+    RequestIdReused,
     /// The request message was larger than `MAX_REQUEST_BYTES`; it was not read.
     RequestTooLarge {
         /// `MAX_REQUEST_BYTES`.
@@ -309,6 +311,16 @@ impl Error {
                     crate::cognito::MIN_UPSTREAM_TIME.as_millis()
                 ),
                 Caller,
+            ),
+            Self::RequestIdReused => Classified::new(
+                Code::InvalidArgument,
+                "REQUEST_ID_REUSED",
+                "request_id was already used for another request; use a new one per request",
+                Caller,
+            )
+            .bad_field(
+                "request_id",
+                "already used for another request within IDEMPOTENCY_WINDOW",
             ),
             Self::MalformedRequest => Classified::new(
                 Code::InvalidArgument,
@@ -655,6 +667,7 @@ mod tests {
                 },
             )),
             Error::MalformedRequest,
+            Error::RequestIdReused,
             Error::RequestTooLarge { limit: 1 },
             Error::RateLimited(RateLimited {
                 limiter: crate::limits::Limiter::Username,

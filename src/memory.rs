@@ -39,18 +39,24 @@ pub(crate) fn per_call_bytes(max_request_bytes: u64) -> u64 {
     4 * max_request_bytes + 64 * KIB
 }
 
+/// One remembered idempotent outcome at most: its answer's texts (at most 1 KiB, else it is
+/// not remembered), the decided error's structure, the key, fingerprint and map entry.
+pub(crate) const PER_REMEMBERED_BYTES: u64 = 2 * KIB;
+
 /// The worst case: baseline + connections × per connection + calls × per call + buckets ×
-/// per bucket.
+/// per bucket + remembered outcomes × per outcome.
 pub fn bound_bytes(
     max_connections: u64,
     max_concurrent_calls: u64,
     max_request_bytes: u64,
     max_buckets: u64,
+    max_remembered: u64,
 ) -> u64 {
     BASELINE_BYTES
         + max_connections * per_connection_bytes(max_request_bytes)
         + max_concurrent_calls * per_call_bytes(max_request_bytes)
         + max_buckets * PER_BUCKET_BYTES
+        + max_remembered * PER_REMEMBERED_BYTES
 }
 
 /// Starts the trimming thread, once per process.

@@ -44,6 +44,9 @@ pub const CALLS_REFUSED: &str = "grpc_calls_refused_total";
 /// or `body` (the call was answered `REQUEST_TIMEOUT`).
 pub const REQUEST_TIMEOUTS: &str = "grpc_request_timeouts_total";
 
+/// Calls answered the remembered outcome of an earlier call with the same request_id, by
+/// `grpc_method`.
+pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
 /// Callers policy changes noticed, by `result`: `reloaded`, or `failed` (the previous policy
 /// stays in force).
 pub const CALLERS_RELOADS: &str = "callers_policy_reloads_total";
@@ -121,6 +124,10 @@ fn describe() {
         limits::BACKEND_SECONDS,
         Unit::Seconds,
         "Round trips to the shared rate-limit backend"
+    );
+    describe_counter!(
+        IDEMPOTENT_REPLAYS,
+        "Calls answered the remembered outcome of an earlier call with the same request_id"
     );
     describe_counter!(
         CALLERS_RELOADS,

@@ -174,6 +174,9 @@ impl Occasionally {
 
 /// The request id header: taken from the call, or generated.
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Marks an answer that is the remembered outcome of an earlier call with the same
+/// `request_id` (a header on the JSON door; initial metadata, or trailers on error, on gRPC).
+pub(crate) const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// The longest caller-supplied request id kept; a longer or non-printable one is replaced.
 const REQUEST_ID_MAX_LEN: usize = 128;

@@ -33,6 +33,7 @@ async fn forgot_password_translates_every_field_and_computes_the_secret_hash() {
             encoded_data: "encoded".into(),
         }),
         analytics_endpoint_id: "pinpoint-endpoint".into(),
+        request_id: String::new(),
     };
 
     // Act
@@ -83,6 +84,7 @@ async fn confirm_forgot_password_translates_every_field() {
             encoded_data: String::new(),
         }),
         analytics_endpoint_id: String::new(),
+        request_id: String::new(),
     };
 
     client.confirm_forgot_password(request).await.expect("OK");

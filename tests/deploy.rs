@@ -235,6 +235,7 @@ fn the_memory_limit_covers_the_worst_case_bound_with_headroom() {
         setting("MAX_CONCURRENT_CALLS"),
         setting("MAX_REQUEST_BYTES"),
         setting("USERNAME_RATE_LIMIT_MAX_KEYS"),
+        setting("IDEMPOTENCY_MAX_KEYS"),
     );
     let deployment = load("deployment.yaml");
     let limit = container(&deployment)["resources"]["limits"]["memory"]

@@ -269,6 +269,7 @@ fn whatever_a_caller_sends_the_answer_is_well_formed_and_keeps_secrets() {
                                 client_metadata: metadata,
                                 user_context,
                                 analytics_endpoint_id: String::new(),
+                                request_id: String::new(),
                             })
                             .await
                             .map(drop)
@@ -282,6 +283,7 @@ fn whatever_a_caller_sends_the_answer_is_well_formed_and_keeps_secrets() {
                                 client_metadata: metadata,
                                 user_context,
                                 analytics_endpoint_id: String::new(),
+                                request_id: String::new(),
                             })
                             .await
                             .map(drop)

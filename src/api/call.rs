@@ -54,6 +54,9 @@ pub(crate) struct Reply<T> {
     pub request_id: String,
     /// The answer, or the error to answer.
     pub result: Result<T, Box<Classified>>,
+    /// True when it is the remembered outcome of an earlier call with the same `request_id`
+    /// (`idempotent-replayed: true` in the answer's metadata).
+    pub replayed: bool,
 }
 
 impl<T> Reply<T> {
@@ -62,6 +65,7 @@ impl<T> Reply<T> {
         Reply {
             request_id: self.request_id,
             result: self.result.map(answer),
+            replayed: self.replayed,
         }
     }
 }
@@ -365,6 +369,12 @@ impl Call {
         Budget::new(self.started, timeout, self.caller_timeout)
     }
 
+    /// `timeout` after the call started, whatever the caller's deadline: the budget of an
+    /// idempotent call's upstream call, whose outcome its retry will be told.
+    pub fn budget_without_caller(&self, timeout: Duration) -> Budget {
+        Budget::new(self.started, timeout, None)
+    }
+
     /// The call's span: every line logged for it carries its request id and trace.
     pub fn span(&self) -> &tracing::Span {
         &self.span
@@ -436,6 +446,58 @@ impl Call {
         Reply {
             request_id: self.request_id.clone(),
             result,
+            replayed: false,
+        }
+    }
+
+    /// Finishes a call answered `result`, the remembered outcome of an earlier call with the
+    /// same `request_id`: one log line and an audit event marked as a replay (not a second
+    /// reset), its metrics, and the reply marked replayed.
+    pub fn replay<T>(
+        mut self,
+        subject: Option<&Subject>,
+        result: Result<T, Box<Classified>>,
+        ending: Ending,
+    ) -> Reply<T> {
+        self.finished = true;
+        let _entered = self.span.clone().entered();
+        let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
+        let user = subject.map_or("-", |s| s.user.as_str());
+        let client = subject.map_or("-", |s| s.client.as_str());
+        let (code, reason) = match &result {
+            Ok(_) => ("OK", None),
+            Err(error) => (grpc_code_name(error.code), Some(error.reason)),
+        };
+        let caller_gone = ending == Ending::CallerGone;
+        tracing::info!(
+            grpc.method = method,
+            grpc.code = code,
+            reason,
+            replayed = true,
+            user,
+            client,
+            latency_ms,
+            caller_gone,
+            "call finished: answered the remembered outcome of the earlier call with its \
+             request_id"
+        );
+        self.audit(
+            "password_reset.replayed",
+            subject,
+            code,
+            reason,
+            caller_gone,
+        );
+        metrics::counter!(m::IDEMPOTENT_REPLAYS, "grpc_method" => method).increment(1);
+        let caller_code = match ending {
+            Ending::Answered => code,
+            Ending::CallerGone => "CANCELLED",
+        };
+        self.record(caller_code, client);
+        Reply {
+            request_id: self.request_id.clone(),
+            result,
+            replayed: true,
         }
     }
 
@@ -458,6 +520,7 @@ impl Call {
         Reply {
             request_id: self.request_id.clone(),
             result: Err(Box::new(Error::ShuttingDown.classify())),
+            replayed: false,
         }
     }
 

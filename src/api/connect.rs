@@ -37,7 +37,7 @@ use crate::connections::{ConnectionInfo, Unanswered};
 use crate::domain::{FieldViolation, Rpc};
 use crate::error::{Classified, Error};
 use crate::proto::v1 as pb;
-use crate::telemetry::REQUEST_ID_HEADER;
+use crate::telemetry::{REPLAYED_HEADER, REQUEST_ID_HEADER};
 
 /// The content types a unary Connect call may carry, as `Accept-Post` lists them.
 const ACCEPTED: &str = "application/json, application/proto";
@@ -382,6 +382,11 @@ fn answer<M: Message + serde::Serialize>(codec: Codec, reply: Reply<M>) -> HttpR
         Err(error) => error_json(&error),
     };
     copy_request_id(&reply.request_id, answer.headers_mut());
+    if reply.replayed {
+        answer
+            .headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
     answer
 }
 

@@ -12,7 +12,7 @@ use super::service::Service;
 use crate::error::Classified;
 use crate::proto::v1 as pb;
 use crate::proto::v1::password_recovery_server::PasswordRecovery;
-use crate::telemetry::REQUEST_ID_HEADER;
+use crate::telemetry::{REPLAYED_HEADER, REQUEST_ID_HEADER};
 
 /// The PasswordRecovery RPCs by gRPC.
 #[derive(Debug, Clone)]
@@ -53,9 +53,22 @@ pub(crate) fn render<T>(reply: Reply<T>) -> Result<Response<T>, Status> {
             if let Ok(id) = MetadataValue::try_from(reply.request_id.as_str()) {
                 response.metadata_mut().insert(REQUEST_ID_HEADER, id);
             }
+            if reply.replayed {
+                response
+                    .metadata_mut()
+                    .insert(REPLAYED_HEADER, MetadataValue::from_static("true"));
+            }
             Ok(response)
         }
-        Err(error) => Err(status(&reply.request_id, *error)),
+        Err(error) => {
+            let mut status = status(&reply.request_id, *error);
+            if reply.replayed {
+                status
+                    .metadata_mut()
+                    .insert(REPLAYED_HEADER, MetadataValue::from_static("true"));
+            }
+            Err(status)
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::domain::{
     Account, ClientMetadata, CodeDelivery, ConfirmForgotPassword, ConfirmationCode, DeliveryMedium,
     FieldViolation, ForgotPassword, PassThrough, Password, UserContext, Username, Violations,
-    free_text, optional_client_id,
+    free_text, optional_client_id, optional_request_id,
 };
 use crate::proto::v1 as pb;
 
@@ -38,6 +38,7 @@ pub fn parse_forgot_password(
     let mut violations = Violations::default();
     let username = violations.check(Username::parse("username", request.username));
     let client_id = violations.check(optional_client_id("client_id", request.client_id));
+    let request_id = violations.check(optional_request_id("request_id", request.request_id));
     let pass_through = pass_through(
         &mut violations,
         request.client_metadata,
@@ -50,6 +51,7 @@ pub fn parse_forgot_password(
                 username: username?,
                 client_id: client_id?,
             },
+            request_id: request_id?,
             pass_through,
         })
     })
@@ -67,6 +69,7 @@ pub fn parse_confirm_forgot_password(
     ));
     let password = violations.check(Password::parse("password", request.password));
     let client_id = violations.check(optional_client_id("client_id", request.client_id));
+    let request_id = violations.check(optional_request_id("request_id", request.request_id));
     let pass_through = pass_through(
         &mut violations,
         request.client_metadata,
@@ -79,6 +82,7 @@ pub fn parse_confirm_forgot_password(
                 username: username?,
                 client_id: client_id?,
             },
+            request_id: request_id?,
             confirmation_code: confirmation_code?,
             password: password?,
             pass_through,
@@ -114,6 +118,7 @@ mod tests {
             confirmation_code: String::new(),
             password: "has space".into(),
             client_id: "bad-id".into(),
+            request_id: "not-a-uuid".into(),
             user_context: Some(pb::UserContext {
                 ip_address: "x".repeat(131_073),
                 encoded_data: String::new(),
@@ -129,6 +134,7 @@ mod tests {
                 "confirmation_code",
                 "password",
                 "client_id",
+                "request_id",
                 "user_context.ip_address"
             ]
         );
@@ -147,9 +153,14 @@ mod tests {
                 encoded_data: String::new(),
             }),
             analytics_endpoint_id: "endpoint".into(),
+            request_id: "123E4567-E89B-42D3-A456-426614174000".into(),
         })
         .unwrap();
         assert_eq!(request.account.client_id, None);
+        assert_eq!(
+            request.request_id.unwrap().to_string(),
+            "123e4567-e89b-42d3-a456-426614174000"
+        );
         assert_eq!(
             request.pass_through.analytics_endpoint_id.as_deref(),
             Some("endpoint")

@@ -26,7 +26,9 @@ use crate::cognito::{AppClient, Budget, Cognito, UpstreamError};
 use crate::domain::{
     Account, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, PoolUser, Rpc,
 };
+use crate::error::Classified;
 use crate::error::Error;
+use crate::idempotency::{Claim, Idempotency, Remembered, Running as IdempotentRun, Ticket};
 use crate::limits::Limits;
 use crate::masking::{CodeError, Mask, Masking};
 use crate::privacy::UsernameHasher;
@@ -65,6 +67,8 @@ struct Shared {
     usernames: UsernameHasher,
     masking: Masking,
     calls: Arc<InFlightCalls>,
+    /// The outcomes of calls with a `request_id`, for their retries.
+    idempotency: Idempotency,
 }
 
 /// The PasswordRecovery service, behind every door.
@@ -98,6 +102,7 @@ impl Service {
         usernames: UsernameHasher,
         masking: Masking,
         calls: Arc<InFlightCalls>,
+        idempotency: Idempotency,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -107,6 +112,7 @@ impl Service {
                 usernames,
                 masking,
                 calls,
+                idempotency,
             }),
         }
     }
@@ -148,8 +154,8 @@ impl Service {
         run: F,
     ) -> Reply<T>
     where
-        R: AsRef<Account> + Send + 'static,
-        T: Send + 'static,
+        R: Retryable + Send + 'static,
+        T: Rememberable + Send + 'static,
         F: FnOnce(Arc<Shared>, R, Served) -> Fut + Send + 'static,
         Fut: Future<Output = Outcome<T>> + Send + 'static,
     {
@@ -170,6 +176,16 @@ impl Service {
         let subject = shared.subject(account, client.as_deref());
         // An unknown client is refused before any upstream call: its budget does not matter.
         let timeout = client.as_ref().map_or(Duration::ZERO, |c| c.timeout);
+        let ticket = client
+            .as_deref()
+            .and_then(|client| shared.ticket(&request, &call, client));
+        // The caller is answered at its deadline; a call with a request_id keeps waiting for
+        // Cognito, within COGNITO_TIMEOUT, so that its retry can be told what happened.
+        let caller_budget = call.budget(timeout);
+        let upstream_budget = match ticket {
+            Some(_) => call.budget_without_caller(timeout),
+            None => caller_budget,
+        };
         let request_id = call.request_id().to_owned();
         let caller_gone = CancellationToken::new();
         let span = call.span().clone();
@@ -178,21 +194,37 @@ impl Service {
         let task = {
             let caller_gone = caller_gone.clone();
             async move {
+                let ending = || match caller_gone.is_cancelled() {
+                    true => Ending::CallerGone,
+                    false => Ending::Answered,
+                };
+                let running = match ticket {
+                    Some(ticket) => match shared.claim(ticket, caller_budget).await {
+                        Ok(running) => running,
+                        Err(Answered::Replay(result)) => {
+                            return call.replay(Some(&subject), result, ending());
+                        }
+                        Err(Answered::Refused(error)) => {
+                            let refused = Outcome::plain(Err(error));
+                            return call.finish(Some(&subject), refused, ending());
+                        }
+                    },
+                    None => None,
+                };
                 let served = Served {
                     rpc: call.rpc(),
                     caller: call.caller().clone(),
                     client,
-                    budget: call.budget(timeout),
+                    budget: upstream_budget,
                     caller_gone: caller_gone.clone(),
                 };
                 let work = run(shared.clone(), request, served);
                 tokio::select! {
                     outcome = work => {
-                        let ending = match caller_gone.is_cancelled() {
-                            true => Ending::CallerGone,
-                            false => Ending::Answered,
-                        };
-                        call.finish(Some(&subject), outcome, ending)
+                        if let Some(running) = running {
+                            running.finish(remembered(&outcome));
+                        }
+                        call.finish(Some(&subject), outcome, ending())
                     }
                     () = abandon.cancelled() => {
                         shared.calls.abandoned.fetch_add(1, Ordering::SeqCst);
@@ -202,15 +234,124 @@ impl Service {
             }
             .instrument(span)
         };
-        let joined = self.shared.calls.tasks.spawn(task).await;
+        let mut handle = self.shared.calls.tasks.spawn(task);
+        let joined = match (ticket, caller_budget.set_by_caller) {
+            (Some(_), true) => tokio::select! {
+                joined = &mut handle => joined,
+                () = tokio::time::sleep_until(caller_budget.deadline) => {
+                    // The call goes on, and its outcome is remembered for the retry.
+                    return Reply {
+                        request_id,
+                        result: Err(Box::new(timed_out(caller_budget).classify())),
+                        replayed: false,
+                    };
+                }
+            },
+            _ => handle.await,
+        };
         guard.disarm();
         joined.unwrap_or_else(|err| {
             tracing::error!(error = %err, "a call's task failed");
             Reply {
                 request_id,
                 result: Err(Box::new(Error::Internal.classify())),
+                replayed: false,
             }
         })
+    }
+}
+
+/// A validated request, as idempotency sees it.
+pub(crate) trait Retryable: AsRef<Account> {
+    /// Its AIP-155 `request_id`.
+    fn request_id(&self) -> Option<uuid::Uuid>;
+    /// Everything it asks, which a retry must ask alike.
+    fn asks(&self) -> Vec<&[u8]>;
+}
+
+impl Retryable for ForgotPassword {
+    fn request_id(&self) -> Option<uuid::Uuid> {
+        self.request_id
+    }
+
+    fn asks(&self) -> Vec<&[u8]> {
+        vec![self.account.username.as_str().as_bytes()]
+    }
+}
+
+impl Retryable for ConfirmForgotPassword {
+    fn request_id(&self) -> Option<uuid::Uuid> {
+        self.request_id
+    }
+
+    fn asks(&self) -> Vec<&[u8]> {
+        vec![
+            self.account.username.as_str().as_bytes(),
+            self.confirmation_code.expose().as_bytes(),
+            self.password.expose().as_bytes(),
+        ]
+    }
+}
+
+/// An answer that can be remembered and replayed.
+pub(crate) trait Rememberable: Sized {
+    fn remember(&self) -> Remembered;
+    fn replayed(remembered: &Remembered) -> Option<Self>;
+}
+
+impl Rememberable for CodeDelivery {
+    fn remember(&self) -> Remembered {
+        Remembered::Delivery(self.clone())
+    }
+
+    fn replayed(remembered: &Remembered) -> Option<Self> {
+        match remembered {
+            Remembered::Delivery(delivery) => Some(delivery.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl Rememberable for () {
+    fn remember(&self) -> Remembered {
+        Remembered::Confirmed
+    }
+
+    fn replayed(remembered: &Remembered) -> Option<Self> {
+        matches!(remembered, Remembered::Confirmed).then_some(())
+    }
+}
+
+/// What an outcome is remembered as: only one Cognito decided (its success, or its error
+/// answer, masked or not), as the caller saw it; `None` for one refused here or unknown.
+fn remembered<T: Rememberable>(outcome: &Outcome<T>) -> Option<Remembered> {
+    match &outcome.result {
+        Ok(answer) => Some(answer.remember()),
+        Err(error) => {
+            let decided = outcome.masked.is_some()
+                || matches!(
+                    error,
+                    Error::Upstream(UpstreamError::Service { .. }) | Error::CodeRefused { .. }
+                );
+            decided.then(|| Remembered::Failed(Box::new(error.classify())))
+        }
+    }
+}
+
+/// How a call with a `request_id` was answered without running.
+enum Answered<T> {
+    /// The remembered outcome of the earlier call.
+    Replay(Result<T, Box<Classified>>),
+    /// Refused: the id reused for another request, or the caller's deadline came while the
+    /// earlier call ran.
+    Refused(Error),
+}
+
+/// A remembered answer as the reply it was.
+fn replay<T: Rememberable>(answer: &Remembered) -> Result<T, Box<Classified>> {
+    match answer {
+        Remembered::Failed(error) => Err(error.clone()),
+        answer => T::replayed(answer).ok_or_else(|| Box::new(Error::Internal.classify())),
     }
 }
 
@@ -246,6 +387,52 @@ impl Drop for CallerGone {
 }
 
 impl Shared {
+    /// The ticket of a call with a `request_id`: who asks (the caller, the user pool, the RPC,
+    /// the id) and what (everything the request asks, and the app client).
+    fn ticket<R: Retryable>(&self, request: &R, call: &Call, client: &AppClient) -> Option<Ticket> {
+        let id = request.request_id()?;
+        let pool = client.pool.as_deref().unwrap_or(client.id.as_str());
+        let who: [&[u8]; 4] = [
+            call.caller().name.as_bytes(),
+            pool.as_bytes(),
+            call.rpc().method().as_bytes(),
+            id.as_bytes(),
+        ];
+        let mut what = request.asks();
+        what.push(client.id.as_str().as_bytes());
+        Some(self.idempotency.ticket(&who, &what))
+    }
+
+    /// Claims `ticket`: the call runs (with what it must finish, unless no more outcomes can
+    /// be remembered), or is answered at once: the earlier call's outcome (waited for, within
+    /// `budget`, while it runs), or a refusal.
+    async fn claim<T: Rememberable>(
+        &self,
+        ticket: Ticket,
+        budget: Budget,
+    ) -> Result<Option<IdempotentRun>, Answered<T>> {
+        loop {
+            let mut running = match self.idempotency.claim(ticket) {
+                Claim::First(running) => return Ok(Some(running)),
+                Claim::Full => return Ok(None),
+                Claim::Reused => return Err(Answered::Refused(Error::RequestIdReused)),
+                Claim::Replay(answer) => return Err(Answered::Replay(replay(&answer))),
+                Claim::Wait(running) => running,
+            };
+            let decided =
+                tokio::time::timeout_at(budget.deadline, running.wait_for(Option::is_some));
+            let answer = match decided.await {
+                Err(_) => return Err(Answered::Refused(timed_out(budget))),
+                Ok(Err(_)) => None,
+                Ok(Ok(decided)) => decided.clone().flatten(),
+            };
+            if let Some(answer) = answer {
+                return Err(Answered::Replay(replay(&answer)));
+            }
+            // The earlier call was not remembered: this one runs, unless another claimed first.
+        }
+    }
+
     fn subject(&self, account: &Account, client: Option<&AppClient>) -> Subject {
         let pool = client.and_then(|c| c.pool.as_deref());
         Subject {

@@ -813,6 +813,7 @@ mod tests {
                 username: Username::parse("username", "a".into()).unwrap(),
                 client_id: None,
             },
+            request_id: None,
             pass_through: PassThrough::default(),
         };
         let budget = Budget::new(Instant::now(), client.timeout, None);

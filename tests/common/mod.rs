@@ -196,6 +196,7 @@ pub fn shipped_memory_bound() -> u64 {
         default_number("MAX_CONCURRENT_CALLS"),
         default_number("MAX_REQUEST_BYTES"),
         default_number("USERNAME_RATE_LIMIT_MAX_KEYS"),
+        default_number("IDEMPOTENCY_MAX_KEYS"),
     )
 }
 

@@ -1,0 +1,338 @@
+//! Idempotent calls (AIP-155, README "Retries"): a call with a `request_id` is remembered for
+//! `IDEMPOTENCY_WINDOW` by (caller, user pool, RPC, request id), with a keyed hash of what it
+//! asked; a retry is answered the first call's outcome, as that caller saw it, without a second
+//! call to Cognito. A duplicate that arrives while the first is running waits for it. The same
+//! id with another request is refused (`REQUEST_ID_REUSED`). Only outcomes Cognito decided are
+//! remembered; a call refused here, or whose upstream outcome is unknown, is forgotten, so its
+//! retry runs again. No username, code or password is stored: keys and fingerprints are keyed
+//! hashes, answers are what the caller was sent. At most `IDEMPOTENCY_MAX_KEYS` are held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::domain::CodeDelivery;
+use crate::error::Classified;
+use crate::privacy::hmac;
+
+/// What a remembered call was answered, as its caller saw it.
+#[derive(Debug, Clone)]
+pub(crate) enum Remembered {
+    /// ForgotPassword's delivery details (real or simulated).
+    Delivery(CodeDelivery),
+    /// ConfirmForgotPassword's success.
+    Confirmed,
+    /// The error it was answered.
+    Failed(Box<Classified>),
+}
+
+/// The most of an answer remembered (its texts): a longer one (a long Lambda trigger message)
+/// is not, so one remembered outcome holds at most about 2 KiB ([`crate::memory`]).
+pub(crate) const MAX_ANSWER_BYTES: usize = 1024;
+
+impl Remembered {
+    /// About how many bytes of text it holds.
+    fn text_bytes(&self) -> usize {
+        match self {
+            Self::Delivery(delivery) => delivery.destination.len() + delivery.attribute_name.len(),
+            Self::Confirmed => 0,
+            Self::Failed(error) => {
+                let details = &error.details;
+                let violations: usize = details.bad_request().map_or(0, |bad| {
+                    bad.field_violations
+                        .iter()
+                        .map(|v| v.field.len() + v.description.len())
+                        .sum()
+                });
+                let quota: usize = details.quota_failure().map_or(0, |quota| {
+                    quota
+                        .violations
+                        .iter()
+                        .map(|v| v.subject.len() + v.description.len())
+                        .sum()
+                });
+                let info: usize = details.error_info().map_or(0, |info| {
+                    info.metadata.iter().map(|(k, v)| k.len() + v.len()).sum()
+                });
+                error.message.len() + violations + quota + info
+            }
+        }
+    }
+}
+
+/// A call's key and the fingerprint of its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    key: [u8; 32],
+    fingerprint: [u8; 32],
+}
+
+enum Entry {
+    /// The first call is running; its outcome, once decided, is sent here (`None`: forgotten).
+    Running {
+        fingerprint: [u8; 32],
+        done: watch::Receiver<Option<Option<Arc<Remembered>>>>,
+    },
+    /// Decided, and remembered until `until`.
+    Done {
+        fingerprint: [u8; 32],
+        until: Instant,
+        answer: Arc<Remembered>,
+    },
+}
+
+/// What a call with a `request_id` is to do.
+pub(crate) enum Claim {
+    /// It is the first: run it, then [`Running::finish`] it.
+    First(Running),
+    /// A call with the same id and request was answered this.
+    Replay(Arc<Remembered>),
+    /// A call with the same id and request is running: wait for its outcome.
+    Wait(watch::Receiver<Option<Option<Arc<Remembered>>>>),
+    /// The same id came with another request.
+    Reused,
+    /// Every place is held by a remembered outcome still in its window: run it unremembered.
+    Full,
+}
+
+/// The remembered calls.
+pub(crate) struct Idempotency {
+    window: Duration,
+    max_keys: usize,
+    key: [u8; 32],
+    entries: Arc<Mutex<HashMap<[u8; 32], Entry>>>,
+}
+
+impl std::fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("window", &self.window)
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `parts`, each prefixed by its length, so that no two lists of parts hash alike.
+fn framed(parts: &[&[u8]]) -> Vec<Vec<u8>> {
+    parts
+        .iter()
+        .map(|part| {
+            let mut framed = (part.len() as u64).to_be_bytes().to_vec();
+            framed.extend_from_slice(part);
+            framed
+        })
+        .collect()
+}
+
+impl Idempotency {
+    /// Calls remembered for `window`, at most `max_keys` of them, hashed under `key`.
+    pub(crate) fn new(window: Duration, max_keys: usize, key: [u8; 32]) -> Self {
+        Self {
+            window,
+            max_keys,
+            key,
+            entries: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The ticket of a call: its key from `who` (caller, user pool, RPC, request id), its
+    /// fingerprint from `what` (everything it asks).
+    pub(crate) fn ticket(&self, who: &[&[u8]], what: &[&[u8]]) -> Ticket {
+        let hash = |parts: &[&[u8]]| {
+            let framed = framed(parts);
+            let refs: Vec<&[u8]> = framed.iter().map(Vec::as_slice).collect();
+            hmac(&self.key, &refs)
+        };
+        Ticket {
+            key: hash(who),
+            fingerprint: hash(what),
+        }
+    }
+
+    /// What the call of `ticket` is to do.
+    pub(crate) fn claim(&self, ticket: Ticket) -> Claim {
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(&ticket.key) {
+            Some(Entry::Done {
+                fingerprint,
+                until,
+                answer,
+            }) if *until > now => {
+                return match *fingerprint == ticket.fingerprint {
+                    true => Claim::Replay(answer.clone()),
+                    false => Claim::Reused,
+                };
+            }
+            Some(Entry::Running { fingerprint, done }) => {
+                return match *fingerprint == ticket.fingerprint {
+                    true => Claim::Wait(done.clone()),
+                    false => Claim::Reused,
+                };
+            }
+            Some(Entry::Done { .. }) | None => {}
+        }
+        if entries.len() >= self.max_keys && !entries.contains_key(&ticket.key) {
+            entries.retain(|_, entry| match entry {
+                Entry::Done { until, .. } => *until > now,
+                Entry::Running { .. } => true,
+            });
+            if entries.len() >= self.max_keys {
+                return Claim::Full;
+            }
+        }
+        let (send, done) = watch::channel(None);
+        entries.insert(
+            ticket.key,
+            Entry::Running {
+                fingerprint: ticket.fingerprint,
+                done,
+            },
+        );
+        Claim::First(Running {
+            ticket,
+            send: Some(send),
+            window: self.window,
+            entries: self.entries.clone(),
+        })
+    }
+
+    /// How many calls are remembered or running.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap().len()
+    }
+}
+
+/// The first call of a ticket, running. Dropped unfinished, it is forgotten.
+pub(crate) struct Running {
+    ticket: Ticket,
+    send: Option<watch::Sender<Option<Option<Arc<Remembered>>>>>,
+    window: Duration,
+    entries: Arc<Mutex<HashMap<[u8; 32], Entry>>>,
+}
+
+impl Running {
+    /// The call was answered `answer`: remembered when `Some` (Cognito decided it), else
+    /// forgotten so that a retry runs again. Calls waiting for it are told either way.
+    pub(crate) fn finish(mut self, answer: Option<Remembered>) {
+        let answer = answer
+            .filter(|answer| answer.text_bytes() <= MAX_ANSWER_BYTES)
+            .map(Arc::new);
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            match &answer {
+                Some(answer) => {
+                    entries.insert(
+                        self.ticket.key,
+                        Entry::Done {
+                            fingerprint: self.ticket.fingerprint,
+                            until: Instant::now() + self.window,
+                            answer: answer.clone(),
+                        },
+                    );
+                }
+                None => {
+                    entries.remove(&self.ticket.key);
+                }
+            }
+        }
+        if let Some(send) = self.send.take() {
+            let _ = send.send(Some(answer));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(send) = self.send.take() {
+            self.entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.ticket.key);
+            let _ = send.send(Some(None));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max_keys: usize) -> Idempotency {
+        Idempotency::new(Duration::from_secs(3600), max_keys, [7; 32])
+    }
+
+    #[tokio::test]
+    async fn a_decided_call_is_replayed_and_its_id_never_reused_for_another_request() {
+        let store = store(10);
+        let ticket = store.ticket(&[b"caller", b"id-1"], &[b"ann"]);
+        let Claim::First(first) = store.claim(ticket) else {
+            panic!("the first call runs");
+        };
+        let Claim::Wait(mut waiting) = store.claim(ticket) else {
+            panic!("a duplicate waits");
+        };
+        assert!(matches!(
+            store.claim(store.ticket(&[b"caller", b"id-1"], &[b"bob"])),
+            Claim::Reused
+        ));
+        first.finish(Some(Remembered::Confirmed));
+        waiting.changed().await.unwrap();
+        assert!(matches!(
+            waiting.borrow().as_ref(),
+            Some(Some(answer)) if matches!(**answer, Remembered::Confirmed)
+        ));
+        assert!(matches!(store.claim(ticket), Claim::Replay(_)));
+        assert!(matches!(
+            store.claim(store.ticket(&[b"caller", b"id-1"], &[b"bob"])),
+            Claim::Reused
+        ));
+        // Framed parts: ("ab", "c") is not ("a", "bc").
+        assert_ne!(
+            store.ticket(&[b"ab", b"c"], &[]),
+            store.ticket(&[b"a", b"bc"], &[])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_undecided_call_is_forgotten_and_its_waiters_told() {
+        let store = store(10);
+        let ticket = store.ticket(&[b"caller", b"id-2"], &[b"ann"]);
+        let Claim::First(first) = store.claim(ticket) else {
+            panic!("the first call runs");
+        };
+        let Claim::Wait(mut waiting) = store.claim(ticket) else {
+            panic!("a duplicate waits");
+        };
+        drop(first);
+        waiting.changed().await.unwrap();
+        assert!(matches!(waiting.borrow().as_ref(), Some(None)));
+        assert!(matches!(store.claim(ticket), Claim::First(_)));
+    }
+
+    #[test]
+    fn memory_is_bounded_and_expired_outcomes_make_room() {
+        let expiring = Idempotency::new(Duration::ZERO, 2, [7; 32]);
+        for id in [b"1", b"2"] {
+            let Claim::First(first) = expiring.claim(expiring.ticket(&[id], &[])) else {
+                panic!("room for two");
+            };
+            first.finish(Some(Remembered::Confirmed));
+        }
+        // Both expired at once (a zero window): a third makes room.
+        assert!(matches!(
+            expiring.claim(expiring.ticket(&[b"3"], &[])),
+            Claim::First(_)
+        ));
+        let full = store(1);
+        let Claim::First(_running) = full.claim(full.ticket(&[b"1"], &[])) else {
+            panic!("room for one");
+        };
+        assert!(matches!(full.claim(full.ticket(&[b"2"], &[])), Claim::Full));
+        assert_eq!(full.len(), 1);
+    }
+}

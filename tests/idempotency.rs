@@ -1,0 +1,242 @@
+//! Retries with a `request_id` (AIP-155): a retry is answered the first call's outcome without a
+//! second call to Cognito (the fake counts every request it receives), marked
+//! `idempotent-replayed`; concurrent duplicates share one upstream call; another request with the
+//! same id is refused; what Cognito did not decide is not remembered; by both doors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::tools::curl;
+use common::{TestApp, assert_error, confirm, forgot};
+use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
+use tonic::{Code, Request};
+
+const ID: &str = "5f1c9d1e-8a4b-4c2e-9f3a-2b7d6e8c1a40";
+
+fn forgot_with(username: &str, id: &str) -> ForgotPasswordRequest {
+    ForgotPasswordRequest {
+        request_id: id.into(),
+        ..forgot(username)
+    }
+}
+
+fn confirm_with(username: &str, id: &str) -> ConfirmForgotPasswordRequest {
+    ConfirmForgotPasswordRequest {
+        request_id: id.into(),
+        ..confirm(username)
+    }
+}
+
+fn replayed<T>(response: &tonic::Response<T>) -> bool {
+    response
+        .metadata()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}
+
+/// An answer of Cognito's that comes after `pause`.
+fn late(pause: Duration, reply: common::Reply) -> common::Reply {
+    common::Reply::After(pause, Box::new(reply))
+}
+
+#[tokio::test]
+async fn a_retry_after_the_deadline_gets_the_outcome_cognito_gave_and_sends_nothing_more() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client().await;
+    let delivered = common::Reply::Ok(serde_json::json!({"CodeDeliveryDetails": {
+        "Destination": "a***@e***", "DeliveryMedium": "EMAIL", "AttributeName": "email"
+    }}));
+    app.cognito
+        .script([late(Duration::from_millis(400), delivered)]);
+    let mut hurried = Request::new(forgot_with("ann@example.com", ID));
+    hurried.set_timeout(Duration::from_millis(150));
+    let lost = client.forgot_password(hurried).await.unwrap_err();
+    assert_eq!(lost.code(), Code::DeadlineExceeded, "{lost:?}");
+
+    // The retry waits for the first call, still waiting on Cognito, or gets what it got.
+    let retry = client
+        .forgot_password(forgot_with("ann@example.com", ID))
+        .await
+        .unwrap();
+    assert!(replayed(&retry), "{:?}", retry.metadata());
+    let details = retry.into_inner().code_delivery_details.unwrap();
+    assert_eq!(details.destination, "a***@e***");
+    assert_eq!(app.cognito.recorded().len(), 1, "one code sent");
+
+    // ConfirmForgotPassword: the password was changed; the retry must not be a code error.
+    app.cognito.script([late(
+        Duration::from_millis(400),
+        common::Reply::Ok(serde_json::json!({})),
+    )]);
+    let mut hurried = Request::new(confirm_with("ann@example.com", ID));
+    hurried.set_timeout(Duration::from_millis(150));
+    client.confirm_forgot_password(hurried).await.unwrap_err();
+    app.cognito
+        .script([common::Reply::error("ExpiredCodeException")]);
+    let retry = client
+        .confirm_forgot_password(confirm_with("ann@example.com", ID))
+        .await
+        .expect("the reset that was done is reported done");
+    assert!(replayed(&retry));
+    assert_eq!(app.cognito.recorded().len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_make_one_upstream_call_and_get_one_answer() {
+    let app = TestApp::spawn().await;
+    app.cognito.script([late(
+        Duration::from_millis(300),
+        common::Reply::Ok(serde_json::json!({"CodeDeliveryDetails": {
+            "Destination": "b***@e***", "DeliveryMedium": "EMAIL", "AttributeName": "email"
+        }})),
+    )]);
+    let channel = app.channel().await;
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut client =
+                password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient::new(
+                    channel.clone(),
+                );
+            tokio::spawn(async move { client.forgot_password(forgot_with("bob", ID)).await })
+        })
+        .collect();
+    let mut replays = 0;
+    for call in calls {
+        let answer = call.await.unwrap().unwrap();
+        replays += usize::from(replayed(&answer));
+        let details = answer.into_inner().code_delivery_details.unwrap();
+        assert_eq!(details.destination, "b***@e***");
+    }
+    assert_eq!(replays, 4, "every duplicate is the first call's answer");
+    assert_eq!(app.cognito.recorded().len(), 1);
+}
+
+#[tokio::test]
+async fn the_same_id_for_another_request_is_refused_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client().await;
+    client
+        .forgot_password(forgot_with("carol", ID))
+        .await
+        .unwrap();
+    let reused = client
+        .forgot_password(forgot_with("dave", ID))
+        .await
+        .unwrap_err();
+    assert_error(&reused, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    let bad = tonic_types::StatusExt::get_details_bad_request(&reused).unwrap();
+    assert_eq!(bad.field_violations[0].field, "request_id");
+    // Another RPC is another call: the same id is its own there.
+    client
+        .confirm_forgot_password(confirm_with("carol", ID))
+        .await
+        .unwrap();
+    // A password that differs is another request too.
+    let reused = client
+        .confirm_forgot_password(ConfirmForgotPasswordRequest {
+            password: "An0ther-Passw0rd!".into(),
+            ..confirm_with("carol", ID)
+        })
+        .await
+        .unwrap_err();
+    assert_error(&reused, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    assert_eq!(app.cognito.recorded().len(), 2);
+
+    let invalid = client
+        .forgot_password(forgot_with("carol", "not-a-uuid"))
+        .await
+        .unwrap_err();
+    let info = assert_error(&invalid, Code::InvalidArgument, "INVALID_REQUEST");
+    assert!(invalid.message().contains("request_id"), "{info:?}");
+}
+
+#[tokio::test]
+async fn what_cognito_did_not_decide_is_not_remembered_and_a_window_ends() {
+    let app = TestApp::spawn_with(&[("COGNITO_TIMEOUT", "200ms")]).await;
+    let mut client = app.client().await;
+    app.cognito.script([common::Reply::Hang]);
+    let timed_out = client
+        .forgot_password(forgot_with("erin", ID))
+        .await
+        .unwrap_err();
+    assert_error(&timed_out, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT");
+    let retry = client
+        .forgot_password(forgot_with("erin", ID))
+        .await
+        .unwrap();
+    assert!(!replayed(&retry), "an unknown outcome runs again");
+    assert_eq!(app.cognito.recorded().len(), 2);
+
+    let app = TestApp::spawn_with(&[("IDEMPOTENCY_WINDOW", "1ns")]).await;
+    let mut client = app.client().await;
+    client
+        .forgot_password(forgot_with("erin", ID))
+        .await
+        .unwrap();
+    let again = client
+        .forgot_password(forgot_with("erin", ID))
+        .await
+        .unwrap();
+    assert!(!replayed(&again), "past its window a call is new");
+    assert_eq!(app.cognito.recorded().len(), 2);
+}
+
+#[tokio::test]
+async fn a_masked_answer_is_replayed_as_it_was_and_a_replay_charges_no_limit() {
+    let app = TestApp::spawn_with(&[("USERNAME_RATE_LIMIT", "1/1h")]).await;
+    let mut client = app.client().await;
+    app.cognito
+        .script([common::Reply::error("UserNotFoundException")]);
+    let first = client
+        .forgot_password(forgot_with("nobody@example.com", ID))
+        .await
+        .unwrap();
+    assert!(!replayed(&first));
+    let again = client
+        .forgot_password(forgot_with("nobody@example.com", ID))
+        .await
+        .unwrap();
+    assert!(replayed(&again));
+    assert_eq!(first.into_inner(), again.into_inner());
+    assert_eq!(app.cognito.recorded().len(), 1);
+    // The user's one call an hour was charged once: a new request is refused.
+    let limited = client
+        .forgot_password(forgot("nobody@example.com"))
+        .await
+        .unwrap_err();
+    assert_error(&limited, Code::ResourceExhausted, "RATE_LIMITED");
+}
+
+#[tokio::test]
+async fn a_call_by_grpc_is_replayed_to_its_retry_by_the_json_door() {
+    let app = TestApp::spawn().await;
+    app.client()
+        .await
+        .forgot_password(forgot_with("fay", ID))
+        .await
+        .unwrap();
+    let url = format!(
+        "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
+        app.addr
+    );
+    let body = format!(r#"{{"username": "fay", "requestId": "{ID}"}}"#);
+    let output = tokio::process::Command::new(curl())
+        .args([
+            "--silent",
+            "--include",
+            "--header",
+            "content-type: application/json",
+            "--data-binary",
+            &body,
+            &url,
+        ])
+        .output()
+        .await
+        .expect("curl runs");
+    let answer = String::from_utf8_lossy(&output.stdout).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("idempotent-replayed: true"), "{answer}");
+    assert!(answer.contains("a***@e***"), "{answer}");
+    assert_eq!(app.cognito.recorded().len(), 1);
+}
