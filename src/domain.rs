@@ -310,6 +310,17 @@ impl ClientMetadata {
     pub(crate) fn into_map(self) -> Option<HashMap<String, String>> {
         (!self.0.is_empty()).then_some(self.0)
     }
+
+    /// Its pairs, sorted by key.
+    pub(crate) fn sorted(&self) -> Vec<(&str, &str)> {
+        let mut pairs: Vec<(&str, &str)> = self
+            .0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        pairs.sort_unstable();
+        pairs
+    }
 }
 
 /// The end user's context for Cognito's threat protection.

@@ -16,7 +16,14 @@ use tokio::time::Instant;
 
 use crate::domain::CodeDelivery;
 use crate::error::Classified;
+use crate::metrics as m;
 use crate::privacy::hmac;
+use crate::telemetry::Occasionally;
+
+/// A full table is swept of expired outcomes at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// A full table is logged at warn at most this often.
+static FULL_WARNING: Occasionally = Occasionally::every(Duration::from_secs(60));
 
 /// What a remembered call was answered, as its caller saw it.
 #[derive(Debug, Clone)]
@@ -104,6 +111,8 @@ pub(crate) struct Idempotency {
     max_keys: usize,
     key: [u8; 32],
     entries: Arc<Mutex<HashMap<[u8; 32], Entry>>>,
+    /// When the full table was last swept of expired outcomes.
+    swept: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -135,6 +144,7 @@ impl Idempotency {
             max_keys,
             key,
             entries: Arc::new(Mutex::new(HashMap::new())),
+            swept: Mutex::new(None),
         }
     }
 
@@ -176,11 +186,26 @@ impl Idempotency {
             Some(Entry::Done { .. }) | None => {}
         }
         if entries.len() >= self.max_keys && !entries.contains_key(&ticket.key) {
-            entries.retain(|_, entry| match entry {
-                Entry::Done { until, .. } => *until > now,
-                Entry::Running { .. } => true,
-            });
+            // Expired outcomes are swept when the table is full, at most once a second, so a
+            // flood of new ids cannot turn every call into a sweep.
+            let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+            if swept.is_none_or(|at| now.duration_since(at) >= SWEEP_INTERVAL) {
+                *swept = Some(now);
+                entries.retain(|_, entry| match entry {
+                    Entry::Done { until, .. } => *until > now,
+                    Entry::Running { .. } => true,
+                });
+            }
             if entries.len() >= self.max_keys {
+                metrics::counter!(m::IDEMPOTENCY_FULL).increment(1);
+                if let Some(held_back) = FULL_WARNING.due() {
+                    tracing::warn!(
+                        max_keys = self.max_keys,
+                        since_last_warning = held_back,
+                        "IDEMPOTENCY_MAX_KEYS reached: calls with a request_id run unremembered \
+                         until outcomes leave their window"
+                    );
+                }
                 return Claim::Full;
             }
         }

@@ -47,6 +47,8 @@ pub const REQUEST_TIMEOUTS: &str = "grpc_request_timeouts_total";
 /// Calls answered the remembered outcome of an earlier call with the same request_id, by
 /// `grpc_method`.
 pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
+/// Calls with a request_id run unremembered because `IDEMPOTENCY_MAX_KEYS` outcomes were held.
+pub const IDEMPOTENCY_FULL: &str = "idempotency_unremembered_total";
 /// Callers policy changes noticed, by `result`: `reloaded`, or `failed` (the previous policy
 /// stays in force).
 pub const CALLERS_RELOADS: &str = "callers_policy_reloads_total";
@@ -128,6 +130,10 @@ fn describe() {
     describe_counter!(
         IDEMPOTENT_REPLAYS,
         "Calls answered the remembered outcome of an earlier call with the same request_id"
+    );
+    describe_counter!(
+        IDEMPOTENCY_FULL,
+        "Calls with a request_id run unremembered: IDEMPOTENCY_MAX_KEYS outcomes were held"
     );
     describe_counter!(
         CALLERS_RELOADS,

@@ -127,6 +127,15 @@ async fn the_same_id_for_another_request_is_refused_naming_the_field() {
     assert_error(&reused, Code::InvalidArgument, "REQUEST_ID_REUSED");
     let bad = tonic_types::StatusExt::get_details_bad_request(&reused).unwrap();
     assert_eq!(bad.field_violations[0].field, "request_id");
+    // What is passed to the Lambda triggers is part of the request too.
+    let reused = client
+        .forgot_password(ForgotPasswordRequest {
+            client_metadata: [("source".to_owned(), "app".to_owned())].into(),
+            ..forgot_with("carol", ID)
+        })
+        .await
+        .unwrap_err();
+    assert_error(&reused, Code::InvalidArgument, "REQUEST_ID_REUSED");
     // Another RPC is another call: the same id is its own there.
     client
         .confirm_forgot_password(confirm_with("carol", ID))
@@ -239,4 +248,71 @@ async fn a_call_by_grpc_is_replayed_to_its_retry_by_the_json_door() {
     assert!(answer.contains("idempotent-replayed: true"), "{answer}");
     assert!(answer.contains("a***@e***"), "{answer}");
     assert_eq!(app.cognito.recorded().len(), 1);
+}
+
+#[tokio::test]
+async fn an_error_cognito_gave_for_good_is_replayed_marked_and_one_a_retry_may_change_is_not() {
+    let app = TestApp::spawn_with(&[("ENUMERATION_PROTECTION", "false")]).await;
+    let mut client = app.client().await;
+    app.cognito
+        .script([common::Reply::error("InvalidPasswordException")]);
+    let first = client
+        .confirm_forgot_password(confirm_with("gus", ID))
+        .await
+        .unwrap_err();
+    assert_error(&first, Code::InvalidArgument, "INVALID_PASSWORD");
+    let again = client
+        .confirm_forgot_password(confirm_with("gus", ID))
+        .await
+        .unwrap_err();
+    assert_error(&again, Code::InvalidArgument, "INVALID_PASSWORD");
+    assert_eq!(again.message(), first.message());
+    assert_eq!(
+        again.metadata().get("idempotent-replayed").unwrap(),
+        "true",
+        "the marker travels in the trailers of an error"
+    );
+    assert_eq!(app.cognito.recorded().len(), 1);
+
+    // Cognito's internal error may be gone on the retry: it runs again.
+    app.cognito
+        .script([common::Reply::error("InternalErrorException")]);
+    let first = client
+        .forgot_password(forgot_with("gus", ID))
+        .await
+        .unwrap_err();
+    assert_error(&first, Code::Unavailable, "INTERNAL_ERROR");
+    let retry = client
+        .forgot_password(forgot_with("gus", ID))
+        .await
+        .unwrap();
+    assert!(!replayed(&retry));
+    assert_eq!(app.cognito.recorded().len(), 3);
+}
+
+#[tokio::test]
+async fn a_refusal_is_never_replayed_masked_or_not() {
+    // Cognito's attempt limit, which only an existing account reaches, is answered as this
+    // service's own per-username limit: neither is remembered, so a retry cannot tell them
+    // apart by a replay marker.
+    let app = TestApp::spawn_with(&[("USERNAME_RATE_LIMIT", "5/6h")]).await;
+    let mut client = app.client().await;
+    app.cognito
+        .script([common::Reply::error("LimitExceededException")]);
+    let first = client
+        .forgot_password(forgot_with("hal@example.com", ID))
+        .await
+        .unwrap_err();
+    assert_error(&first, Code::ResourceExhausted, "RATE_LIMITED");
+    let retry = client
+        .forgot_password(forgot_with("hal@example.com", ID))
+        .await
+        .unwrap_err();
+    assert_error(&retry, Code::ResourceExhausted, "RATE_LIMITED");
+    assert!(retry.metadata().get("idempotent-replayed").is_none());
+    assert_eq!(
+        app.cognito.recorded().len(),
+        1,
+        "the own limit refused the retry"
+    );
 }

@@ -116,6 +116,20 @@ pub(crate) enum Ending {
     Answered,
     /// The caller cancelled or went away first; the outcome is recorded all the same.
     CallerGone,
+    /// The caller was answered at its deadline (`UPSTREAM_TIMEOUT`) while the call, which has
+    /// a `request_id`, went on for its retry to be told its outcome.
+    AnsweredAtDeadline,
+}
+
+impl Ending {
+    /// The gRPC code the caller got, when the outcome's own `code` is not it.
+    fn caller_code(self, code: &'static str) -> &'static str {
+        match self {
+            Self::Answered => code,
+            Self::CallerGone => "CANCELLED",
+            Self::AnsweredAtDeadline => "DEADLINE_EXCEEDED",
+        }
+    }
 }
 
 /// Whether a call's message is still arriving, and whether its place was taken back for a
@@ -438,10 +452,7 @@ impl Call {
         };
         let reason = masked.map(masked_reason).or(reason);
         self.audit(event, subject, code, reason, ending == Ending::CallerGone);
-        let caller_code = match ending {
-            Ending::Answered => code,
-            Ending::CallerGone => "CANCELLED",
-        };
+        let caller_code = ending.caller_code(code);
         self.record(caller_code, client);
         Reply {
             request_id: self.request_id.clone(),
@@ -489,10 +500,7 @@ impl Call {
             caller_gone,
         );
         metrics::counter!(m::IDEMPOTENT_REPLAYS, "grpc_method" => method).increment(1);
-        let caller_code = match ending {
-            Ending::Answered => code,
-            Ending::CallerGone => "CANCELLED",
-        };
+        let caller_code = ending.caller_code(code);
         self.record(caller_code, client);
         Reply {
             request_id: self.request_id.clone(),

@@ -17,6 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::Code;
 use tracing::Instrument;
 
 use super::call::{Call, Caller, Ending, Outcome, Reply, Subject};
@@ -24,7 +25,8 @@ use super::parse::{parse_confirm_forgot_password, parse_forgot_password};
 use crate::callers::Callers;
 use crate::cognito::{AppClient, Budget, Cognito, UpstreamError};
 use crate::domain::{
-    Account, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, PoolUser, Rpc,
+    Account, CodeDelivery, ConfirmForgotPassword, FieldViolation, ForgotPassword, PassThrough,
+    PoolUser, Rpc,
 };
 use crate::error::Classified;
 use crate::error::Error;
@@ -87,6 +89,8 @@ struct Served {
     client: Option<Arc<AppClient>>,
     /// When the upstream call must be done.
     budget: Budget,
+    /// When the caller must be answered: no call is sent that this leaves too little time.
+    caller_budget: Budget,
     /// Cancelled when the caller goes away.
     caller_gone: CancellationToken,
 }
@@ -191,12 +195,16 @@ impl Service {
         let span = call.span().clone();
         let guard = CallerGone(Some((caller_gone.clone(), span.clone())));
         let abandon = shared.calls.abandon.clone();
+        // Cancelled when the caller was answered at its deadline while the call goes on.
+        let answered_early = CancellationToken::new();
         let task = {
             let caller_gone = caller_gone.clone();
+            let answered = answered_early.clone();
             async move {
-                let ending = || match caller_gone.is_cancelled() {
-                    true => Ending::CallerGone,
-                    false => Ending::Answered,
+                let ending = || match (caller_gone.is_cancelled(), answered.is_cancelled()) {
+                    (true, _) => Ending::CallerGone,
+                    (false, true) => Ending::AnsweredAtDeadline,
+                    (false, false) => Ending::Answered,
                 };
                 let running = match ticket {
                     Some(ticket) => match shared.claim(ticket, caller_budget).await {
@@ -216,6 +224,7 @@ impl Service {
                     caller: call.caller().clone(),
                     client,
                     budget: upstream_budget,
+                    caller_budget,
                     caller_gone: caller_gone.clone(),
                 };
                 let work = run(shared.clone(), request, served);
@@ -238,8 +247,11 @@ impl Service {
         let joined = match (ticket, caller_budget.set_by_caller) {
             (Some(_), true) => tokio::select! {
                 joined = &mut handle => joined,
-                () = tokio::time::sleep_until(caller_budget.deadline) => {
-                    // The call goes on, and its outcome is remembered for the retry.
+                                () = tokio::time::sleep_until(caller_budget.deadline) => {
+                    // The call goes on, and its outcome is remembered for the retry; it is
+                    // recorded as answered at the deadline, not as its caller gone.
+                    answered_early.cancel();
+                    guard.disarm();
                     return Reply {
                         request_id,
                         result: Err(Box::new(timed_out(caller_budget).classify())),
@@ -266,7 +278,26 @@ pub(crate) trait Retryable: AsRef<Account> {
     /// Its AIP-155 `request_id`.
     fn request_id(&self) -> Option<uuid::Uuid>;
     /// Everything it asks, which a retry must ask alike.
-    fn asks(&self) -> Vec<&[u8]>;
+    fn asks(&self) -> Vec<Vec<u8>>;
+}
+
+/// The fields passed through to Cognito, as parts of a request's fingerprint.
+fn pass_through_parts(pass_through: &PassThrough) -> Vec<Vec<u8>> {
+    let optional = |value: &Option<String>| match value {
+        Some(value) => [b"1", value.as_bytes()].concat(),
+        None => b"0".to_vec(),
+    };
+    let mut parts = Vec::new();
+    for (key, value) in pass_through.client_metadata.sorted() {
+        parts.push(key.as_bytes().to_vec());
+        parts.push(value.as_bytes().to_vec());
+    }
+    parts.push(b"--".to_vec());
+    let context = pass_through.user_context.clone().unwrap_or_default();
+    parts.push(optional(&context.ip_address));
+    parts.push(optional(&context.encoded_data));
+    parts.push(optional(&pass_through.analytics_endpoint_id));
+    parts
 }
 
 impl Retryable for ForgotPassword {
@@ -274,8 +305,10 @@ impl Retryable for ForgotPassword {
         self.request_id
     }
 
-    fn asks(&self) -> Vec<&[u8]> {
-        vec![self.account.username.as_str().as_bytes()]
+    fn asks(&self) -> Vec<Vec<u8>> {
+        let mut parts = vec![self.account.username.as_str().as_bytes().to_vec()];
+        parts.extend(pass_through_parts(&self.pass_through));
+        parts
     }
 }
 
@@ -284,12 +317,14 @@ impl Retryable for ConfirmForgotPassword {
         self.request_id
     }
 
-    fn asks(&self) -> Vec<&[u8]> {
-        vec![
-            self.account.username.as_str().as_bytes(),
-            self.confirmation_code.expose().as_bytes(),
-            self.password.expose().as_bytes(),
-        ]
+    fn asks(&self) -> Vec<Vec<u8>> {
+        let mut parts = vec![
+            self.account.username.as_str().as_bytes().to_vec(),
+            self.confirmation_code.expose().as_bytes().to_vec(),
+            self.password.expose().as_bytes().to_vec(),
+        ];
+        parts.extend(pass_through_parts(&self.pass_through));
+        parts
     }
 }
 
@@ -322,20 +357,28 @@ impl Rememberable for () {
     }
 }
 
-/// What an outcome is remembered as: only one Cognito decided (its success, or its error
-/// answer, masked or not), as the caller saw it; `None` for one refused here or unknown.
+/// What an outcome is remembered as, as the caller saw it: only what Cognito decided for good
+/// (its success, real or simulated; its answer about this request: a wrong code, a password
+/// refused, an account's state). `None` for one refused here (by a limit, masked or not), one
+/// whose outcome is unknown (timed out, masked or not; connection lost), and Cognito's answers
+/// that a retry may change (throttling, internal errors, a failed delivery, a misconfiguration):
+/// their retries run again. The decision depends on what the caller was answered, never on
+/// whether it was masked, so it tells no account from another.
 fn remembered<T: Rememberable>(outcome: &Outcome<T>) -> Option<Remembered> {
-    match &outcome.result {
-        Ok(answer) => Some(answer.remember()),
-        Err(error) => {
-            let decided = outcome.masked.is_some()
-                || matches!(
-                    error,
-                    Error::Upstream(UpstreamError::Service { .. }) | Error::CodeRefused { .. }
-                );
-            decided.then(|| Remembered::Failed(Box::new(error.classify())))
-        }
-    }
+    let error = match &outcome.result {
+        Ok(answer) => return Some(answer.remember()),
+        Err(error) => error,
+    };
+    let from_cognito = matches!(
+        error,
+        Error::Upstream(UpstreamError::Service { .. }) | Error::CodeRefused { .. }
+    );
+    let classified = error.classify();
+    let for_good = matches!(
+        classified.code,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied
+    );
+    (from_cognito && for_good).then(|| Remembered::Failed(Box::new(classified)))
 }
 
 /// How a call with a `request_id` was answered without running.
@@ -398,8 +441,9 @@ impl Shared {
             call.rpc().method().as_bytes(),
             id.as_bytes(),
         ];
-        let mut what = request.asks();
-        what.push(client.id.as_str().as_bytes());
+        let mut asks = request.asks();
+        asks.push(client.id.as_str().as_bytes().to_vec());
+        let what: Vec<&[u8]> = asks.iter().map(Vec::as_slice).collect();
         Some(self.idempotency.ticket(&who, &what))
     }
 
@@ -468,7 +512,7 @@ impl Shared {
                 lacks,
             })?;
         // Checked before the limits too, so that a call that cannot be sent costs no limit.
-        let in_time = || match served.budget.too_short(Instant::now()) {
+        let in_time = || match served.caller_budget.too_short(Instant::now()) {
             true => Err(Error::DeadlineTooShort),
             false => Ok(()),
         };
