@@ -247,7 +247,7 @@ impl Service {
         let joined = match (ticket, caller_budget.set_by_caller) {
             (Some(_), true) => tokio::select! {
                 joined = &mut handle => joined,
-                                () = tokio::time::sleep_until(caller_budget.deadline) => {
+                () = tokio::time::sleep_until(caller_budget.deadline) => {
                     // The call goes on, and its outcome is remembered for the retry; it is
                     // recorded as answered at the deadline, not as its caller gone.
                     answered_early.cancel();
