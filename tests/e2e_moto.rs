@@ -187,6 +187,46 @@ async fn the_full_reset_flow_sets_the_new_password() {
 }
 
 #[tokio::test]
+async fn a_retried_reset_with_a_request_id_sends_one_code_and_is_reported_done() {
+    let moto = Moto::start();
+    let pool = moto.create_pool(Recovery::VerifiedEmail).await;
+    moto.create_user(&pool, USER, OLD_PASSWORD).await;
+    let tap = CodeTap::start(moto.addr).await;
+    let service = service_for(&pool, &tap.url).await;
+    let mut client = service.client().await;
+    let request_id = "0b7e8f3c-5d2a-4e61-9c8b-7a6f5e4d3c2b";
+
+    let forgot_again = || password_recovery::proto::v1::ForgotPasswordRequest {
+        request_id: request_id.into(),
+        ..forgot(USER)
+    };
+    let first = client.forgot_password(forgot_again()).await.unwrap();
+    let retry = client.forgot_password(forgot_again()).await.unwrap();
+    assert_eq!(retry.metadata().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(first.into_inner(), retry.into_inner());
+    assert_eq!(tap.codes_sent(), 1, "the retry sent no second code");
+
+    let code = tap.last_code().expect("moto sent a code");
+    let confirm_again = || ConfirmForgotPasswordRequest {
+        username: USER.into(),
+        confirmation_code: code.clone(),
+        password: NEW_PASSWORD.into(),
+        request_id: request_id.into(),
+        ..Default::default()
+    };
+    client
+        .confirm_forgot_password(confirm_again())
+        .await
+        .unwrap();
+    let retry = client
+        .confirm_forgot_password(confirm_again())
+        .await
+        .expect("the done reset is reported done");
+    assert_eq!(retry.metadata().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(sign_in(&moto, &pool, NEW_PASSWORD).await, Ok(()));
+}
+
+#[tokio::test]
 async fn one_pool_with_two_app_clients_resets_through_each() {
     // Arrange: one pool, a client with a secret (web, the default) and one without (mobile),
     // served from a clients file; the service reaches moto through the code tap.

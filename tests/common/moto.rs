@@ -233,6 +233,12 @@ impl CodeTap {
         Self { url, answers }
     }
 
+    /// How many ForgotPassword answers moto gave with a code: how many codes it sent.
+    pub fn codes_sent(&self) -> usize {
+        let answers = String::from_utf8_lossy(&self.answers.lock().unwrap()).to_lowercase();
+        answers.matches(CODE_HEADER).count()
+    }
+
     /// The confirmation code in the latest ForgotPassword answer moto gave.
     pub fn last_code(&self) -> Option<String> {
         let answers = String::from_utf8_lossy(&self.answers.lock().unwrap()).to_lowercase();
