@@ -23,6 +23,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::api::{
     Connect, Gate, Grpc, InFlightCalls, Intake, IntakeSettings, ProtocolsLayer, Service,
+    ServiceState,
 };
 use crate::callers::Callers;
 use crate::cognito::Cognito;
@@ -150,7 +151,7 @@ impl Application {
         let cognito = Cognito::build(&config.cognito).await?;
         log_clients(&config, &cognito, tls.is_some());
         let callers = Arc::new(Callers::new(config.callers.as_ref()));
-        log_callers(&config, &callers);
+        log_callers(&config);
         let mut watched = cognito.watched_secrets();
         watched.extend(tls.as_ref().map(ReloadingTls::watched));
         if config.callers.is_some() {
@@ -394,7 +395,7 @@ fn log_clients(config: &Config, cognito: &Cognito, tls: bool) {
 }
 
 /// Says who may call: the policy's callers, or that every caller may do everything.
-fn log_callers(config: &Config, callers: &Callers) {
+fn log_callers(config: &Config) {
     let header = config.identity_header.map(|h| format!("{h:?}"));
     match &config.callers {
         Some(settings) => tracing::info!(
@@ -408,7 +409,6 @@ fn log_callers(config: &Config, callers: &Callers) {
             "CALLERS_FILE is not set: every caller may call every RPC for every app client"
         ),
     }
-    debug_assert_eq!(callers.has_policy(), config.callers.is_some());
 }
 
 /// The abuse limits, fleet-wide on Redis when it is configured.
@@ -467,7 +467,7 @@ fn service(
         config.idempotency_max_keys.get(),
         rand::random(),
     );
-    Ok(Service::new(
+    Ok(Service::new(ServiceState {
         cognito,
         callers,
         limits,
@@ -475,7 +475,7 @@ fn service(
         masking,
         calls,
         idempotency,
-    ))
+    }))
 }
 
 /// tonic's routes (the gRPC door behind its intake, health, reflection v1 and v1alpha) and

@@ -21,7 +21,7 @@ use crate::domain::Rpc;
 use crate::limits::{Bucket, RateSpec};
 use crate::metrics as m;
 use crate::reload::Watched;
-use crate::settings::SettingError;
+use crate::settings::{SettingError, parse_toml, read_text};
 
 /// The setting every problem of the callers file is reported under.
 const SETTING: &str = "CALLERS_FILE";
@@ -182,16 +182,7 @@ impl Policy {
     /// Parses and checks the file's text against the app client `aliases` served; a problem
     /// is one line naming the caller and the field.
     pub(crate) fn parse(text: &str, aliases: &[&str]) -> Result<Self, String> {
-        let file: CallersFile = toml::from_str(text).map_err(|err| {
-            let line = err
-                .span()
-                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-            let message = err.message().replace('\n', " ");
-            match line {
-                Some(line) => format!("line {line}: {message}"),
-                None => message,
-            }
-        })?;
+        let file: CallersFile = parse_toml(text)?;
         let mut callers = HashMap::new();
         for (name, table) in file.callers {
             let entry = Entry::deserialize(table)
@@ -284,9 +275,7 @@ impl CallersSettings {
     /// Reads and checks the callers file at `path` against the app client `aliases` served.
     /// Every problem is one line naming the file, the caller and the field.
     pub fn load(path: &Path, aliases: &[&str]) -> Result<Self, SettingError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            SettingError::new(SETTING, format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = read_text(SETTING, path)?;
         let policy = Policy::parse(&text, aliases).map_err(|problem| {
             SettingError::new(SETTING, format!("{}: {problem}", path.display()))
         })?;
@@ -419,14 +408,9 @@ impl Callers {
 
     /// The caller's label in metrics: its name when the policy names it, `anonymous`, or
     /// `unknown`.
+    #[cfg(test)]
     pub(crate) fn label(&self, identity: Option<&str>) -> String {
-        let active = self.active();
-        let named = active.as_deref().and_then(|a| Self::grant(a, identity));
-        match (named, identity) {
-            (Some((name, _)), _) => name.to_owned(),
-            (None, None) => ANONYMOUS.to_owned(),
-            (None, Some(_)) => UNKNOWN.to_owned(),
-        }
+        self.at_intake(identity, Rpc::ForgotPassword).0
     }
 
     /// Checks that the caller with `identity` may call `rpc` with the app client `alias`; its
@@ -452,20 +436,31 @@ impl Callers {
 
     /// Checks that the caller with `identity` may call `rpc` at all (before its request is
     /// read).
+    #[cfg(test)]
     pub(crate) fn may_call(&self, identity: Option<&str>, rpc: Rpc) -> Result<(), Lacks> {
-        let Some(active) = self.active() else {
-            return Ok(());
-        };
-        let (_, grant) = Self::grant(&active, identity).ok_or(Lacks::Unnamed)?;
-        match grant.rpcs.contains(rpc.method()) {
-            true => Ok(()),
-            false => Err(Lacks::Rpc(rpc.method())),
-        }
+        self.at_intake(identity, rpc).1
     }
 
-    /// True when a policy is in force.
-    pub(crate) fn has_policy(&self) -> bool {
-        self.active().is_some()
+    /// At a call's start, with one look at the policy: the caller's label ([`Self::label`])
+    /// and whether it may call `rpc` at all ([`Self::may_call`]).
+    pub(crate) fn at_intake(
+        &self,
+        identity: Option<&str>,
+        rpc: Rpc,
+    ) -> (String, Result<(), Lacks>) {
+        let active = self.active();
+        let unnamed = || match identity {
+            None => ANONYMOUS.to_owned(),
+            Some(_) => UNKNOWN.to_owned(),
+        };
+        let Some(active) = active.as_deref() else {
+            return (unnamed(), Ok(()));
+        };
+        match Self::grant(active, identity) {
+            None => (unnamed(), Err(Lacks::Unnamed)),
+            Some((name, grant)) if grant.rpcs.contains(rpc.method()) => (name.to_owned(), Ok(())),
+            Some((name, _)) => (name.to_owned(), Err(Lacks::Rpc(rpc.method()))),
+        }
     }
 }
 
@@ -474,8 +469,7 @@ impl Watched for Callers {
         let Some((path, aliases)) = &self.file else {
             return Ok(false);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = read_text(SETTING, path).map_err(|e| e.problem)?;
         let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
         if last.as_deref() == Some(text.as_str()) {
             return Ok(false);

@@ -68,6 +68,26 @@ pub fn read_secret_bytes(path: &Path) -> Result<Vec<u8>, SecretFileError> {
     Ok(secret)
 }
 
+/// Parses a TOML file's `text` into `T`; a problem is one line, naming the line it is on.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    toml::from_str(text).map_err(|err: toml::de::Error| {
+        let line = err
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let message = err.message().replace('\n', " ");
+        match line {
+            Some(line) => format!("line {line}: {message}"),
+            None => message,
+        }
+    })
+}
+
+/// Reads the text file of `setting` at `path`.
+pub fn read_text(setting: &'static str, path: &Path) -> Result<String, SettingError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| SettingError::new(setting, format!("cannot read {}: {e}", path.display())))
+}
+
 /// Checks an endpoint override: an `http://` or `https://` URL with a host.
 pub fn check_endpoint_url(url: &str) -> Result<(), String> {
     match url.parse::<http::Uri>() {

@@ -4,14 +4,14 @@
 
 mod common;
 
-use common::certs::{Ca, Leaf, SecretMount};
+use common::certs::{self, Ca, Leaf, SecretMount};
 use common::process::ServiceProcess;
 use common::{CLIENT_ID, FakeCognito, Reply, forgot};
 use password_recovery::proto::v1::ConfirmForgotPasswordRequest;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
 use serde_json::Value;
 use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 const USERNAME: &str = "Felicity.Private@example.com";
 const CODE: &str = "739184";
@@ -174,18 +174,7 @@ async fn mtls_client(
     identity: &Leaf,
 ) -> PasswordRecoveryClient<Channel> {
     let port = service.target.rsplit(':').next().unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca.pem()))
-        .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .expect("mTLS connects");
-    PasswordRecoveryClient::new(channel)
+    certs::mtls_client(port.parse().unwrap(), ca, identity).await
 }
 
 #[tokio::test]

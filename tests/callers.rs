@@ -9,14 +9,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::certs::{Ca, Leaf, SecretMount};
+use common::certs::{Ca, Leaf, SecretMount, mtls_client};
 use common::process::ServiceProcess;
 use common::redis_server::RedisServer;
 use common::tools::curl;
 use common::{CLIENT_ID, FakeCognito, TestApp, assert_error, confirm, forgot, metric, scrape};
 use password_recovery::proto::v1::ForgotPasswordRequest;
 use password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
@@ -64,18 +64,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// An mTLS client of `app` presenting `identity`.
 async fn mtls(app: &TestApp, ca: &Ca, identity: &Leaf) -> PasswordRecoveryClient<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca.pem()))
-        .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://localhost:{}", app.addr.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .expect("mTLS connects");
-    PasswordRecoveryClient::new(channel)
+    mtls_client(app.addr.port(), ca, identity).await
 }
 
 fn via(client_id: &str, username: &str) -> ForgotPasswordRequest {

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Level;
 
+use crate::callers::Callers;
 use crate::cognito::{Budget, ErrorCode, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::Rpc;
@@ -214,10 +215,15 @@ pub(crate) struct Subject {
 pub(crate) struct Caller {
     /// The mTLS client's identity (or the mesh's header's); `None` for neither.
     pub identity: Option<String>,
-    /// Its identity, or `anonymous`.
-    pub name: String,
     /// The policy's name for it, `anonymous`, or `unknown`.
     pub label: String,
+}
+
+impl Caller {
+    /// Its identity, or `anonymous`: its name in the callers policy, logs and audit events.
+    pub fn name(&self) -> &str {
+        Callers::name(self.identity.as_deref())
+    }
 }
 
 /// One call in progress. A call dropped before it was finished (its door gave up on it: the
@@ -670,7 +676,7 @@ impl Call {
             target: "audit",
             event,
             user = subject.map_or("-", |s| s.user.as_str()),
-            caller = self.caller.name,
+            caller = self.caller.name(),
             client = subject.map_or("-", |s| s.client.as_str()),
             client_id = subject.map_or("-", |s| s.client_id.as_str()),
             grpc.method = self.rpc.method(),

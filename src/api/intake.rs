@@ -24,7 +24,7 @@ use tower::Service;
 
 use super::call::{Arrival, Call, Caller, Ending, Protocol, Refusal};
 use super::{HttpFuture, HttpResponse, SERVICE_NAME, grpc};
-use crate::callers::{Callers, IdentityHeader};
+use crate::callers::{Callers, IdentityHeader, Lacks};
 use crate::connections::ConnectionInfo;
 use crate::domain::Rpc;
 use crate::error::Error;
@@ -88,10 +88,16 @@ impl Gate {
         }
     }
 
-    /// Who sent a request with `headers` on the connection of `extensions`: its client
-    /// certificate's identity; behind a mesh (when configured), on a plaintext connection
-    /// only, the sidecar's header's. A TLS connection is never named by a header.
-    fn caller(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> Caller {
+    /// Who sent a request of `rpc` with `headers` on the connection of `extensions`: its
+    /// client certificate's identity; behind a mesh (when configured), on a plaintext
+    /// connection only, the sidecar's header's. A TLS connection is never named by a header.
+    /// And whether the callers policy lets it call `rpc` at all.
+    fn caller(
+        &self,
+        rpc: Rpc,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> (Caller, Result<(), Lacks>) {
         let connection = extensions.get::<ConnectionInfo>();
         let identity = match connection {
             Some(connection) if connection.tls => connection.peer_identity.clone(),
@@ -100,11 +106,8 @@ impl Gate {
                 .identity_header
                 .and_then(|header| header.identity(headers)),
         };
-        Caller {
-            label: self.callers.label(identity.as_deref()),
-            name: Callers::name(identity.as_deref()).to_owned(),
-            identity,
-        }
+        let (label, may_call) = self.callers.at_intake(identity.as_deref(), rpc);
+        (Caller { identity, label }, may_call)
     }
 
     /// `MAX_REQUEST_BYTES`.
@@ -127,13 +130,12 @@ impl Gate {
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Result<Call, Refusal> {
-        let caller = self.caller(headers, extensions);
-        let may_call = self.callers.may_call(caller.identity.as_deref(), rpc);
+        let (caller, may_call) = self.caller(rpc, headers, extensions);
         let mut call = Call::start(rpc, protocol, caller, headers, extensions);
         // A caller that may not call the RPC is refused before it holds a place or sends a
         // byte of its message: it learns nothing of its request.
         if let Err(lacks) = may_call {
-            let caller = call.caller().name.clone();
+            let caller = call.caller().name().to_owned();
             let refused = Error::CallerNotAllowed { caller, lacks };
             return Err(call.refuse(refused, Ending::Answered));
         }

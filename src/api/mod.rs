@@ -28,7 +28,7 @@ pub use grpc::Grpc;
 pub(crate) use intake::Gate;
 pub use intake::{Intake, IntakeSettings};
 pub use service::InFlightCalls;
-pub(crate) use service::Service;
+pub(crate) use service::{Service, Shared as ServiceState};
 
 /// The service's full name, as health, metrics and reflection show it (the generated one).
 pub use crate::proto::v1::password_recovery_server::SERVICE_NAME;

@@ -60,17 +60,21 @@ impl InFlightCalls {
 
 /// The service's state, shared by every call.
 #[derive(Debug)]
-struct Shared {
-    cognito: Cognito,
+pub(crate) struct Shared {
+    /// The app clients called.
+    pub(crate) cognito: Cognito,
     /// Who may call.
-    callers: Arc<Callers>,
-    limits: Arc<Limits>,
+    pub(crate) callers: Arc<Callers>,
+    /// Every call passes them first.
+    pub(crate) limits: Arc<Limits>,
     /// Pseudonyms of usernames in logs and audit events.
-    usernames: UsernameHasher,
-    masking: Masking,
-    calls: Arc<InFlightCalls>,
+    pub(crate) usernames: UsernameHasher,
+    /// Answers for unknown users.
+    pub(crate) masking: Masking,
+    /// Where every call runs.
+    pub(crate) calls: Arc<InFlightCalls>,
     /// The outcomes of calls with a `request_id`, for their retries.
-    idempotency: Idempotency,
+    pub(crate) idempotency: Idempotency,
 }
 
 /// The PasswordRecovery service, behind every door.
@@ -96,28 +100,10 @@ struct Served {
 }
 
 impl Service {
-    /// A service calling `cognito`'s app clients for the callers `callers` lets through, each
-    /// call passing `limits` first. `usernames` hashes usernames for logs; `masking` answers
-    /// for unknown users; `calls` runs every call.
-    pub(crate) fn new(
-        cognito: Cognito,
-        callers: Arc<Callers>,
-        limits: Arc<Limits>,
-        usernames: UsernameHasher,
-        masking: Masking,
-        calls: Arc<InFlightCalls>,
-        idempotency: Idempotency,
-    ) -> Self {
+    /// The service with `shared` state.
+    pub(crate) fn new(shared: Shared) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                cognito,
-                callers,
-                limits,
-                usernames,
-                masking,
-                calls,
-                idempotency,
-            }),
+            shared: Arc::new(shared),
         }
     }
 
@@ -436,7 +422,7 @@ impl Shared {
         let id = request.request_id()?;
         let pool = client.pool.as_deref().unwrap_or(client.id.as_str());
         let who: [&[u8]; 4] = [
-            call.caller().name.as_bytes(),
+            call.caller().name().as_bytes(),
             pool.as_bytes(),
             call.rpc().method().as_bytes(),
             id.as_bytes(),
@@ -508,7 +494,7 @@ impl Shared {
             .callers
             .admit(served.caller.identity.as_deref(), served.rpc, &client.alias)
             .map_err(|lacks| Error::CallerNotAllowed {
-                caller: served.caller.name.clone(),
+                caller: served.caller.name().to_owned(),
                 lacks,
             })?;
         // Checked before the limits too, so that a call that cannot be sent costs no limit.

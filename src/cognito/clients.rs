@@ -13,7 +13,9 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::domain::ClientId;
-use crate::settings::{SettingError, check_endpoint_url, parse_duration, read_secret_file};
+use crate::settings::{
+    SettingError, check_endpoint_url, parse_duration, parse_toml, read_secret_file, read_text,
+};
 
 /// The setting every problem of the clients file is reported under.
 const SETTING: &str = "COGNITO_CLIENTS_FILE";
@@ -104,8 +106,7 @@ pub(crate) fn load_file(
     path: &Path,
     fallbacks: &Fallbacks,
 ) -> Result<(Vec<ClientSettings>, usize), SettingError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| SettingError::new(SETTING, format!("cannot read {}: {e}", path.display())))?;
+    let text = read_text(SETTING, path)?;
     parse(&text, fallbacks)
         .map_err(|problem| SettingError::new(SETTING, format!("{}: {problem}", path.display())))
 }
@@ -115,16 +116,7 @@ pub(crate) fn parse(
     text: &str,
     fallbacks: &Fallbacks,
 ) -> Result<(Vec<ClientSettings>, usize), String> {
-    let file: ClientsFile = toml::from_str(text).map_err(|err| {
-        let line = err
-            .span()
-            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-        let message = err.message().replace('\n', " ");
-        match line {
-            Some(line) => format!("line {line}: {message}"),
-            None => message,
-        }
-    })?;
+    let file: ClientsFile = parse_toml(text)?;
     if file.clients.is_empty() {
         return Err("names no client: add a [clients.<alias>] table".into());
     }

@@ -215,3 +215,27 @@ pub async fn handshake(
         .clone()
         .into_owned())
 }
+
+/// A PasswordRecovery client over mTLS to `localhost:port`, trusting `ca` and presenting
+/// `identity`.
+pub async fn mtls_client(
+    port: u16,
+    ca: &Ca,
+    identity: &Leaf,
+) -> password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient<
+    tonic::transport::Channel,
+> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("mTLS connects");
+    password_recovery::proto::v1::password_recovery_client::PasswordRecoveryClient::new(channel)
+}
