@@ -29,12 +29,13 @@ use crate::callers::Callers;
 use crate::cognito::Cognito;
 use crate::config::{Config, ConfigError};
 use crate::connections::{self, ConnectionSettings};
-use crate::idempotency::Idempotency;
+use crate::fleet::Backend;
+use crate::idempotency::{Idempotency, SharedOutcomes};
 use crate::limits::{Limits, SharedLimits};
 use crate::masking::Masking;
 use crate::memory;
 use crate::metrics;
-use crate::privacy::UsernameHasher;
+use crate::privacy::{UsernameHasher, hmac};
 use crate::proto;
 use crate::proto::v1::password_recovery_server::PasswordRecoveryServer;
 use crate::reload::{self, Watched};
@@ -411,11 +412,11 @@ fn log_callers(config: &Config) {
     }
 }
 
-/// The abuse limits, fleet-wide on Redis when it is configured.
-fn limits(config: &Config) -> Result<Limits, AppError> {
+/// The abuse limits, fleet-wide on `backend` when Redis is configured.
+fn limits(config: &Config, backend: Option<&Arc<Backend>>) -> Limits {
     let mut limits = Limits::new(&config.limits);
-    if let Some(redis) = &config.limits.redis {
-        limits = limits.with_shared(SharedLimits::start(redis)?);
+    if let (Some(redis), Some(backend)) = (&config.limits.redis, backend) {
+        limits = limits.with_shared(SharedLimits::new(backend.clone(), redis));
         tracing::info!(
             prefix = redis.prefix,
             timeout = %humantime::format_duration(redis.timeout),
@@ -439,7 +440,26 @@ fn limits(config: &Config) -> Result<Limits, AppError> {
         request_body_timeout = %humantime::format_duration(config.request_body_timeout),
         "places, fair shares and time bounds"
     );
-    Ok(limits)
+    limits
+}
+
+/// The outcomes remembered for retries, fleet-wide on `backend` when Redis is configured.
+/// Their hashes derive from `USERNAME_HASH_KEY_FILE` when it is set, so replicas agree.
+fn idempotency(config: &Config, backend: Option<&Arc<Backend>>) -> Idempotency {
+    const REQUESTS: &str = "password-recovery/request-ids";
+    let key = match &config.username_hash_key {
+        Some(key) => hmac(key.expose_secret(), &[REQUESTS.as_bytes()]),
+        None => rand::random(),
+    };
+    let idempotency = Idempotency::new(
+        config.idempotency_window,
+        config.idempotency_max_keys.get(),
+        key,
+    );
+    match backend {
+        Some(backend) => idempotency.with_fleet(SharedOutcomes::new(backend.clone())),
+        None => idempotency,
+    }
 }
 
 /// The service core behind both doors: `cognito`'s clients, the limits, the hashers and
@@ -461,12 +481,15 @@ fn service(
         masking,
         regions.iter().map(String::as_str),
     );
-    let limits = Arc::new(limits(config)?);
-    let idempotency = Idempotency::new(
-        config.idempotency_window,
-        config.idempotency_max_keys.get(),
-        rand::random(),
-    );
+    // One connection to Redis, when configured, for the limits and the remembered outcomes.
+    let backend = config
+        .limits
+        .redis
+        .as_ref()
+        .map(Backend::start)
+        .transpose()?;
+    let limits = Arc::new(limits(config, backend.as_ref()));
+    let idempotency = idempotency(config, backend.as_ref());
     Ok(Service::new(ServiceState {
         cognito,
         callers,

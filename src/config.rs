@@ -18,7 +18,8 @@ use secrecy::{SecretSlice, SecretString};
 use crate::callers::{CallersSettings, IdentityHeader};
 use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
-use crate::limits::{LimitSettings, RedisSettings, RedisUrl, UsernameRateLimit};
+use crate::fleet::{RedisSettings, RedisUrl};
+use crate::limits::{LimitSettings, UsernameRateLimit};
 use crate::places::PeerKey;
 pub use crate::settings::parse_duration;
 use crate::settings::{

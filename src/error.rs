@@ -215,6 +215,29 @@ impl Classified {
         }
     }
 
+    /// An answer remembered for retries on the fleet's Redis, as it was given: `None` when
+    /// `reason` is not one of Cognito's errors', the only answers remembered.
+    pub(crate) fn restored(
+        code: Code,
+        reason: &str,
+        message: String,
+        blame: Blame,
+        details: ErrorDetails,
+    ) -> Option<Self> {
+        let reason = COGNITO_ERRORS
+            .iter()
+            .map(|row| row.reason)
+            .find(|known| *known == reason)?;
+        Some(Self {
+            code,
+            reason,
+            message,
+            blame,
+            metadata: HashMap::new(),
+            details,
+        })
+    }
+
     /// With `value` under `key` in the ErrorInfo's metadata.
     fn with(mut self, key: &str, value: impl Into<String>) -> Self {
         self.metadata.insert(key.to_owned(), value.into());

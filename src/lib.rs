@@ -16,6 +16,7 @@ pub mod config;
 pub(crate) mod connections;
 pub mod domain;
 pub mod error;
+pub mod fleet;
 pub(crate) mod idempotency;
 pub mod limits;
 pub(crate) mod masking;

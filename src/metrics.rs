@@ -11,6 +11,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::fleet;
 use crate::limits;
 
 /// Calls started, by `grpc_service` and `grpc_method`.
@@ -115,15 +116,15 @@ fn describe() {
          peer_calls: deprecated names of grpc_calls_refused_total"
     );
     describe_gauge!(
-        limits::BACKEND_UP,
+        fleet::BACKEND_UP,
         "1 while the shared rate-limit backend (Redis) answers, else 0"
     );
     describe_counter!(
-        limits::BACKEND_ERRORS,
+        fleet::BACKEND_ERRORS,
         "Failures of the shared rate-limit backend, by kind"
     );
     describe_histogram!(
-        limits::BACKEND_SECONDS,
+        fleet::BACKEND_SECONDS,
         Unit::Seconds,
         "Round trips to the shared rate-limit backend"
     );

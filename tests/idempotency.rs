@@ -1,14 +1,18 @@
 //! Retries with a `request_id` (AIP-155): a retry is answered the first call's outcome without a
 //! second call to Cognito (the fake counts every request it receives), marked
 //! `idempotent-replayed`; concurrent duplicates share one upstream call; another request with the
-//! same id is refused; what Cognito did not decide is not remembered; by both doors.
+//! same id is refused; what Cognito did not decide is not remembered; by both doors. Replicas of
+//! the real binary sharing a real Redis (Valkey) answer a retry alike, and each remembers its own
+//! while Redis is down.
 
 mod common;
 
 use std::time::Duration;
 
+use common::fleet::Fleet;
+use common::redis_server::RedisServer;
 use common::tools::curl;
-use common::{TestApp, assert_error, confirm, forgot};
+use common::{FakeCognito, TestApp, assert_error, confirm, forgot, metric};
 use password_recovery::proto::v1::{ConfirmForgotPasswordRequest, ForgotPasswordRequest};
 use tonic::{Code, Request};
 
@@ -217,6 +221,26 @@ async fn a_masked_answer_is_replayed_as_it_was_and_a_replay_charges_no_limit() {
     assert_error(&limited, Code::ResourceExhausted, "RATE_LIMITED");
 }
 
+/// The JSON door's answer at `addr` to `body` for `method`: its status line, headers and body,
+/// lowercased.
+async fn json_call(addr: impl std::fmt::Display, method: &str, body: &str) -> String {
+    let url = format!("http://{addr}/passwordrecovery.v1.PasswordRecovery/{method}");
+    let output = tokio::process::Command::new(curl())
+        .args([
+            "--silent",
+            "--include",
+            "--header",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+            &url,
+        ])
+        .output()
+        .await
+        .expect("curl runs");
+    String::from_utf8_lossy(&output.stdout).to_lowercase()
+}
+
 #[tokio::test]
 async fn a_call_by_grpc_is_replayed_to_its_retry_by_the_json_door() {
     let app = TestApp::spawn().await;
@@ -225,25 +249,8 @@ async fn a_call_by_grpc_is_replayed_to_its_retry_by_the_json_door() {
         .forgot_password(forgot_with("fay", ID))
         .await
         .unwrap();
-    let url = format!(
-        "http://{}/passwordrecovery.v1.PasswordRecovery/ForgotPassword",
-        app.addr
-    );
     let body = format!(r#"{{"username": "fay", "requestId": "{ID}"}}"#);
-    let output = tokio::process::Command::new(curl())
-        .args([
-            "--silent",
-            "--include",
-            "--header",
-            "content-type: application/json",
-            "--data-binary",
-            &body,
-            &url,
-        ])
-        .output()
-        .await
-        .expect("curl runs");
-    let answer = String::from_utf8_lossy(&output.stdout).to_lowercase();
+    let answer = json_call(app.addr, "ForgotPassword", &body).await;
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(answer.contains("idempotent-replayed: true"), "{answer}");
     assert!(answer.contains("a***@e***"), "{answer}");
@@ -315,4 +322,158 @@ async fn a_refusal_is_never_replayed_masked_or_not() {
         1,
         "the own limit refused the retry"
     );
+}
+
+/// A delivery, as Cognito answers one.
+fn delivered(destination: &str) -> common::Reply {
+    common::Reply::Ok(serde_json::json!({"CodeDeliveryDetails": {
+        "Destination": destination, "DeliveryMedium": "EMAIL", "AttributeName": "email"
+    }}))
+}
+
+#[tokio::test]
+async fn replicas_sharing_redis_answer_a_retry_alike_with_one_upstream_call() {
+    let redis = RedisServer::start().await;
+    let cognito = FakeCognito::start().await;
+    let fleet = Fleet::keyed();
+    let a = fleet.replica(&redis, &cognito, &[]).await;
+    let b = fleet.replica(&redis, &cognito, &[]).await;
+    let (mut a_client, mut b_client) = (a.client().await, b.client().await);
+
+    // Answered on A, retried on B: B replays A's answer.
+    cognito.script([delivered("g***@e***")]);
+    let first = a_client
+        .forgot_password(forgot_with("Gail@example.com", ID))
+        .await
+        .unwrap();
+    assert!(!replayed(&first));
+    let retry = b_client
+        .forgot_password(forgot_with("Gail@example.com", ID))
+        .await
+        .unwrap();
+    assert!(replayed(&retry), "{:?}", retry.metadata());
+    let details = retry.into_inner().code_delivery_details.unwrap();
+    assert_eq!(details.destination, "g***@e***");
+    assert_eq!(
+        cognito.recorded().len(),
+        1,
+        "one code sent across the fleet"
+    );
+    // The JSON door of B answers the same, and another request with the id is refused there.
+    let body = format!(r#"{{"username": "Gail@example.com", "requestId": "{ID}"}}"#);
+    let answer = json_call(&b.target, "ForgotPassword", &body).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("idempotent-replayed: true"), "{answer}");
+    let reused = b_client
+        .forgot_password(forgot_with("someone-else", ID))
+        .await
+        .unwrap_err();
+    assert_error(&reused, Code::InvalidArgument, "REQUEST_ID_REUSED");
+
+    // A duplicate on B while A's call still waits on Cognito waits for its outcome: a confirmed
+    // reset is reported done to both, after one upstream call.
+    const SECOND: &str = "0d7e5b9a-3c1f-4e8d-a2b6-9f4c8e1d7a35";
+    cognito.script([common::Reply::Held(Box::new(common::Reply::Ok(
+        serde_json::json!({}),
+    )))]);
+    let running = tokio::spawn(async move {
+        a_client
+            .confirm_forgot_password(confirm_with("Gail@example.com", SECOND))
+            .await
+    });
+    cognito.arrived(2).await;
+    // B's claim finds A's, and B polls: each is a script Redis runs.
+    let scripts = redis.scripts_run().await;
+    let duplicate = tokio::spawn(async move {
+        b_client
+            .confirm_forgot_password(confirm_with("Gail@example.com", SECOND))
+            .await
+    });
+    while redis.scripts_run().await < scripts + 2 {
+        tokio::task::yield_now().await;
+    }
+    cognito.release(1);
+    let first = running.await.unwrap().expect("the reset is done");
+    let duplicate = duplicate.await.unwrap().expect("and reported done");
+    assert!(!replayed(&first));
+    assert!(replayed(&duplicate), "{:?}", duplicate.metadata());
+    assert_eq!(
+        cognito.recorded().len(),
+        2,
+        "one confirmation reached Cognito"
+    );
+    let metrics = b.scrape().await;
+    for method in ["ForgotPassword", "ConfirmForgotPassword"] {
+        let method = format!("grpc_method=\"{method}\"");
+        let replays = metric(&metrics, "idempotent_replays_total", &[&method]);
+        assert!(replays.is_some_and(|n| n >= 1.0), "{metrics}");
+    }
+
+    // On Redis: one key per request, prefixed, hashed, within the window; no user in them.
+    let keys = redis.keys().await;
+    let requests: Vec<_> = keys
+        .iter()
+        .filter(|(key, _)| key.starts_with("password-recovery:request:"))
+        .collect();
+    assert_eq!(requests.len(), 2, "{keys:?}");
+    for (key, ttl) in requests {
+        assert!(!key.to_lowercase().contains("gail"), "{key}");
+        assert!(*ttl > 0 && *ttl <= 3_600_000, "{key}: {ttl} ms");
+    }
+    let mut connection = redis.connection().await.unwrap();
+    for (key, _) in &keys {
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&value).to_lowercase();
+        assert!(!text.contains("gail"), "{key} holds the username");
+        assert!(!text.contains("passw0rd"), "{key} holds the password");
+    }
+}
+
+#[tokio::test]
+async fn with_redis_down_each_replica_remembers_its_own_and_no_call_fails() {
+    let mut redis = RedisServer::start().await;
+    let cognito = FakeCognito::start().await;
+    let fleet = Fleet::keyed();
+    let mut a = fleet.replica(&redis, &cognito, &[]).await;
+    let b = fleet.replica(&redis, &cognito, &[]).await;
+    let (mut a_client, mut b_client) = (a.client().await, b.client().await);
+    // A call that Redis answers, so that A sees it go.
+    a_client.forgot_password(forgot("warm-up")).await.unwrap();
+    redis.kill();
+
+    let first = a_client
+        .forgot_password(forgot_with("hal", ID))
+        .await
+        .expect("answered without Redis");
+    assert!(!replayed(&first));
+    let retry = a_client
+        .forgot_password(forgot_with("hal", ID))
+        .await
+        .unwrap();
+    assert!(replayed(&retry), "A remembers its own");
+    let reused = a_client
+        .forgot_password(forgot_with("ida", ID))
+        .await
+        .unwrap_err();
+    assert_error(&reused, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    assert_eq!(cognito.recorded().len(), 2);
+    // B never saw it: without Redis, it runs again there (as the README says).
+    let elsewhere = b_client
+        .forgot_password(forgot_with("hal", ID))
+        .await
+        .expect("answered without Redis");
+    assert!(!replayed(&elsewhere));
+    assert_eq!(cognito.recorded().len(), 3);
+    a.wait_for_line(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("rate-limit backend failed"))
+    })
+    .await;
+    let metrics = a.scrape().await;
+    assert_eq!(metric(&metrics, "rate_limit_backend_up", &[]), Some(0.0));
 }

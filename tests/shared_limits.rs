@@ -7,52 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::process::ServiceProcess;
+use common::fleet::Fleet;
 use common::redis_server::RedisServer;
 use common::{CLIENT_ID, FakeCognito, assert_error, forgot, metric};
 use tonic::Code;
 use tonic_types::StatusExt;
-
-const HASH_KEY: &[u8] = b"shared-limits-test-username-hash-key";
-
-struct Fleet {
-    _dir: tempfile::TempDir,
-    key_file: String,
-}
-
-impl Fleet {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let key_file = dir.path().join("hash-key");
-        std::fs::write(&key_file, HASH_KEY).unwrap();
-        Self {
-            key_file: key_file.to_str().unwrap().to_owned(),
-            _dir: dir,
-        }
-    }
-
-    /// A replica on `redis`, once it has connected.
-    async fn replica(
-        &self,
-        redis: &RedisServer,
-        cognito: &FakeCognito,
-        extra: &[(&str, &str)],
-    ) -> ServiceProcess {
-        let mut vars = vec![
-            ("COGNITO_CLIENT_ID", CLIENT_ID),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_ENDPOINT_URL", cognito.url.as_str()),
-            ("RATE_LIMIT_REDIS_URL", redis.url.as_str()),
-            ("USERNAME_HASH_KEY_FILE", self.key_file.as_str()),
-        ];
-        vars.extend_from_slice(extra);
-        let mut replica = ServiceProcess::start(&vars).await;
-        replica
-            .wait_for_line(|e| e["message"] == "rate-limit backend connected")
-            .await;
-        replica
-    }
-}
 
 fn retry_delay(status: &tonic::Status) -> Duration {
     status
@@ -66,7 +25,7 @@ fn retry_delay(status: &tonic::Status) -> Duration {
 async fn two_replicas_share_one_users_bucket_and_agree_on_the_wait() {
     let redis = RedisServer::start().await;
     let cognito = FakeCognito::start().await;
-    let fleet = Fleet::new();
+    let fleet = Fleet::keyed();
     let a = fleet.replica(&redis, &cognito, &[]).await;
     let b = fleet.replica(&redis, &cognito, &[]).await;
     let (mut a_client, mut b_client) = (a.client().await, b.client().await);
@@ -141,7 +100,7 @@ async fn two_replicas_share_one_users_bucket_and_agree_on_the_wait() {
 async fn the_global_limit_holds_for_the_fleet() {
     let redis = RedisServer::start().await;
     let cognito = FakeCognito::start().await;
-    let fleet = Fleet::new();
+    let fleet = Fleet::keyed();
     let settings = [
         ("GLOBAL_RATE_LIMIT_RPS", "1"),
         ("USERNAME_RATE_LIMIT", "off"),
@@ -171,7 +130,7 @@ async fn redis_killed_mid_run_never_fails_a_call_and_is_used_again_when_back() {
     let mut redis = RedisServer::start().await;
     let port = redis.port;
     let cognito = FakeCognito::start().await;
-    let fleet = Fleet::new();
+    let fleet = Fleet::keyed();
     let mut replica = fleet.replica(&redis, &cognito, &[]).await;
     let mut client = replica.client().await;
     client.forgot_password(forgot("k0")).await.unwrap();
@@ -228,7 +187,7 @@ async fn redis_killed_mid_run_never_fails_a_call_and_is_used_again_when_back() {
 async fn a_frozen_redis_costs_each_call_at_most_its_timeout() {
     let redis = RedisServer::start().await;
     let cognito = FakeCognito::start().await;
-    let fleet = Fleet::new();
+    let fleet = Fleet::keyed();
     let replica = fleet.replica(&redis, &cognito, &[]).await;
     let mut client = replica.client().await;
     client.forgot_password(forgot("f0")).await.unwrap();

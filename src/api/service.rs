@@ -30,11 +30,14 @@ use crate::domain::{
 };
 use crate::error::Classified;
 use crate::error::Error;
-use crate::idempotency::{Claim, Idempotency, Remembered, Running as IdempotentRun, Ticket};
+use crate::idempotency::{Claimed, Idempotency, Remembered, Remembering, Ticket};
 use crate::limits::Limits;
 use crate::masking::{CodeError, Mask, Masking};
 use crate::privacy::UsernameHasher;
 use crate::proto::v1 as pb;
+
+/// How much longer than its upstream budget a call's claim on Redis is held.
+const CLAIM_MARGIN: Duration = Duration::from_secs(2);
 
 /// The alias logs and metrics give a `client_id` this server does not serve.
 const UNKNOWN_CLIENT: &str = "unknown";
@@ -193,16 +196,18 @@ impl Service {
                     (false, false) => Ending::Answered,
                 };
                 let running = match ticket {
-                    Some(ticket) => match shared.claim(ticket, caller_budget).await {
-                        Ok(running) => running,
-                        Err(Answered::Replay(result)) => {
-                            return call.replay(Some(&subject), result, ending());
+                    Some(ticket) => {
+                        match shared.claim(ticket, caller_budget, upstream_budget).await {
+                            Ok(running) => Some(running),
+                            Err(Answered::Replay(result)) => {
+                                return call.replay(Some(&subject), result, ending());
+                            }
+                            Err(Answered::Refused(error)) => {
+                                let refused = Outcome::plain(Err(error));
+                                return call.finish(Some(&subject), refused, ending());
+                            }
                         }
-                        Err(Answered::Refused(error)) => {
-                            let refused = Outcome::plain(Err(error));
-                            return call.finish(Some(&subject), refused, ending());
-                        }
-                    },
+                    }
                     None => None,
                 };
                 let served = Served {
@@ -433,33 +438,23 @@ impl Shared {
         Some(self.idempotency.ticket(&who, &what))
     }
 
-    /// Claims `ticket`: the call runs (with what it must finish, unless no more outcomes can
-    /// be remembered), or is answered at once: the earlier call's outcome (waited for, within
-    /// `budget`, while it runs), or a refusal.
+    /// Claims `ticket`: the call runs (with where to remember its outcome, which it holds
+    /// within `upstream`), or is answered at once: the earlier call's outcome (waited for,
+    /// within the caller's `budget`, while it runs), or a refusal.
     async fn claim<T: Rememberable>(
         &self,
         ticket: Ticket,
         budget: Budget,
-    ) -> Result<Option<IdempotentRun>, Answered<T>> {
-        loop {
-            let mut running = match self.idempotency.claim(ticket) {
-                Claim::First(running) => return Ok(Some(running)),
-                Claim::Full => return Ok(None),
-                Claim::Reused => return Err(Answered::Refused(Error::RequestIdReused)),
-                Claim::Replay(answer) => return Err(Answered::Replay(replay(&answer))),
-                Claim::Wait(running) => running,
-            };
-            let decided =
-                tokio::time::timeout_at(budget.deadline, running.wait_for(Option::is_some));
-            let answer = match decided.await {
-                Err(_) => return Err(Answered::Refused(timed_out(budget))),
-                Ok(Err(_)) => None,
-                Ok(Ok(decided)) => decided.clone().flatten(),
-            };
-            if let Some(answer) = answer {
-                return Err(Answered::Replay(replay(&answer)));
-            }
-            // The earlier call was not remembered: this one runs, unless another claimed first.
+        upstream: Budget,
+    ) -> Result<Remembering, Answered<T>> {
+        // A claim on Redis outlives its call by a margin for masking and the final write; a
+        // replica that dies holding it holds it no longer.
+        let hold = upstream.deadline.saturating_duration_since(Instant::now()) + CLAIM_MARGIN;
+        match self.idempotency.claim(ticket, budget.deadline, hold).await {
+            Claimed::Run(remembering) => Ok(remembering),
+            Claimed::Replay(answer) => Err(Answered::Replay(replay(&answer))),
+            Claimed::Reused => Err(Answered::Refused(Error::RequestIdReused)),
+            Claimed::TimedOut => Err(Answered::Refused(timed_out(budget))),
         }
     }
 

@@ -28,9 +28,8 @@ pub(crate) use gcra::Bucket;
 use gcra::Gcra;
 
 use crate::callers::CallerLimit;
-pub(crate) use shared::{
-    BACKEND_ERRORS, BACKEND_SECONDS, BACKEND_UP, RedisSettings, RedisUrl, SharedLimits,
-};
+use crate::fleet::RedisSettings;
+pub(crate) use shared::SharedLimits;
 
 /// Rate-limited calls, by `limiter`.
 pub(crate) const RATE_LIMITED: &str = "rate_limited_total";

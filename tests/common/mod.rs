@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod cognito_model;
 pub mod fake_cognito;
+pub mod fleet;
 pub mod moto;
 pub mod process;
 pub mod raw;

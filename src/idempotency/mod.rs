@@ -6,6 +6,11 @@
 //! remembered; a call refused here, or whose upstream outcome is unknown, is forgotten, so its
 //! retry runs again. No username, code or password is stored: keys and fingerprints are keyed
 //! hashes, answers are what the caller was sent. At most `IDEMPOTENCY_MAX_KEYS` are held.
+//!
+//! With Redis (`RATE_LIMIT_REDIS_URL`) the claim and the outcome are the fleet's too
+//! ([`shared`]): a call first claims its request on this replica (so duplicates here wait for
+//! it without asking Redis), then on Redis; a duplicate running on another replica is polled
+//! for until its outcome or the caller's deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +18,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+mod shared;
+
+pub(crate) use shared::SharedOutcomes;
+use shared::{FleetClaim, FleetRun};
 
 use crate::domain::CodeDelivery;
 use crate::error::Classified;
@@ -22,6 +32,10 @@ use crate::telemetry::Occasionally;
 
 /// A full table is swept of expired outcomes at most this often.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// A duplicate running on another replica is polled for first after this long, then each
+/// time twice as long, up to the maximum.
+const FIRST_POLL: Duration = Duration::from_millis(20);
+const MAX_POLL: Duration = Duration::from_millis(250);
 /// A full table is logged at warn at most this often.
 static FULL_WARNING: Occasionally = Occasionally::every(Duration::from_secs(60));
 
@@ -92,7 +106,43 @@ enum Entry {
 }
 
 /// What a call with a `request_id` is to do.
-pub(crate) enum Claim {
+pub(crate) enum Claimed {
+    /// Run it, then [`Remembering::finish`] it.
+    Run(Remembering),
+    /// A call with the same id and request was answered this.
+    Replay(Arc<Remembered>),
+    /// The same id came with another request.
+    Reused,
+    /// The caller's deadline came while a call with the same id and request ran.
+    TimedOut,
+}
+
+/// Where a running call's outcome will be remembered: here (unless the table was full) and
+/// on Redis (unless it failed).
+pub(crate) struct Remembering {
+    here: Option<Running>,
+    fleet: Option<FleetRun>,
+}
+
+impl Remembering {
+    /// The call was answered `answer`: remembered when `Some` (Cognito decided it), else
+    /// forgotten so that a retry runs again. Calls waiting for it are told either way.
+    pub(crate) fn finish(self, answer: Option<Remembered>) {
+        let answer = answer
+            .filter(|answer| answer.text_bytes() <= MAX_ANSWER_BYTES)
+            .map(Arc::new);
+        if let Some(fleet) = self.fleet {
+            fleet.finish(answer.as_deref());
+        }
+        if let Some(here) = self.here {
+            let window = here.window;
+            here.settle(answer, window);
+        }
+    }
+}
+
+/// What the table of this replica says of a call with a `request_id`.
+enum Claim {
     /// It is the first: run it, then [`Running::finish`] it.
     First(Running),
     /// A call with the same id and request was answered this.
@@ -113,6 +163,8 @@ pub(crate) struct Idempotency {
     entries: Arc<Mutex<HashMap<[u8; 32], Entry>>>,
     /// When the full table was last swept of expired outcomes.
     swept: Mutex<Option<Instant>>,
+    /// The fleet's, on Redis.
+    fleet: Option<SharedOutcomes>,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -120,6 +172,7 @@ impl std::fmt::Debug for Idempotency {
         f.debug_struct("Idempotency")
             .field("window", &self.window)
             .field("max_keys", &self.max_keys)
+            .field("fleet", &self.fleet)
             .finish_non_exhaustive()
     }
 }
@@ -145,7 +198,14 @@ impl Idempotency {
             key,
             entries: Arc::new(Mutex::new(HashMap::new())),
             swept: Mutex::new(None),
+            fleet: None,
         }
+    }
+
+    /// These outcomes, shared by the fleet on `fleet`.
+    pub(crate) fn with_fleet(mut self, fleet: SharedOutcomes) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// The ticket of a call: its key from `who` (caller, user pool, RPC, request id), its
@@ -162,8 +222,82 @@ impl Idempotency {
         }
     }
 
-    /// What the call of `ticket` is to do.
-    pub(crate) fn claim(&self, ticket: Ticket) -> Claim {
+    /// What the call of `ticket` is to do: run (and `hold` its claim on Redis that long), or
+    /// be answered at once; a duplicate still running is waited for until `deadline`.
+    pub(crate) async fn claim(&self, ticket: Ticket, deadline: Instant, hold: Duration) -> Claimed {
+        loop {
+            let here = match self.claim_here(ticket) {
+                Claim::First(running) => Some(running),
+                Claim::Full => None,
+                Claim::Reused => return Claimed::Reused,
+                Claim::Replay(answer) => return Claimed::Replay(answer),
+                Claim::Wait(mut running) => {
+                    let decided =
+                        tokio::time::timeout_at(deadline, running.wait_for(Option::is_some));
+                    match decided.await {
+                        Err(_) => return Claimed::TimedOut,
+                        Ok(Ok(decided)) => {
+                            if let Some(answer) = decided.clone().flatten() {
+                                return Claimed::Replay(answer);
+                            }
+                        }
+                        Ok(Err(_)) => {}
+                    }
+                    // The earlier call was not remembered: this one runs, unless another
+                    // claimed first.
+                    continue;
+                }
+            };
+            return match &self.fleet {
+                Some(fleet) => self.claim_fleet(fleet, ticket, here, deadline, hold).await,
+                None => Claimed::Run(Remembering { here, fleet: None }),
+            };
+        }
+    }
+
+    /// Claims `ticket` on Redis too, for the call that holds it `here`: a duplicate running on
+    /// another replica is polled for until `deadline`.
+    async fn claim_fleet(
+        &self,
+        fleet: &SharedOutcomes,
+        ticket: Ticket,
+        here: Option<Running>,
+        deadline: Instant,
+        hold: Duration,
+    ) -> Claimed {
+        let mut pause = FIRST_POLL;
+        loop {
+            match fleet.claim(ticket, hold, self.window).await {
+                FleetClaim::First(run) => {
+                    return Claimed::Run(Remembering {
+                        here,
+                        fleet: Some(run),
+                    });
+                }
+                FleetClaim::Unavailable => return Claimed::Run(Remembering { here, fleet: None }),
+                // Dropped, `here` is forgotten, and its duplicates here find the same.
+                FleetClaim::Reused => return Claimed::Reused,
+                FleetClaim::Done(answer, left) => {
+                    let answer = Arc::new(answer);
+                    if let Some(here) = here {
+                        here.settle(Some(answer.clone()), left.min(self.window));
+                    }
+                    return Claimed::Replay(answer);
+                }
+                FleetClaim::Running => {
+                    if Instant::now() + pause >= deadline {
+                        tokio::time::sleep_until(deadline).await;
+                        return Claimed::TimedOut;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_POLL);
+                }
+            }
+        }
+    }
+
+    /// What this replica's table says of the call of `ticket`.
+    fn claim_here(&self, ticket: Ticket) -> Claim {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         match entries.get(&ticket.key) {
@@ -233,7 +367,7 @@ impl Idempotency {
 }
 
 /// The first call of a ticket, running. Dropped unfinished, it is forgotten.
-pub(crate) struct Running {
+struct Running {
     ticket: Ticket,
     send: Option<watch::Sender<Option<Option<Arc<Remembered>>>>>,
     window: Duration,
@@ -241,12 +375,9 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    /// The call was answered `answer`: remembered when `Some` (Cognito decided it), else
-    /// forgotten so that a retry runs again. Calls waiting for it are told either way.
-    pub(crate) fn finish(mut self, answer: Option<Remembered>) {
-        let answer = answer
-            .filter(|answer| answer.text_bytes() <= MAX_ANSWER_BYTES)
-            .map(Arc::new);
+    /// The call was answered `answer`: remembered for `window` when `Some`, else forgotten.
+    /// Calls waiting for it are told either way.
+    fn settle(mut self, answer: Option<Arc<Remembered>>, window: Duration) {
         {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             match &answer {
@@ -255,7 +386,7 @@ impl Running {
                         self.ticket.key,
                         Entry::Done {
                             fingerprint: self.ticket.fingerprint,
-                            until: Instant::now() + self.window,
+                            until: Instant::now() + window,
                             answer: answer.clone(),
                         },
                     );
@@ -295,25 +426,28 @@ mod tests {
     async fn a_decided_call_is_replayed_and_its_id_never_reused_for_another_request() {
         let store = store(10);
         let ticket = store.ticket(&[b"caller", b"id-1"], &[b"ann"]);
-        let Claim::First(first) = store.claim(ticket) else {
+        let Claim::First(first) = store.claim_here(ticket) else {
             panic!("the first call runs");
         };
-        let Claim::Wait(mut waiting) = store.claim(ticket) else {
+        let Claim::Wait(mut waiting) = store.claim_here(ticket) else {
             panic!("a duplicate waits");
         };
         assert!(matches!(
-            store.claim(store.ticket(&[b"caller", b"id-1"], &[b"bob"])),
+            store.claim_here(store.ticket(&[b"caller", b"id-1"], &[b"bob"])),
             Claim::Reused
         ));
-        first.finish(Some(Remembered::Confirmed));
+        first.settle(
+            Some(Arc::new(Remembered::Confirmed)),
+            Duration::from_secs(3600),
+        );
         waiting.changed().await.unwrap();
         assert!(matches!(
             waiting.borrow().as_ref(),
             Some(Some(answer)) if matches!(**answer, Remembered::Confirmed)
         ));
-        assert!(matches!(store.claim(ticket), Claim::Replay(_)));
+        assert!(matches!(store.claim_here(ticket), Claim::Replay(_)));
         assert!(matches!(
-            store.claim(store.ticket(&[b"caller", b"id-1"], &[b"bob"])),
+            store.claim_here(store.ticket(&[b"caller", b"id-1"], &[b"bob"])),
             Claim::Reused
         ));
         // Framed parts: ("ab", "c") is not ("a", "bc").
@@ -327,37 +461,40 @@ mod tests {
     async fn an_undecided_call_is_forgotten_and_its_waiters_told() {
         let store = store(10);
         let ticket = store.ticket(&[b"caller", b"id-2"], &[b"ann"]);
-        let Claim::First(first) = store.claim(ticket) else {
+        let Claim::First(first) = store.claim_here(ticket) else {
             panic!("the first call runs");
         };
-        let Claim::Wait(mut waiting) = store.claim(ticket) else {
+        let Claim::Wait(mut waiting) = store.claim_here(ticket) else {
             panic!("a duplicate waits");
         };
         drop(first);
         waiting.changed().await.unwrap();
         assert!(matches!(waiting.borrow().as_ref(), Some(None)));
-        assert!(matches!(store.claim(ticket), Claim::First(_)));
+        assert!(matches!(store.claim_here(ticket), Claim::First(_)));
     }
 
     #[test]
     fn memory_is_bounded_and_expired_outcomes_make_room() {
         let expiring = Idempotency::new(Duration::ZERO, 2, [7; 32]);
         for id in [b"1", b"2"] {
-            let Claim::First(first) = expiring.claim(expiring.ticket(&[id], &[])) else {
+            let Claim::First(first) = expiring.claim_here(expiring.ticket(&[id], &[])) else {
                 panic!("room for two");
             };
-            first.finish(Some(Remembered::Confirmed));
+            first.settle(Some(Arc::new(Remembered::Confirmed)), Duration::ZERO);
         }
         // Both expired at once (a zero window): a third makes room.
         assert!(matches!(
-            expiring.claim(expiring.ticket(&[b"3"], &[])),
+            expiring.claim_here(expiring.ticket(&[b"3"], &[])),
             Claim::First(_)
         ));
         let full = store(1);
-        let Claim::First(_running) = full.claim(full.ticket(&[b"1"], &[])) else {
+        let Claim::First(_running) = full.claim_here(full.ticket(&[b"1"], &[])) else {
             panic!("room for one");
         };
-        assert!(matches!(full.claim(full.ticket(&[b"2"], &[])), Claim::Full));
+        assert!(matches!(
+            full.claim_here(full.ticket(&[b"2"], &[])),
+            Claim::Full
+        ));
         assert_eq!(full.len(), 1);
     }
 }

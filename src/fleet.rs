@@ -1,0 +1,237 @@
+//! The fleet's shared state on Redis (`RATE_LIMIT_REDIS_URL`): one multiplexed connection and
+//! one account of its health, used by the shared limits (`limits`) and the remembered outcomes
+//! of retried calls (`idempotency`). Every key starts with `RATE_LIMIT_REDIS_PREFIX`.
+//!
+//! Redis never fails a call: on an error or a timeout the caller falls back to this replica's
+//! own state, Redis is skipped for a backoff period, then probed again; a warn line marks each
+//! change of state. Start-up does not wait for Redis: the connection is made in the background
+//! and reconnects by itself.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, ScriptInvocation};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
+
+use crate::settings::SettingError;
+
+/// Round trips to Redis, and their latency.
+pub(crate) const BACKEND_SECONDS: &str = "rate_limit_backend_seconds";
+/// 1 while Redis answers, 0 while each replica's own state stands in.
+pub(crate) const BACKEND_UP: &str = "rate_limit_backend_up";
+/// Redis failures, by `kind` (`timeout`, `unconnected`: not connected yet, `error`).
+pub(crate) const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
+
+/// The first backoff after a failure; each further failure doubles it, up to the maximum.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// `RATE_LIMIT_REDIS_*`.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `rediss://…`, without credentials (a username may be there).
+    pub(crate) url: RedisUrl,
+    /// `RATE_LIMIT_REDIS_PASSWORD_FILE`'s secret.
+    pub(crate) password: Option<SecretString>,
+    /// Prefix of every key.
+    pub(crate) prefix: String,
+    /// How long one round trip may take before this replica's own state decides.
+    pub(crate) timeout: Duration,
+    /// `USERNAME_HASH_KEY_FILE`'s key, which every key naming a user or a request derives
+    /// from, so every replica names them alike.
+    pub(crate) username_hash_key: SecretSlice<u8>,
+}
+
+/// The URL of `RATE_LIMIT_REDIS_URL`, checked once: its scheme, and no password in it.
+#[derive(Debug, Clone)]
+pub struct RedisUrl(ConnectionInfo);
+
+impl RedisUrl {
+    /// Parses and checks `url`; the problem, never quoting the URL, when it is unusable.
+    pub(crate) fn parse(url: &str) -> Result<Self, &'static str> {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err("must start with redis:// or rediss://");
+        }
+        let info = url
+            .into_connection_info()
+            .map_err(|_| "is not a valid Redis URL")?;
+        if info.redis_settings().password().is_some() {
+            return Err("must not hold a password: put it in RATE_LIMIT_REDIS_PASSWORD_FILE");
+        }
+        Ok(Self(info))
+    }
+}
+
+/// The connection to Redis and its health, shared by everything kept there.
+pub(crate) struct Backend {
+    connection: Arc<OnceLock<ConnectionManager>>,
+    /// Prefix of every key.
+    pub(crate) prefix: String,
+    /// How long one round trip may take.
+    pub(crate) timeout: Duration,
+    epoch: Instant,
+    /// Nanoseconds since `epoch` before which Redis is not asked (a failure's backoff).
+    skip_until: AtomicU64,
+    backoff: Mutex<Duration>,
+    up: AtomicBool,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// The Redis of `settings`; connects in the background.
+    pub(crate) fn start(settings: &RedisSettings) -> Result<Arc<Self>, SettingError> {
+        let mut info = settings.url.0.clone();
+        if let Some(password) = &settings.password {
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose_secret());
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info)
+            .map_err(|e| SettingError::new("RATE_LIMIT_REDIS_URL", e.to_string()))?;
+        let connection = Arc::new(OnceLock::new());
+        tokio::spawn(connect(client, connection.clone()));
+        metrics::gauge!(BACKEND_UP).set(0.0);
+        Ok(Arc::new(Self {
+            connection,
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            epoch: Instant::now(),
+            skip_until: AtomicU64::new(0),
+            backoff: Mutex::new(FIRST_BACKOFF),
+            up: AtomicBool::new(false),
+        }))
+    }
+
+    /// Runs `invocation` within `RATE_LIMIT_REDIS_TIMEOUT`; `None`, the failure counted, when
+    /// Redis is backing off, not connected yet, failed or too slow.
+    pub(crate) async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Option<T> {
+        if self.now() < self.skip_until.load(Ordering::Relaxed) {
+            return None;
+        }
+        let Some(mut connection) = self.connection() else {
+            // Still connecting: no backoff, so the connection is used as soon as it is made.
+            metrics::counter!(BACKEND_ERRORS, "kind" => "unconnected").increment(1);
+            return None;
+        };
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<T>(&mut connection)).await;
+        metrics::histogram!(BACKEND_SECONDS).record(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(Ok(answer)) => {
+                self.answered();
+                Some(answer)
+            }
+            Ok(Err(err)) => {
+                self.failed("error", &err.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("timeout", "no answer within RATE_LIMIT_REDIS_TIMEOUT");
+                None
+            }
+        }
+    }
+
+    /// Runs `invocation` in the background, within `RATE_LIMIT_REDIS_TIMEOUT`, for a write
+    /// whose failure only costs the fleet some sharing (counted, not waited for).
+    pub(crate) fn spawn(&self, invocation: ScriptInvocation<'static>) {
+        // No runtime (a call dropped as the process ends): the write is lost, as on a failure.
+        let (Some(mut connection), Ok(runtime)) =
+            (self.connection(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let timeout = self.timeout;
+        runtime.spawn(async move {
+            let written =
+                tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut connection));
+            if !matches!(written.await, Ok(Ok(_))) {
+                metrics::counter!(BACKEND_ERRORS, "kind" => "error").increment(1);
+            }
+        });
+    }
+
+    /// Counts an answer no script of this service gives as a failure.
+    pub(crate) fn unexpected_answer(&self) {
+        self.failed("error", "an answer the script cannot give");
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.connection.get().cloned()
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn answered(&self) {
+        *self.backoff.lock().expect("backoff lock") = FIRST_BACKOFF;
+        if !self.up.swap(true, Ordering::Relaxed) {
+            metrics::gauge!(BACKEND_UP).set(1.0);
+            tracing::warn!(
+                "rate-limit backend answers: limits and remembered retries are shared by the \
+                 fleet again"
+            );
+        }
+    }
+
+    fn failed(&self, kind: &'static str, detail: &str) {
+        metrics::counter!(BACKEND_ERRORS, "kind" => kind).increment(1);
+        let backoff = {
+            let mut backoff = self.backoff.lock().expect("backoff lock");
+            let current = *backoff;
+            *backoff = (current * 2).min(MAX_BACKOFF);
+            current
+        };
+        let until = self.now() + u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX);
+        self.skip_until.store(until, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            metrics::gauge!(BACKEND_UP).set(0.0);
+            tracing::warn!(
+                kind,
+                detail,
+                retry_in = %humantime::format_duration(backoff),
+                "rate-limit backend failed: each replica's own limits judge calls, and its own \
+                 memory answers retries, until it answers again"
+            );
+        }
+    }
+}
+
+/// Makes the one multiplexed connection, retrying until it succeeds; it then reconnects by
+/// itself.
+async fn connect(client: redis::Client, slot: Arc<OnceLock<ConnectionManager>>) {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2);
+    let mut pause = FIRST_BACKOFF;
+    loop {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(connection) => {
+                let _ = slot.set(connection);
+                tracing::info!("rate-limit backend connected");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot connect to the rate-limit backend yet; in-process limits meanwhile");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
