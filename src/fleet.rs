@@ -24,6 +24,20 @@ pub(crate) const BACKEND_UP: &str = "rate_limit_backend_up";
 /// Redis failures, by `kind` (`timeout`, `unconnected`: not connected yet, `error`).
 pub(crate) const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
 
+/// A background write that got no answer is tried again after this long, then each time
+/// twice as long, up to the maximum.
+const FIRST_WRITE_PAUSE: Duration = Duration::from_millis(100);
+const MAX_WRITE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why a round trip to Redis gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unanswered {
+    /// Nothing was sent: Redis is backing off, or not connected yet.
+    NotSent,
+    /// It was sent and failed or timed out: the script may have run.
+    MaybeRan,
+}
+
 /// The first backoff after a failure; each further failure doubles it, up to the maximum.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -113,19 +127,60 @@ impl Backend {
         }))
     }
 
-    /// Runs `invocation` within `RATE_LIMIT_REDIS_TIMEOUT`; `None`, the failure counted, when
-    /// Redis is backing off, not connected yet, failed or too slow.
+    /// Runs `invocation` within `RATE_LIMIT_REDIS_TIMEOUT`, unless Redis is backing off; the
+    /// failure counted when it gives no answer.
     pub(crate) async fn invoke<T: FromRedisValue>(
         &self,
         invocation: &ScriptInvocation<'_>,
-    ) -> Option<T> {
+    ) -> Result<T, Unanswered> {
         if self.now() < self.skip_until.load(Ordering::Relaxed) {
-            return None;
+            return Err(Unanswered::NotSent);
         }
+        self.round_trip(invocation).await
+    }
+
+    /// Runs `invocation` in the background, for a write that is to land if it can: tried
+    /// again while Redis gives no answer (it must be harmless to run twice), backoff or not,
+    /// pausing 100 ms, then twice as long each time up to 1 s, until `within` has passed.
+    pub(crate) fn spawn(self: &Arc<Self>, invocation: ScriptInvocation<'static>, within: Duration) {
+        // No runtime (a call dropped as the process ends): the write is lost, as on a failure.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.clone();
+        let until = tokio::time::Instant::now() + within;
+        runtime.spawn(async move {
+            let mut pause = FIRST_WRITE_PAUSE;
+            loop {
+                match backend.round_trip::<i64>(&invocation).await {
+                    Ok(_) | Err(Unanswered::NotSent) => return,
+                    Err(Unanswered::MaybeRan) => {}
+                }
+                if tokio::time::Instant::now() + pause >= until {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_WRITE_PAUSE);
+            }
+        });
+    }
+
+    /// The key of `kind` for `digest`: the prefix, the kind, and the digest's first 16 bytes
+    /// in hex.
+    pub(crate) fn key(&self, kind: &str, digest: &[u8]) -> String {
+        let hash: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("{}{kind}:{hash}", self.prefix)
+    }
+
+    /// One round trip, counted and timed, within `RATE_LIMIT_REDIS_TIMEOUT`.
+    async fn round_trip<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, Unanswered> {
         let Some(mut connection) = self.connection() else {
             // Still connecting: no backoff, so the connection is used as soon as it is made.
             metrics::counter!(BACKEND_ERRORS, "kind" => "unconnected").increment(1);
-            return None;
+            return Err(Unanswered::NotSent);
         };
         let started = Instant::now();
         let answer =
@@ -134,36 +189,17 @@ impl Backend {
         match answer {
             Ok(Ok(answer)) => {
                 self.answered();
-                Some(answer)
+                Ok(answer)
             }
             Ok(Err(err)) => {
                 self.failed("error", &err.to_string());
-                None
+                Err(Unanswered::MaybeRan)
             }
             Err(_) => {
                 self.failed("timeout", "no answer within RATE_LIMIT_REDIS_TIMEOUT");
-                None
+                Err(Unanswered::MaybeRan)
             }
         }
-    }
-
-    /// Runs `invocation` in the background, within `RATE_LIMIT_REDIS_TIMEOUT`, for a write
-    /// whose failure only costs the fleet some sharing (counted, not waited for).
-    pub(crate) fn spawn(&self, invocation: ScriptInvocation<'static>) {
-        // No runtime (a call dropped as the process ends): the write is lost, as on a failure.
-        let (Some(mut connection), Ok(runtime)) =
-            (self.connection(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let timeout = self.timeout;
-        runtime.spawn(async move {
-            let written =
-                tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut connection));
-            if !matches!(written.await, Ok(Ok(_))) {
-                metrics::counter!(BACKEND_ERRORS, "kind" => "error").increment(1);
-            }
-        });
     }
 
     /// Counts an answer no script of this service gives as a failure.

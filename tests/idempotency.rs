@@ -477,3 +477,106 @@ async fn with_redis_down_each_replica_remembers_its_own_and_no_call_fails() {
     let metrics = a.scrape().await;
     assert_eq!(metric(&metrics, "rate_limit_backend_up", &[]), Some(0.0));
 }
+
+/// A TCP proxy to `upstream` on a free loopback port whose connections can be cut, as a broken
+/// network cuts them.
+struct Cuttable {
+    url: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Cuttable {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/0", listener.local_addr().unwrap());
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accepting, held) = (open.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                // Cut: a new connection is closed at once.
+                if !accepting.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                held.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Self { url, open, links }
+    }
+
+    /// Closes every connection and every new one until `restore`.
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn an_outcome_whose_write_the_network_lost_is_written_again() {
+    let redis = RedisServer::start().await;
+    let proxy = Cuttable::start(redis.port).await;
+    let cognito = FakeCognito::start().await;
+    let fleet = Fleet::keyed();
+    let mut a = fleet
+        .replica(&redis, &cognito, &[("RATE_LIMIT_REDIS_URL", &proxy.url)])
+        .await;
+    let b = fleet.replica(&redis, &cognito, &[]).await;
+    let (mut a_client, mut b_client) = (a.client().await, b.client().await);
+
+    cognito.script([common::Reply::Held(Box::new(delivered("j***@e***")))]);
+    let running =
+        tokio::spawn(async move { a_client.forgot_password(forgot_with("jo", ID)).await });
+    cognito.arrived(1).await;
+    // Cognito answers while A's connection to Redis is cut: A answers its caller all the same,
+    // and its write of the outcome fails.
+    proxy.cut();
+    cognito.release(1);
+    let first = running.await.unwrap().expect("answered without Redis");
+    assert!(!replayed(&first));
+    a.wait_for_line(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("rate-limit backend failed"))
+    })
+    .await;
+    proxy.restore();
+
+    // A tries the write again until its claim would expire: the outcome lands.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = redis.keys().await;
+        let (_, ttl) = keys
+            .iter()
+            .find(|(key, _)| key.starts_with("password-recovery:request:"))
+            .expect("the claim or its outcome is there");
+        // An outcome lives for the window (an hour); a claim only seconds.
+        if *ttl > 60_000 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outcome never replaced the claim"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retry = b_client
+        .forgot_password(forgot_with("jo", ID))
+        .await
+        .unwrap();
+    assert!(replayed(&retry), "{:?}", retry.metadata());
+    assert_eq!(cognito.recorded().len(), 1, "one code sent");
+}

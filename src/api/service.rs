@@ -36,9 +36,6 @@ use crate::masking::{CodeError, Mask, Masking};
 use crate::privacy::UsernameHasher;
 use crate::proto::v1 as pb;
 
-/// How much longer than its upstream budget a call's claim on Redis is held.
-const CLAIM_MARGIN: Duration = Duration::from_secs(2);
-
 /// The alias logs and metrics give a `client_id` this server does not serve.
 const UNKNOWN_CLIENT: &str = "unknown";
 
@@ -446,11 +443,12 @@ impl Shared {
         ticket: Ticket,
         budget: Budget,
         upstream: Budget,
-    ) -> Result<Remembering, Answered<T>> {
-        // A claim on Redis outlives its call by a margin for masking and the final write; a
-        // replica that dies holding it holds it no longer.
-        let hold = upstream.deadline.saturating_duration_since(Instant::now()) + CLAIM_MARGIN;
-        match self.idempotency.claim(ticket, budget.deadline, hold).await {
+    ) -> Result<Box<Remembering>, Answered<T>> {
+        match self
+            .idempotency
+            .claim(ticket, budget.deadline, upstream.deadline)
+            .await
+        {
             Claimed::Run(remembering) => Ok(remembering),
             Claimed::Replay(answer) => Err(Answered::Replay(replay(&answer))),
             Claimed::Reused => Err(Answered::Refused(Error::RequestIdReused)),

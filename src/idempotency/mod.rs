@@ -108,7 +108,7 @@ enum Entry {
 /// What a call with a `request_id` is to do.
 pub(crate) enum Claimed {
     /// Run it, then [`Remembering::finish`] it.
-    Run(Remembering),
+    Run(Box<Remembering>),
     /// A call with the same id and request was answered this.
     Replay(Arc<Remembered>),
     /// The same id came with another request.
@@ -222,9 +222,9 @@ impl Idempotency {
         }
     }
 
-    /// What the call of `ticket` is to do: run (and `hold` its claim on Redis that long), or
-    /// be answered at once; a duplicate still running is waited for until `deadline`.
-    pub(crate) async fn claim(&self, ticket: Ticket, deadline: Instant, hold: Duration) -> Claimed {
+    /// What the call of `ticket` is to do: run (until `until` at most), or be answered at
+    /// once; a duplicate still running is waited for until the caller's `deadline`.
+    pub(crate) async fn claim(&self, ticket: Ticket, deadline: Instant, until: Instant) -> Claimed {
         loop {
             let here = match self.claim_here(ticket) {
                 Claim::First(running) => Some(running),
@@ -249,32 +249,42 @@ impl Idempotency {
                 }
             };
             return match &self.fleet {
-                Some(fleet) => self.claim_fleet(fleet, ticket, here, deadline, hold).await,
-                None => Claimed::Run(Remembering { here, fleet: None }),
+                Some(fleet) => self.claim_fleet(fleet, ticket, here, deadline, until).await,
+                None => Claimed::Run(Box::new(Remembering { here, fleet: None })),
             };
         }
     }
 
     /// Claims `ticket` on Redis too, for the call that holds it `here`: a duplicate running on
-    /// another replica is polled for until `deadline`.
+    /// another replica is polled for until `deadline`, and so, while Redis gives no answer, is
+    /// one seen running until its claim expires.
     async fn claim_fleet(
         &self,
         fleet: &SharedOutcomes,
         ticket: Ticket,
         here: Option<Running>,
         deadline: Instant,
-        hold: Duration,
+        until: Instant,
     ) -> Claimed {
         let mut pause = FIRST_POLL;
+        // When the claim of a duplicate seen running elsewhere expires.
+        let mut held_until: Option<Instant> = None;
         loop {
-            match fleet.claim(ticket, hold, self.window).await {
+            let claim = fleet.claim(ticket, until, self.window).await;
+            let now = Instant::now();
+            match claim {
+                // Too late to run: dropped, the claim is let go.
+                FleetClaim::First(_) if now >= deadline => return Claimed::TimedOut,
                 FleetClaim::First(run) => {
-                    return Claimed::Run(Remembering {
+                    return Claimed::Run(Box::new(Remembering {
                         here,
                         fleet: Some(run),
-                    });
+                    }));
                 }
-                FleetClaim::Unavailable => return Claimed::Run(Remembering { here, fleet: None }),
+                FleetClaim::Unavailable(_) if held_until.is_some_and(|held| now < held) => {}
+                FleetClaim::Unavailable(run) => {
+                    return Claimed::Run(Box::new(Remembering { here, fleet: run }));
+                }
                 // Dropped, `here` is forgotten, and its duplicates here find the same.
                 FleetClaim::Reused => return Claimed::Reused,
                 FleetClaim::Done(answer, left) => {
@@ -284,15 +294,14 @@ impl Idempotency {
                     }
                     return Claimed::Replay(answer);
                 }
-                FleetClaim::Running => {
-                    if Instant::now() + pause >= deadline {
-                        tokio::time::sleep_until(deadline).await;
-                        return Claimed::TimedOut;
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MAX_POLL);
-                }
+                FleetClaim::Running(left) => held_until = Some(now + left),
             }
+            if now >= deadline {
+                return Claimed::TimedOut;
+            }
+            // The last poll is at the deadline itself.
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_POLL);
         }
     }
 
@@ -336,8 +345,9 @@ impl Idempotency {
                     tracing::warn!(
                         max_keys = self.max_keys,
                         since_last_warning = held_back,
-                        "IDEMPOTENCY_MAX_KEYS reached: calls with a request_id run unremembered \
-                         until outcomes leave their window"
+                        "IDEMPOTENCY_MAX_KEYS reached: calls with a request_id run unremembered by \
+                         this replica (on Redis, when it is used, they still are) until \
+                         outcomes leave their window"
                     );
                 }
                 return Claim::Full;

@@ -6,7 +6,10 @@
 //! (a keyed hash) and either the claim's own token or the answer as its caller saw it, never a
 //! username, code or password.
 //!
-//! While Redis fails, [`FleetClaim::Unavailable`]: each replica's own memory answers.
+//! While Redis fails, [`FleetClaim::Unavailable`]: each replica's own memory answers. A claim
+//! that may have landed although Redis gave no answer is finished all the same (`finish.lua`
+//! touches only its own claim), and every final write is tried again while Redis gives no
+//! answer.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -16,15 +19,22 @@ use redis::Script;
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 
+use tokio::time::Instant;
+
 use super::{Remembered, Ticket};
 use crate::domain::{CodeDelivery, DeliveryMedium};
 use crate::error::{Blame, Classified};
-use crate::fleet::Backend;
+use crate::fleet::{Backend, Unanswered};
+use crate::telemetry::Occasionally;
 
 /// Claims a request (`claim.lua`).
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("claim.lua")));
 /// Ends a claim (`finish.lua`).
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("finish.lua")));
+/// How much longer than its call a claim is held, besides three Redis timeouts.
+const CLAIM_MARGIN: Duration = Duration::from_secs(2);
+/// An unreadable outcome is logged at warn at most this often.
+static UNREADABLE_WARNING: Occasionally = Occasionally::every(Duration::from_secs(60));
 
 /// A request's value on Redis.
 #[derive(Clone, PartialEq, Message)]
@@ -47,51 +57,55 @@ struct Stored {
     /// A delivery's attribute.
     #[prost(string, tag = "6")]
     attribute_name: String,
-    /// A failure's gRPC code.
-    #[prost(int32, tag = "7")]
-    code: i32,
-    /// A failure's ErrorInfo reason.
-    #[prost(string, tag = "8")]
-    reason: String,
-    /// A failure's status message.
-    #[prost(string, tag = "9")]
-    message: String,
-    /// A failure's blame (what its log line's level follows).
-    #[prost(uint32, tag = "10")]
+    /// A failure, as the `google.rpc.Status` its caller was sent (code, message, details).
+    #[prost(bytes = "vec", tag = "7")]
+    status: Vec<u8>,
+    /// A failure's blame (what its log line's level follows): 1 caller, 2 slow caller,
+    /// 3 upstream, 4 capacity, 5 server.
+    #[prost(uint32, tag = "8")]
     blame: u32,
-    /// A failure's details, as the `google.rpc.Status` its caller was sent.
-    #[prost(bytes = "vec", tag = "11")]
-    details: Vec<u8>,
 }
 
 const DELIVERY: u32 = 1;
 const CONFIRMED: u32 = 2;
 const FAILED: u32 = 3;
 
-const BLAMES: [Blame; 5] = [
-    Blame::Caller,
-    Blame::SlowCaller,
-    Blame::Upstream,
-    Blame::Capacity,
-    Blame::Server,
-];
-const MEDIUMS: [DeliveryMedium; 3] = [
-    DeliveryMedium::Unspecified,
-    DeliveryMedium::Email,
-    DeliveryMedium::Sms,
-];
-
-/// The index of `value` in `all`, as stored.
-fn index_of<T: PartialEq>(all: &[T], value: &T) -> u32 {
-    all.iter()
-        .position(|v| v == value)
-        .and_then(|i| u32::try_from(i).ok())
-        .unwrap_or(0)
+fn medium_number(medium: DeliveryMedium) -> u32 {
+    match medium {
+        DeliveryMedium::Unspecified => 0,
+        DeliveryMedium::Email => 1,
+        DeliveryMedium::Sms => 2,
+    }
 }
 
-/// The value stored as `index` in `all`.
-fn at<T: Copy>(all: &[T], index: u32) -> Option<T> {
-    all.get(usize::try_from(index).ok()?).copied()
+fn medium_of(number: u32) -> Option<DeliveryMedium> {
+    match number {
+        0 => Some(DeliveryMedium::Unspecified),
+        1 => Some(DeliveryMedium::Email),
+        2 => Some(DeliveryMedium::Sms),
+        _ => None,
+    }
+}
+
+fn blame_number(blame: Blame) -> u32 {
+    match blame {
+        Blame::Caller => 1,
+        Blame::SlowCaller => 2,
+        Blame::Upstream => 3,
+        Blame::Capacity => 4,
+        Blame::Server => 5,
+    }
+}
+
+fn blame_of(number: u32) -> Option<Blame> {
+    match number {
+        1 => Some(Blame::Caller),
+        2 => Some(Blame::SlowCaller),
+        3 => Some(Blame::Upstream),
+        4 => Some(Blame::Capacity),
+        5 => Some(Blame::Server),
+        _ => None,
+    }
 }
 
 impl Stored {
@@ -105,19 +119,19 @@ impl Stored {
             Remembered::Delivery(delivery) => {
                 stored.kind = DELIVERY;
                 stored.destination = delivery.destination.clone();
-                stored.medium = index_of(&MEDIUMS, &delivery.medium);
+                stored.medium = medium_number(delivery.medium);
                 stored.attribute_name = delivery.attribute_name.clone();
             }
             Remembered::Confirmed => stored.kind = CONFIRMED,
             Remembered::Failed(error) => {
                 stored.kind = FAILED;
-                stored.code = error.code as i32;
-                stored.reason = error.reason.to_owned();
-                stored.message = error.message.clone();
-                stored.blame = index_of(&BLAMES, &error.blame);
-                let status =
-                    tonic::Status::with_error_details(error.code, "", error.details.clone());
-                stored.details = status.details().to_vec();
+                let status = tonic::Status::with_error_details(
+                    error.code,
+                    error.message.clone(),
+                    error.details.clone(),
+                );
+                stored.status = status.details().to_vec();
+                stored.blame = blame_number(error.blame);
             }
         }
         stored
@@ -128,17 +142,20 @@ impl Stored {
         match self.kind {
             DELIVERY => Some(Remembered::Delivery(CodeDelivery {
                 destination: self.destination.clone(),
-                medium: at(&MEDIUMS, self.medium)?,
+                medium: medium_of(self.medium)?,
                 attribute_name: self.attribute_name.clone(),
             })),
             CONFIRMED => Some(Remembered::Confirmed),
             FAILED => {
-                let code = Code::from_i32(self.code);
-                let status = tonic::Status::with_details(code, "", self.details.clone().into());
+                let sent = tonic_types::Status::decode(self.status.as_slice()).ok()?;
+                let code = Code::from_i32(sent.code);
+                let status =
+                    tonic::Status::with_details(code, sent.message, self.status.clone().into());
                 let details: ErrorDetails = status.check_error_details().ok()?;
-                let blame = at(&BLAMES, self.blame)?;
+                let reason = details.error_info()?.reason.clone();
+                let message = status.message().to_owned();
                 let error =
-                    Classified::restored(code, &self.reason, self.message.clone(), blame, details)?;
+                    Classified::restored(code, &reason, message, blame_of(self.blame)?, details)?;
                 Some(Remembered::Failed(Box::new(error)))
             }
             _ => None,
@@ -152,12 +169,13 @@ pub(crate) enum FleetClaim {
     First(FleetRun),
     /// It was answered this, remembered for that much longer.
     Done(Remembered, Duration),
-    /// A call on some replica runs it.
-    Running,
+    /// A call on some replica runs it, and holds its claim for that much longer.
+    Running(Duration),
     /// It came with another request.
     Reused,
-    /// Redis failed or holds what this version cannot read: this replica's memory decides.
-    Unavailable,
+    /// Redis gave no answer (or one this version cannot read): this replica's memory
+    /// decides. When the claim may have landed, the call is to finish it all the same.
+    Unavailable(Option<FleetRun>),
 }
 
 /// The outcomes on Redis.
@@ -172,23 +190,21 @@ impl SharedOutcomes {
         Self { backend }
     }
 
-    /// The key of `ticket`'s request.
-    fn key(&self, ticket: &Ticket) -> String {
-        let hash: String = ticket.key[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{}request:{hash}", self.backend.prefix)
-    }
-
-    /// Claims `ticket`'s request for `hold` (how long its call may run), or says who holds it.
+    /// Claims `ticket`'s request, for a call that runs until `until`, or says who holds it.
+    /// Its outcome is to be remembered for `window`.
     pub(crate) async fn claim(
         &self,
         ticket: Ticket,
-        hold: Duration,
+        until: Instant,
         window: Duration,
     ) -> FleetClaim {
-        let key = self.key(&ticket);
+        // The format is in the key, so that another version's requests are other requests.
+        let key = self.backend.key("request:v1", &ticket.key);
+        // The claim outlives its call by a margin for masking and the final write, whose
+        // attempts each take at most the Redis timeout; a replica that dies holding it holds it
+        // no longer.
+        let margin = CLAIM_MARGIN + self.backend.timeout * 3;
+        let hold = until.saturating_duration_since(Instant::now()) + margin;
         let token: [u8; 16] = rand::random();
         let claim = Stored {
             fingerprint: ticket.fingerprint.to_vec(),
@@ -202,35 +218,48 @@ impl SharedOutcomes {
             .backend
             .invoke::<Option<(Vec<u8>, i64)>>(&invocation)
             .await;
-        let (held, ttl) = match held {
-            None => return FleetClaim::Unavailable,
-            Some(None) => {
-                return FleetClaim::First(FleetRun {
-                    backend: self.backend.clone(),
-                    key,
-                    claim,
-                    fingerprint: ticket.fingerprint,
-                    window,
-                    finished: false,
-                });
-            }
-            Some(Some(held)) => held,
+        let run = || FleetRun {
+            backend: self.backend.clone(),
+            key,
+            claim,
+            fingerprint: ticket.fingerprint,
+            window,
+            expires: Instant::now() + hold,
+            finished: false,
         };
+        let (held, ttl) = match held {
+            Err(Unanswered::NotSent) => return FleetClaim::Unavailable(None),
+            Err(Unanswered::MaybeRan) => return FleetClaim::Unavailable(Some(run())),
+            Ok(None) => return FleetClaim::First(run()),
+            Ok(Some(held)) => held,
+        };
+        let left = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
         let Ok(stored) = Stored::decode(held.as_slice()) else {
-            return FleetClaim::Unavailable;
+            return unreadable();
         };
         if stored.fingerprint != ticket.fingerprint {
             return FleetClaim::Reused;
         }
         if !stored.claim.is_empty() {
-            return FleetClaim::Running;
+            return FleetClaim::Running(left);
         }
-        let left = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
         match stored.remembered() {
             Some(answer) => FleetClaim::Done(answer, left),
-            None => FleetClaim::Unavailable,
+            None => unreadable(),
         }
     }
+}
+
+/// A remembered outcome this version cannot read (another version's, during a rollout): the
+/// call runs, remembered by this replica only.
+fn unreadable() -> FleetClaim {
+    if let Some(held_back) = UNREADABLE_WARNING.due() {
+        tracing::warn!(
+            since_last_warning = held_back,
+            "an outcome on Redis this version cannot read: the retry runs again"
+        );
+    }
+    FleetClaim::Unavailable(None)
 }
 
 /// A call's claim on Redis. Dropped unfinished, its request is forgotten.
@@ -240,12 +269,14 @@ pub(crate) struct FleetRun {
     claim: Vec<u8>,
     fingerprint: [u8; 32],
     window: Duration,
+    /// When the claim expires: after that, there is nothing to finish.
+    expires: Instant,
     finished: bool,
 }
 
 impl FleetRun {
-    /// Replaces the claim with `answer`, or forgets the request when `None`, in the background
-    /// (while Redis fails, the claim expires by itself).
+    /// Replaces the claim with `answer`, or forgets the request when `None`, in the background,
+    /// tried again while Redis gives no answer until the claim expires by itself.
     pub(crate) fn finish(mut self, answer: Option<&Remembered>) {
         self.finished = true;
         let outcome = answer.map_or_else(Vec::new, |answer| {
@@ -261,7 +292,8 @@ impl FleetRun {
             .arg(&self.claim)
             .arg(outcome)
             .arg(millis(self.window));
-        self.backend.spawn(invocation);
+        let within = self.expires.saturating_duration_since(Instant::now());
+        self.backend.spawn(invocation, within);
     }
 }
 

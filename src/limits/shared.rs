@@ -24,6 +24,8 @@ use crate::privacy::UsernameHasher;
 static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("gcra.lua")));
 /// Empties a bucket (`exhaust.lua`).
 static EXHAUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("exhaust.lua")));
+/// How long emptying a bucket is tried for while Redis gives no answer.
+const EXHAUST_WITHIN: Duration = Duration::from_secs(5);
 /// Denials remembered at most (a full memo forgets the expired ones, else remembers no more).
 const MAX_REMEMBERED: usize = 100_000;
 
@@ -76,16 +78,13 @@ impl SharedLimits {
     /// The key of the caller `name`'s bucket: a digest of the name, so every key is short.
     pub(crate) fn caller_key(&self, name: &str) -> String {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(name.as_bytes());
-        let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}caller:{hash}", self.backend.prefix)
+        self.backend
+            .key("caller", &sha2::Sha256::digest(name.as_bytes()))
     }
 
     /// The key of `user`'s bucket (both RPCs share it): a keyed hash, never the username.
     pub(crate) fn username_key(&self, user: PoolUser<'_>) -> String {
-        let digest = self.keys.digest(user);
-        let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}username:{hash}", self.backend.prefix)
+        self.backend.key("username", &self.keys.digest(user))
     }
 
     /// How long `key` was refused for, if this replica remembers a denial still in force.
@@ -118,7 +117,12 @@ impl SharedLimits {
                 .arg(bucket.interval_us.max(1))
                 .arg(bucket.burst);
         }
-        match self.backend.invoke::<(usize, u64)>(&invocation).await? {
+        match self
+            .backend
+            .invoke::<(usize, u64)>(&invocation)
+            .await
+            .ok()?
+        {
             (0, _) => Some(Verdict::Admitted),
             (index, wait_us) if index <= buckets.len() => {
                 let limiter = buckets[index - 1].limiter;
@@ -139,6 +143,6 @@ impl SharedLimits {
             .key(&bucket.key)
             .arg(bucket.interval_us.max(1))
             .arg(bucket.burst);
-        self.backend.spawn(invocation);
+        self.backend.spawn(invocation, EXHAUST_WITHIN);
     }
 }
