@@ -36,6 +36,7 @@ use crate::masking::Masking;
 use crate::memory;
 use crate::metrics;
 use crate::privacy::{UsernameHasher, hmac};
+use crate::proofs::Proofs;
 use crate::proto;
 use crate::proto::v1::password_recovery_server::PasswordRecoveryServer;
 use crate::reload::{self, Watched};
@@ -86,6 +87,9 @@ pub enum AppError {
     /// Calls were still in flight when the shutdown grace period ended (exit code 1).
     #[error("{0} calls were still in flight when the shutdown grace period ended")]
     Abandoned(usize),
+    /// `check`: an app client was not proven to work (exit code 2).
+    #[error("an app client was not proven to work")]
+    Unproven,
 }
 
 impl From<SettingError> for AppError {
@@ -127,6 +131,8 @@ pub struct Application {
     /// The Connect door on the gRPC port (`CONNECT_PROTOCOL`); `None` when it is closed.
     connect: Option<Connect>,
     health: HealthReporter,
+    /// The app clients' proofs, which go on while serving.
+    proofs: Arc<Proofs>,
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,
     keepalive_interval: Duration,
@@ -137,8 +143,9 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds every part and binds the listeners. Health turns SERVING once the Cognito client
-    /// is built.
+    /// Builds every part, proves every app client once, and binds the listeners. Health is
+    /// SERVING for `""` at once, and for the service unless the default app client was proven
+    /// misconfigured.
     pub async fn build(config: Config) -> Result<Self, AppError> {
         let metrics_handle = metrics::install();
         let tls = match config.tls.clone() {
@@ -159,11 +166,19 @@ impl Application {
             watched.push(callers.clone());
         }
         let calls = Arc::new(InFlightCalls::default());
+        let (clients, default) = (cognito.clients().to_vec(), cognito.default_index());
         let service = service(&config, cognito, callers.clone(), calls.clone())?;
 
+        // Alive at once; ready once the default client is not proven misconfigured.
         let health = HealthReporter::new();
-        health.set_serving::<PasswordRecoveryServer<Grpc>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
+        let proofs = Proofs::new(
+            clients,
+            default,
+            config.client_check_interval,
+            health.clone(),
+        );
+        proofs.first().await;
         let (routes, connect) = routes(&config, service, callers, &health)?;
 
         let (grpc, grpc_addr) = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
@@ -187,6 +202,7 @@ impl Application {
             routes,
             connect,
             health,
+            proofs,
             shutdown_delay: config.shutdown_delay,
             shutdown_grace_period: config.shutdown_grace_period,
             keepalive_interval: config.keepalive_interval,
@@ -235,6 +251,8 @@ impl Application {
             ended = running.servers.join_next() => return Err(unexpected_end(ended)),
             () = stop => {}
         }
+        // No proof may turn the service SERVING again.
+        running.proving.shutdown().await;
         tracing::info!(
             delay = %humantime::format_duration(running.shutdown_delay),
             grace = %humantime::format_duration(running.shutdown_grace_period),
@@ -272,6 +290,7 @@ impl Application {
         let tls = self.tls.is_some();
         let reloader = (!self.watched.is_empty())
             .then(|| reload::spawn(self.file_reload_interval, self.watched));
+        let proving = self.proofs.spawn();
         let connect = self.connect.is_some();
         let serve = Server::builder()
             .accept_http1(connect)
@@ -308,6 +327,7 @@ impl Application {
         Running {
             servers,
             reloader: reloader.map(AbortOnDropHandle::new),
+            proving,
             health: self.health,
             shutdown_delay: self.shutdown_delay,
             shutdown_grace_period: self.shutdown_grace_period,
@@ -321,6 +341,8 @@ struct Running {
     servers: JoinSet<Result<(), AppError>>,
     /// Stops re-reading files when dropped.
     reloader: Option<AbortOnDropHandle<()>>,
+    /// The app clients' proofs (stopped when dropped).
+    proving: JoinSet<()>,
     health: HealthReporter,
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,

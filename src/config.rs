@@ -93,6 +93,8 @@ pub struct Config {
     pub idempotency_window: Duration,
     /// At most this many outcomes remembered (`IDEMPOTENCY_MAX_KEYS`).
     pub idempotency_max_keys: NonZeroUsize,
+    /// How often each app client is proven (`CLIENT_CHECK_INTERVAL`).
+    pub client_check_interval: Duration,
 }
 
 /// A setting that is missing or malformed. Displays as one line naming the setting.
@@ -119,12 +121,21 @@ impl ConfigError {
 pub enum Command {
     /// Run the service.
     Run(Box<Config>),
+    /// Prove every app client once, print a line for each, and exit (`check`).
+    Check(Box<Config>),
     /// Print this and exit successfully.
     Print(String),
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "password-recovery", version, about)]
+#[command(
+    name = "password-recovery",
+    version,
+    about,
+    override_usage = "password-recovery [check] [OPTIONS]",
+    after_help = "`password-recovery check` proves every app client once with the same settings, \
+                  prints a line for each, and exits 0 when all work, else 2."
+)]
 struct Cli {
     /// gRPC listen address.
     #[arg(long, env = "GRPC_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
@@ -301,6 +312,11 @@ struct Cli {
     #[arg(long, env = "GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     grpc_idle_timeout: Duration,
 
+    /// How often each app client is proven with a ForgotPassword for a username nobody has
+    /// (also at start-up and after each change of its secret).
+    #[arg(long, env = "CLIENT_CHECK_INTERVAL", default_value = "5m", value_parser = parse_positive_duration)]
+    client_check_interval: Duration,
+
     /// How long the outcome of a call with a request_id is remembered, to answer its retries.
     #[arg(long, env = "IDEMPOTENCY_WINDOW", default_value = "1h", value_parser = parse_positive_duration)]
     idempotency_window: Duration,
@@ -369,6 +385,13 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString>,
     {
+        // `check` first: prove every app client once and exit (README "Proving the app
+        // clients"); the settings are read as for a run.
+        let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let check = args.get(1).is_some_and(|arg| arg == "check");
+        if check {
+            args.remove(1);
+        }
         let cli = match parse_cli(args, &env) {
             Ok(cli) => cli,
             // Help as the operator needs it: each flag with its variable.
@@ -384,7 +407,7 @@ impl Config {
         let identity_header = identity_header(&cli)?;
         let username_hash_key = username_hash_key(cli.username_hash_key_file.as_deref())?;
         let limits = limit_settings(&cli, username_hash_key.as_ref())?;
-        Ok(Command::Run(Box::new(Config {
+        let config = Box::new(Config {
             grpc_listen_addr: cli.grpc_listen_addr,
             cognito,
             enumeration_protection: cli.enumeration_protection,
@@ -420,7 +443,12 @@ impl Config {
             identity_header,
             idempotency_window: cli.idempotency_window,
             idempotency_max_keys: cli.idempotency_max_keys,
-        })))
+            client_check_interval: cli.client_check_interval,
+        });
+        Ok(match check {
+            true => Command::Check(config),
+            false => Command::Run(config),
+        })
     }
 }
 
@@ -703,6 +731,7 @@ mod tests {
         };
         match Config::load_from(args, env)? {
             Command::Run(config) => Ok(*config),
+            Command::Check(_) => panic!("unexpected check"),
             Command::Print(text) => panic!("unexpected print: {text}"),
         }
     }

@@ -116,6 +116,11 @@ pub(crate) enum Error {
     InvalidRequest(Vec<FieldViolation>),
     /// The request named an app client this server does not serve.
     ClientNotAllowed,
+    /// The app client's last proof found it misconfigured: refused before any upstream call.
+    ClientMisconfigured {
+        /// Its alias.
+        client: String,
+    },
     /// The callers policy does not let this caller make this call.
     CallerNotAllowed {
         /// The caller's name: its identity, or `anonymous`.
@@ -286,6 +291,16 @@ impl Error {
                  configured one",
                 Caller,
             ),
+            Self::ClientMisconfigured { client } => Classified::new(
+                Code::FailedPrecondition,
+                "CLIENT_MISCONFIGURED",
+                format!(
+                    "the app client {client} is misconfigured, so its calls are refused until it \
+                     is proven again; its operators have been told in the service's logs"
+                ),
+                Server,
+            )
+            .with("client", client.clone()),
             Self::CallerNotAllowed { caller, lacks } => caller_not_allowed(caller, lacks),
             Self::Upstream(upstream) => classify_upstream(upstream),
             Self::CodeRefused { request_id } => {
@@ -663,6 +678,9 @@ mod tests {
             service_error("NotAuthorizedException", Some("Something new.")),
             Error::InvalidRequest(vec![]),
             Error::ClientNotAllowed,
+            Error::ClientMisconfigured {
+                client: "billing".into(),
+            },
             Error::CallerNotAllowed {
                 caller: "spiffe://example.org/ns/web/sa/api".into(),
                 lacks: Lacks::Client("support".into()),

@@ -24,6 +24,7 @@ pub mod memory;
 pub(crate) mod metrics;
 pub mod places;
 pub(crate) mod privacy;
+pub mod proofs;
 pub mod proto;
 pub(crate) mod reload;
 pub mod settings;

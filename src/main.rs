@@ -15,6 +15,7 @@ async fn main() -> ExitCode {
             eprintln!("password-recovery: configuration error: {err}");
             ExitCode::from(2)
         }
+        Err(AppError::Unproven) => ExitCode::from(2),
         Err(err) => {
             tracing::error!(error = %err, "password-recovery stopped");
             eprintln!("password-recovery: {err}");
@@ -26,6 +27,7 @@ async fn main() -> ExitCode {
 async fn run() -> Result<(), AppError> {
     let config = match Config::load()? {
         Command::Run(config) => config,
+        Command::Check(config) => return check(&config).await,
         Command::Print(text) => {
             print!("{text}");
             return Ok(());
@@ -35,4 +37,17 @@ async fn run() -> Result<(), AppError> {
     let result = async { Application::build(*config).await?.run_until_stopped().await }.await;
     telemetry.shutdown();
     result
+}
+
+/// `password-recovery check`: proves every app client once and prints a line for each; exit 2
+/// unless every one works.
+async fn check(config: &Config) -> Result<(), AppError> {
+    let proven = password_recovery::proofs::check(config).await?;
+    for proof in &proven {
+        println!("{}", proof.line());
+    }
+    match proven.iter().all(|proof| proof.verdict.name() == "ready") {
+        true => Ok(()),
+        false => Err(AppError::Unproven),
+    }
 }

@@ -58,6 +58,13 @@ pub const TLS_RELOADS: &str = "tls_certificate_reloads_total";
 /// App client secret rotations noticed, by `client` (alias) and `result`: `reloaded`, or
 /// `failed` (the previous secret stays).
 pub const SECRET_RELOADS: &str = "cognito_client_secret_reloads_total";
+/// 1 while an app client serves, 0 while its last proof found it misconfigured, by client.
+pub const CLIENT_READY: &str = "cognito_client_ready";
+/// 1 for how an app client's pool answers an unknown user, by client and
+/// prevent_user_existence_errors (`ENABLED`, `LEGACY`, `unknown`).
+pub const CLIENT_INFO: &str = "cognito_client_info";
+/// Proofs of app clients, by client and result (`ready`, `misconfigured`, `unproven`).
+pub const CLIENT_CHECKS: &str = "cognito_client_checks_total";
 
 /// Latency buckets (seconds), from a fast local answer to `COGNITO_TIMEOUT`'s default and past.
 const BUCKETS: &[f64] = &[
@@ -143,6 +150,20 @@ fn describe() {
     describe_counter!(
         TLS_RELOADS,
         "Changed TLS files loaded (reloaded) or refused (failed: the previous certificate stays)"
+    );
+    describe_gauge!(
+        CLIENT_READY,
+        "1 while the app client serves, 0 while its last proof found it misconfigured, by client"
+    );
+    describe_gauge!(
+        CLIENT_INFO,
+        "1 for how the app client's user pool answers an unknown user, by client and \
+         prevent_user_existence_errors (ENABLED, LEGACY, unknown until proven)"
+    );
+    describe_counter!(
+        CLIENT_CHECKS,
+        "Proofs of app clients (a ForgotPassword for a username nobody has), by client and \
+         result (ready, misconfigured, unproven)"
     );
     describe_counter!(
         SECRET_RELOADS,

@@ -130,16 +130,16 @@ fn probes_and_ports_match_the_servers_defaults() {
     );
 
     let probe = |kind: &str| container(&deployment)[kind]["grpc"].clone();
-    for kind in ["startupProbe", "readinessProbe"] {
+    // Ready on the service (its default client not proven misconfigured); started and alive
+    // on "", so a misconfigured pod stays up, unready, until a proof passes.
+    for (kind, service) in [
+        ("startupProbe", ""),
+        ("readinessProbe", SERVICE_NAME),
+        ("livenessProbe", ""),
+    ] {
         assert_eq!(probe(kind)["port"].as_u64(), Some(grpc), "{kind}");
-        assert_eq!(
-            probe(kind)["service"].as_str(),
-            Some(SERVICE_NAME),
-            "{kind}"
-        );
+        assert_eq!(probe(kind)["service"].as_str(), Some(service), "{kind}");
     }
-    assert_eq!(probe("livenessProbe")["port"].as_u64(), Some(grpc));
-    assert_eq!(probe("livenessProbe")["service"].as_str(), Some(""));
 
     let service = load("service.yaml");
     let ports = service["spec"]["ports"].as_sequence().unwrap();
@@ -570,4 +570,61 @@ fn the_example_callers_policy_loads_against_the_example_clients() {
     let loaded = password_recovery::callers::CallersSettings::load(&path, &aliases)
         .unwrap_or_else(|err| panic!("the example policy does not load: {err}"));
     assert_eq!(loaded.policy.len(), 3);
+}
+
+#[test]
+fn the_check_job_validates_and_runs_check_as_the_deployment_runs_the_server() {
+    let dir = manifests_dir().join("check");
+    let validate = tool("kubernetes-validate", "pip install kubernetes-validate");
+    for version in KUBERNETES_VERSIONS {
+        let output = Command::new(&validate)
+            .args(["--strict", "-k", version])
+            .arg(dir.join("job.yaml"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "Kubernetes {version}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(dir.join("job.yaml")).unwrap();
+    let job: Value = serde_yaml::from_str(&text).unwrap();
+    let pod = &job["spec"]["template"]["spec"];
+    let check = &pod["containers"][0];
+    assert_eq!(
+        check["args"],
+        serde_yaml::from_str::<Value>("[check]").unwrap()
+    );
+    assert_eq!(job["spec"]["backoffLimit"].as_u64(), Some(0));
+    let deployment = load("deployment.yaml");
+    let server_pod = &deployment["spec"]["template"]["spec"];
+    let server = container(&deployment);
+    // The same settings, secrets, image and lock-down as the server, so it proves what runs.
+    for key in [
+        "image",
+        "envFrom",
+        "env",
+        "volumeMounts",
+        "securityContext",
+        "resources",
+    ] {
+        assert_eq!(check[key], server[key], "the container's {key}");
+    }
+    for key in [
+        "volumes",
+        "securityContext",
+        "serviceAccountName",
+        "automountServiceAccountToken",
+    ] {
+        assert_eq!(pod[key], server_pod[key], "the pod's {key}");
+    }
+    let kustomization: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        kustomization["images"],
+        load("kustomization.yaml")["images"]
+    );
 }

@@ -26,12 +26,13 @@ use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
 use common::moto::{CodeTap, Moto, Pool, REGION, Recovery};
 use common::process::ServiceProcess;
 use common::tools::run_grpcurl;
-use common::{assert_error, forgot};
+use common::{assert_error, forgot, health_status};
 use password_recovery::cognito::secret_hash;
 use password_recovery::proto::v1::{
     ConfirmForgotPasswordRequest, DeliveryMedium, ForgotPasswordRequest,
 };
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const USER: &str = "demo@example.com";
 const OLD_PASSWORD: &str = "Old-Passw0rd!";
@@ -195,6 +196,8 @@ async fn a_retried_reset_with_a_request_id_sends_one_code_and_is_reported_done()
     let service = service_for(&pool, &tap.url).await;
     let mut client = service.client().await;
     let request_id = "0b7e8f3c-5d2a-4e61-9c8b-7a6f5e4d3c2b";
+    // moto sends the start-up proof's username nobody has a code too.
+    let before = tap.codes_sent();
 
     let forgot_again = || password_recovery::proto::v1::ForgotPasswordRequest {
         request_id: request_id.into(),
@@ -204,7 +207,11 @@ async fn a_retried_reset_with_a_request_id_sends_one_code_and_is_reported_done()
     let retry = client.forgot_password(forgot_again()).await.unwrap();
     assert_eq!(retry.metadata().get("idempotent-replayed").unwrap(), "true");
     assert_eq!(first.into_inner(), retry.into_inner());
-    assert_eq!(tap.codes_sent(), 1, "the retry sent no second code");
+    assert_eq!(
+        tap.codes_sent() - before,
+        1,
+        "the retry sent no second code"
+    );
 
     let code = tap.last_code().expect("moto sent a code");
     let confirm_again = || ConfirmForgotPasswordRequest {
@@ -330,48 +337,101 @@ async fn a_wrong_code_with_motos_prefix_is_refused_as_every_code_that_does_not_w
     assert_eq!(info.metadata["cognitoCode"], "CodeMismatchException");
 }
 
-#[tokio::test]
-async fn admin_only_recovery_is_an_internal_misconfiguration() {
-    // moto answers "Contact administrator to reset password."; Cognito documents no message
-    // for a pool without self-service recovery. Either way it is no account's state: this
-    // service cannot reset anyone's password there.
-    let (_moto, _pool, service) = stack(Recovery::AdminOnly).await;
+/// The proof's error line of a service whose default client is misconfigured, once it has
+/// started: the calls are refused before Cognito and the service is not ready.
+async fn proven_misconfigured(service: &mut ServiceProcess) -> serde_json::Value {
+    let line = service
+        .wait_for_line(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("app client misconfigured"))
+        })
+        .await;
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["client"], "default", "{line}");
+    assert_eq!(
+        health_status(&service.target, "passwordrecovery.v1.PasswordRecovery").await,
+        Some(ServingStatus::NotServing),
+        "not ready"
+    );
     let status = service
         .client()
         .await
         .forgot_password(forgot(USER))
         .await
         .unwrap_err();
-    let info = assert_error(&status, Code::Internal, "UNEXPECTED_NOT_AUTHORIZED");
-    assert_eq!(info.metadata["cognitoCode"], "NotAuthorizedException");
+    let info = assert_error(&status, Code::FailedPrecondition, "CLIENT_MISCONFIGURED");
+    assert_eq!(info.metadata["client"], "default");
+    line
 }
 
 #[tokio::test]
-async fn an_app_client_cognito_does_not_know_is_an_internal_misconfiguration() {
-    let moto = Moto::start();
-    let mut pool = moto.create_pool(Recovery::VerifiedEmail).await;
-    pool.client_id = "clientmotodoesnotknow".into();
-    let service = service_for(&pool, &moto.url).await;
-
-    let status = service
+async fn a_good_client_is_proven_ready_and_says_how_its_pool_answers() {
+    let (_moto, _pool, mut service) = stack(Recovery::VerifiedEmail).await;
+    let line = service
+        .wait_for_line(|e| e["message"] == "app client proven: it works")
+        .await;
+    // moto answers a username nobody has with a delivery, as ENABLED does.
+    assert_eq!(line["prevent_user_existence_errors"], "ENABLED", "{line}");
+    assert_eq!(line["probe"], true, "{line}");
+    assert_eq!(
+        health_status(&service.target, "passwordrecovery.v1.PasswordRecovery").await,
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(
+        health_status(&service.target, "client/default").await,
+        Some(ServingStatus::Serving)
+    );
+    let metrics = service.scrape().await;
+    assert_eq!(
+        common::metric(&metrics, "cognito_client_ready", &[r#"client="default""#]),
+        Some(1.0),
+        "{metrics}"
+    );
+    service
         .client()
         .await
         .forgot_password(forgot(USER))
         .await
-        .unwrap_err();
+        .expect("a user's reset starts");
+}
 
-    let info = assert_error(&status, Code::Internal, "RESOURCE_NOT_FOUND");
-    assert_eq!(info.metadata["cognitoCode"], "ResourceNotFoundException");
+#[tokio::test]
+async fn a_pool_without_self_service_recovery_is_a_misconfigured_client() {
+    // moto answers "Contact administrator to reset password." even for a username nobody has;
+    // Cognito documents no message for a pool without self-service recovery. Either way this
+    // service cannot reset anyone's password there.
+    let (_moto, _pool, mut service) = stack(Recovery::AdminOnly).await;
+    let line = proven_misconfigured(&mut service).await;
+    let cause = line["cause"].as_str().unwrap();
+    assert!(cause.contains("NotAuthorizedException"), "{cause}");
+}
+
+#[tokio::test]
+async fn an_app_client_cognito_does_not_know_is_a_misconfigured_client() {
+    let moto = Moto::start();
+    let mut pool = moto.create_pool(Recovery::VerifiedEmail).await;
+    pool.client_id = "clientmotodoesnotknow".into();
+    let mut service = service_for(&pool, &moto.url).await;
+    let line = proven_misconfigured(&mut service).await;
+    let cause = line["cause"].as_str().unwrap();
+    assert!(cause.contains("ResourceNotFoundException"), "{cause}");
+    // `check` says the same, and fails.
+    let output = common::process::command(&[
+        ("COGNITO_CLIENT_ID", &pool.client_id),
+        ("COGNITO_CLIENT_SECRET", &pool.client_secret),
+        ("AWS_REGION", REGION),
+        ("AWS_ENDPOINT_URL", &moto.url),
+    ])
+    .arg("check")
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
     assert!(
-        !status.message().contains("clientmotodoesnotknow"),
-        "{}",
-        status.message()
+        stdout.starts_with("client=default verdict=misconfigured prevent_user_existence_errors=-"),
+        "{stdout}"
     );
-    let (exit, logs, _) = service.terminate().await;
-    assert!(exit.success());
-    assert!(
-        logs.iter()
-            .any(|l| l.contains(r#""level":"ERROR""#) && l.contains("RESOURCE_NOT_FOUND")),
-        "a misconfiguration is logged at error: {logs:#?}"
-    );
+    assert!(stdout.contains("ResourceNotFoundException"), "{stdout}");
 }

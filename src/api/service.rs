@@ -473,8 +473,8 @@ impl Shared {
         }
     }
 
-    /// In the order of the README: client allowlist, the caller's grant, the caller's own
-    /// limit, global limit, per-username limit, a place among the calls waiting on Cognito;
+    /// In the order of the README: client allowlist, the caller's grant, the client's last
+    /// proof, the caller's own limit, global limit, per-username limit, a place among the calls waiting on Cognito;
     /// then, unless the caller has gone or its deadline leaves too little time, Cognito.
     /// Returns the app client to call and the place.
     async fn admit(
@@ -490,6 +490,11 @@ impl Shared {
                 caller: served.caller.name().to_owned(),
                 lacks,
             })?;
+        if client.misconfigured() {
+            return Err(Error::ClientMisconfigured {
+                client: client.alias.clone(),
+            });
+        }
         // Checked before the limits too, so that a call that cannot be sent costs no limit.
         let in_time = || match served.caller_budget.too_short(Instant::now()) {
             true => Err(Error::DeadlineTooShort),

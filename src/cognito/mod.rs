@@ -8,12 +8,14 @@
 
 pub(crate) mod clients;
 mod code;
+pub(crate) mod proof;
 mod response;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,6 +34,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::domain::{
@@ -322,6 +325,10 @@ pub(crate) struct AppClient {
     sdk: Client,
     secret: RwLock<Option<SecretString>>,
     secret_file: Option<PathBuf>,
+    /// True while its last proof found it misconfigured: its calls are refused.
+    misconfigured: AtomicBool,
+    /// Told when its secret changed, so that it is proven again.
+    secret_changed: Notify,
 }
 
 impl AppClient {
@@ -338,15 +345,41 @@ impl AppClient {
         self.sdk.config().region().map_or("", |r| r.as_ref())
     }
 
+    /// True while its last proof found it misconfigured.
+    pub(crate) fn misconfigured(&self) -> bool {
+        self.misconfigured.load(Ordering::Relaxed)
+    }
+
+    /// Refuses its calls (`true`) or serves them again, as its last proof says.
+    pub(crate) fn set_misconfigured(&self, misconfigured: bool) {
+        self.misconfigured.store(misconfigured, Ordering::Relaxed);
+    }
+
+    /// Waits until its secret changes.
+    pub(crate) async fn secret_changed(&self) {
+        self.secret_changed.notified().await;
+    }
+
     /// Starts a reset: Cognito sends the user a code.
     pub(crate) async fn forgot_password(
         &self,
         request: &ForgotPassword,
         budget: Budget,
     ) -> Result<CodeDelivery, UpstreamError> {
+        self.send_forgot_password(Rpc::ForgotPassword.method(), request, budget)
+            .await
+    }
+
+    /// ForgotPassword, counted in `cognito_requests_total` under `operation`.
+    async fn send_forgot_password(
+        &self,
+        operation: &'static str,
+        request: &ForgotPassword,
+        budget: Budget,
+    ) -> Result<CodeDelivery, UpstreamError> {
         let secret_hash = self.secret_hash(&request.account.username);
         let extra = SdkPassThrough::from(&request.pass_through);
-        let output = call(Rpc::ForgotPassword.method(), budget, || {
+        let output = call(operation, budget, || {
             self.sdk
                 .forgot_password()
                 .client_id(self.id.as_str())
@@ -417,6 +450,7 @@ impl Watched for AppClient {
                 metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "reloaded")
                     .increment(1);
                 tracing::info!(client = alias, "app client secret reloaded");
+                self.secret_changed.notify_one();
             }
             Err(problem) => {
                 metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "failed")
@@ -500,6 +534,8 @@ impl Cognito {
                 sdk,
                 secret: RwLock::new(client.secret.clone()),
                 secret_file: client.secret_file.clone(),
+                misconfigured: AtomicBool::new(false),
+                secret_changed: Notify::new(),
             }));
         }
         Ok(Self {
@@ -522,6 +558,11 @@ impl Cognito {
     /// Every client, in the order configured.
     pub(crate) fn clients(&self) -> &[Arc<AppClient>] {
         &self.clients
+    }
+
+    /// The index in [`Cognito::clients`] of the client for requests that name none.
+    pub(crate) fn default_index(&self) -> usize {
+        self.default
     }
 
     /// The secret files to watch for rotation (a Kubernetes Secret update swaps a `..data`

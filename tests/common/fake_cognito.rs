@@ -91,6 +91,9 @@ struct FakeState {
     script: VecDeque<Reply>,
     recorded: Vec<Recorded>,
     rule: Option<Rule>,
+    /// The service's proofs of its app clients, kept apart from the calls.
+    probes: Vec<Recorded>,
+    probe_rule: Option<Rule>,
 }
 
 struct Shared {
@@ -134,6 +137,35 @@ impl FakeCognito {
     /// Answers every unscripted request by `rule`.
     pub fn respond_with(&self, rule: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
         self.shared.state.lock().unwrap().rule = Some(Arc::new(rule));
+    }
+
+    /// Answers the service's proofs (a ForgotPassword for `probe-…@probe.password-recovery.invalid`)
+    /// by `rule`. Without one, they are answered by the `respond_with` rule (a user pool model
+    /// answers them as its mode says) or else as a simulated delivery; they never take a
+    /// scripted reply and are not among `recorded`.
+    pub fn probe_with(&self, rule: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
+        self.shared.state.lock().unwrap().probe_rule = Some(Arc::new(rule));
+    }
+
+    /// Every proof received so far.
+    pub fn probes(&self) -> Vec<Recorded> {
+        self.shared.state.lock().unwrap().probes.clone()
+    }
+
+    /// Waits (at most 30 s) until at least `count` proofs have arrived in all.
+    pub async fn probed(&self, count: usize) {
+        let wait = async {
+            loop {
+                let notified = self.shared.arrived.notified();
+                if self.shared.state.lock().unwrap().probes.len() >= count {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{count} proofs did not arrive within 30 s"));
     }
 
     /// Every request received so far.
@@ -185,14 +217,26 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         signed: headers.contains_key("authorization"),
     };
+    let probe = recorded.body["Username"].as_str().is_some_and(|name| {
+        name.starts_with("probe-") && name.ends_with("@probe.password-recovery.invalid")
+    });
     let reply = {
         let mut state = shared.state.lock().unwrap();
-        state.recorded.push(recorded.clone());
         let rule = state.rule.clone();
-        state
-            .script
-            .pop_front()
-            .or_else(|| rule.map(|rule| rule(&recorded)))
+        if probe {
+            state.probes.push(recorded.clone());
+            state
+                .probe_rule
+                .clone()
+                .or(rule)
+                .map(|rule| rule(&recorded))
+        } else {
+            state.recorded.push(recorded.clone());
+            state
+                .script
+                .pop_front()
+                .or_else(|| rule.map(|rule| rule(&recorded)))
+        }
     };
     shared.arrived.notify_waiters();
     let reply = reply.unwrap_or_else(|| default_reply(&operation));

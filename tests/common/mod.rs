@@ -81,6 +81,7 @@ impl TestApp {
         });
         let config = match loaded.expect("valid test settings") {
             Command::Run(config) => *config,
+            Command::Check(_) => panic!("the settings asked to check"),
             Command::Print(text) => panic!("the settings asked to print {text}"),
         };
         let app = Application::build(config)
@@ -246,4 +247,27 @@ pub async fn scrape(addr: &str) -> String {
         "{head}"
     );
     body.to_owned()
+}
+
+/// The gRPC health status of `service` at `target` (`127.0.0.1:PORT`, plaintext); `None` when
+/// the server knows no such service.
+pub async fn health_status(
+    target: &str,
+    service: &str,
+) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    let channel = Channel::from_shared(format!("http://{target}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects");
+    let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await;
+    match answer {
+        Ok(answer) => Some(answer.into_inner().status()),
+        Err(status) if status.code() == tonic::Code::NotFound => None,
+        Err(status) => panic!("health check failed: {status:?}"),
+    }
 }
