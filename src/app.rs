@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::callers::Callers;
 use crate::cognito::Cognito;
+use crate::cognito::proof::Verdict;
 use crate::config::{Config, ConfigError};
 use crate::connections::{self, ConnectionSettings};
 use crate::fleet::Backend;
@@ -131,8 +132,8 @@ pub struct Application {
     /// The Connect door on the gRPC port (`CONNECT_PROTOCOL`); `None` when it is closed.
     connect: Option<Connect>,
     health: HealthReporter,
-    /// The app clients' proofs, which go on while serving.
-    proofs: Arc<Proofs>,
+    /// The app clients' proofs, which go on while serving, and their first verdicts.
+    proofs: (Arc<Proofs>, Vec<Verdict>),
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,
     keepalive_interval: Duration,
@@ -178,7 +179,7 @@ impl Application {
             config.client_check_interval,
             health.clone(),
         );
-        proofs.first().await;
+        let verdicts = proofs.first().await;
         let (routes, connect) = routes(&config, service, callers, &health)?;
 
         let (grpc, grpc_addr) = bind("GRPC_LISTEN_ADDR", config.grpc_listen_addr).await?;
@@ -202,7 +203,7 @@ impl Application {
             routes,
             connect,
             health,
-            proofs,
+            proofs: (proofs, verdicts),
             shutdown_delay: config.shutdown_delay,
             shutdown_grace_period: config.shutdown_grace_period,
             keepalive_interval: config.keepalive_interval,
@@ -253,6 +254,7 @@ impl Application {
         }
         // No proof may turn the service SERVING again.
         running.proving.shutdown().await;
+        running.proofs.stopping().await;
         tracing::info!(
             delay = %humantime::format_duration(running.shutdown_delay),
             grace = %humantime::format_duration(running.shutdown_grace_period),
@@ -290,7 +292,8 @@ impl Application {
         let tls = self.tls.is_some();
         let reloader = (!self.watched.is_empty())
             .then(|| reload::spawn(self.file_reload_interval, self.watched));
-        let proving = self.proofs.spawn();
+        let (proofs, verdicts) = self.proofs;
+        let proving = proofs.spawn(verdicts);
         let connect = self.connect.is_some();
         let serve = Server::builder()
             .accept_http1(connect)
@@ -328,6 +331,7 @@ impl Application {
             servers,
             reloader: reloader.map(AbortOnDropHandle::new),
             proving,
+            proofs,
             health: self.health,
             shutdown_delay: self.shutdown_delay,
             shutdown_grace_period: self.shutdown_grace_period,
@@ -343,6 +347,7 @@ struct Running {
     reloader: Option<AbortOnDropHandle<()>>,
     /// The app clients' proofs (stopped when dropped).
     proving: JoinSet<()>,
+    proofs: Arc<Proofs>,
     health: HealthReporter,
     shutdown_delay: Duration,
     shutdown_grace_period: Duration,

@@ -737,6 +737,30 @@ mod tests {
     }
 
     #[test]
+    fn check_comes_first_and_reads_the_same_settings() {
+        let env = |name: &str| (name == "COGNITO_CLIENT_ID").then(|| OsString::from("abc"));
+        let load = |args: &[&str]| {
+            let args = std::iter::once("password-recovery").chain(args.iter().copied());
+            Config::load_from(args, env)
+        };
+        let Ok(Command::Check(config)) = load(&["check", "--aws-region", "eu-west-1"]) else {
+            panic!("check with its settings");
+        };
+        assert_eq!(config.cognito.default_client().client_id.as_str(), "abc");
+        assert!(matches!(load(&["check", "--help"]), Ok(Command::Print(_))));
+        // Only first: anywhere else it is an unexpected argument, as any other word is.
+        let Err(ConfigError::Invalid(problem)) = load(&["--aws-region", "eu-west-1", "check"])
+        else {
+            panic!("check after a flag");
+        };
+        assert!(problem.contains("check"), "{problem}");
+        assert!(matches!(
+            load(&["--aws-region", "eu-west-1"]),
+            Ok(Command::Run(_))
+        ));
+    }
+
+    #[test]
     fn settings_and_defaults_are_listed_for_the_manifests() {
         let names = environment_variables();
         for name in [

@@ -189,6 +189,9 @@ pub(crate) enum Blame {
     Capacity,
     /// This service's own set-up.
     Server,
+    /// A call refused for a set-up fault already told at error once (an app client proven
+    /// misconfigured): each refusal is a warn line.
+    Refused,
 }
 
 /// An [`Error`] decided: everything its status and log line need.
@@ -296,9 +299,9 @@ impl Error {
                 "CLIENT_MISCONFIGURED",
                 format!(
                     "the app client {client} is misconfigured, so its calls are refused until it \
-                     is proven again; its operators have been told in the service's logs"
+                                          is proven again; its operators have been told in the service's logs"
                 ),
-                Server,
+                Refused,
             )
             .with("client", client.clone()),
             Self::CallerNotAllowed { caller, lacks } => caller_not_allowed(caller, lacks),

@@ -46,7 +46,7 @@ async fn check(config: &Config) -> Result<(), AppError> {
     for proof in &proven {
         println!("{}", proof.line());
     }
-    match proven.iter().all(|proof| proof.verdict.name() == "ready") {
+    match proven.iter().all(|proof| proof.verdict.works()) {
         true => Ok(()),
         false => Err(AppError::Unproven),
     }

@@ -1,13 +1,14 @@
 //! Proving the app clients (README "Proving the app clients"): each is proven
 //! ([`AppClient::prove`]) at start-up, after each change of its secret, and every
-//! `CLIENT_CHECK_INTERVAL` (every 30 s at most while it is not proven to work). A verdict sets
-//! whether its calls are refused, its health service `client/<alias>`, its metrics, and, for the
-//! default client before the replica is first ready, readiness. Once ready, a replica stays
-//! ready: a later verdict refuses only that client's calls, so the other clients keep serving and
-//! no verdict (nor a Cognito outage) can empty a fleet's endpoints.
+//! `CLIENT_CHECK_INTERVAL`; one not proven to work is proven again sooner (30 s, doubling back
+//! to the interval while Cognito gives no verdict). A verdict sets whether its calls are
+//! refused, its health service `client/<alias>`, its metrics, and, for the default client
+//! before the replica is first ready, readiness. Once ready, a replica stays ready: a later
+//! verdict refuses only that client's calls, so the other clients keep serving and no verdict
+//! (nor a Cognito outage) can empty a fleet's endpoints.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
@@ -17,73 +18,36 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::SERVICE_NAME;
 use crate::cognito::AppClient;
-use crate::cognito::proof::{Mode, Verdict};
+use crate::cognito::proof::{Mode, Proven, Verdict};
 use crate::metrics as m;
 
-/// A client not proven to work is proven again after this long at most.
+/// A client not proven to work is proven again this soon (then, while Cognito gives no
+/// verdict, twice as late each time, up to the interval).
 const RETRY_INTERVAL: Duration = Duration::from_secs(30);
+/// The proofs before serving take at most this long, so an unreachable Cognito does not hold
+/// start-up (and the kubelet's startup probe) back; a client left unproven is proven again.
+const FIRST_PROOF_TIME: Duration = Duration::from_secs(5);
 
 /// The health service name of the client `alias`.
 pub fn health_name(alias: &str) -> String {
     format!("client/{alias}")
 }
 
-/// The label values of `cognito_client_info`'s `prevent_user_existence_errors`.
+/// `cognito_client_info`'s `prevent_user_existence_errors` values: each mode, and `unknown`.
 const MODES: [&str; 3] = ["ENABLED", "LEGACY", "unknown"];
 
-/// What a proof found, and how long it took.
-#[derive(Debug, Clone)]
-pub struct Proven {
-    /// The client's alias.
-    pub alias: String,
-    /// The verdict.
-    pub verdict: Verdict,
-    /// How long Cognito took (retries included).
-    pub latency: Duration,
-}
-
-impl Proven {
-    /// One line: alias, verdict, mode, latency, and the cause unless it works.
-    pub fn line(&self) -> String {
-        let mode = match &self.verdict {
-            Verdict::Works(mode) => mode.name(),
-            _ => "-",
-        };
-        let mut line = format!(
-            "client={} verdict={} prevent_user_existence_errors={mode} latency={}ms",
-            self.alias,
-            self.verdict.name(),
-            self.latency.as_millis()
-        );
-        if let Verdict::Misconfigured(cause) | Verdict::Unproven(cause) = &self.verdict {
-            line.push_str(&format!(" cause={cause:?}"));
-        }
-        line
-    }
-}
-
-/// Proves `client` once.
-pub(crate) async fn prove(client: &AppClient) -> Proven {
-    let (verdict, latency) = client.prove().await;
-    Proven {
-        alias: client.alias.clone(),
-        verdict,
-        latency,
-    }
-}
-
-/// `password-recovery check`: every app client of `config`, proven once.
+/// `password-recovery check`: every app client of `config`, proven once within its timeout.
 pub async fn check(config: &crate::config::Config) -> Result<Vec<Proven>, crate::app::AppError> {
     let cognito = crate::cognito::Cognito::build(&config.cognito).await?;
-    Ok(prove_all(cognito.clients()).await)
+    Ok(prove_all(cognito.clients(), Duration::MAX).await)
 }
 
-/// Proves every one of `clients` at once.
-pub(crate) async fn prove_all(clients: &[Arc<AppClient>]) -> Vec<Proven> {
+/// Proves every one of `clients` at once, each within `within`; in their order.
+async fn prove_all(clients: &[Arc<AppClient>], within: Duration) -> Vec<Proven> {
     let mut proofs = JoinSet::new();
     for (index, client) in clients.iter().enumerate() {
         let client = client.clone();
-        proofs.spawn(async move { (index, prove(&client).await) });
+        proofs.spawn(async move { (index, client.prove(within).await) });
     }
     let mut proven: Vec<(usize, Proven)> = proofs.join_all().await;
     proven.sort_by_key(|(index, _)| *index);
@@ -99,8 +63,6 @@ pub(crate) struct Proofs {
     health: HealthReporter,
     /// True once the replica was ready.
     ready: AtomicBool,
-    /// Each client's last verdict, so that a line is logged only when it changes.
-    last: Mutex<Vec<Option<Verdict>>>,
 }
 
 impl Proofs {
@@ -111,29 +73,29 @@ impl Proofs {
         interval: Duration,
         health: HealthReporter,
     ) -> Arc<Self> {
-        for client in &clients {
-            for mode in MODES {
-                let value = f64::from(u8::from(mode == "unknown"));
-                metrics::gauge!(m::CLIENT_INFO, "client" => client.alias.clone(), "prevent_user_existence_errors" => mode).set(value);
-            }
-            metrics::gauge!(m::CLIENT_READY, "client" => client.alias.clone()).set(1.0);
-        }
-        let last = Mutex::new(vec![None; clients.len()]);
-        Arc::new(Self {
+        let proofs = Self {
             clients,
             default,
             interval,
             health,
             ready: AtomicBool::new(false),
-            last,
-        })
+        };
+        for client in &proofs.clients {
+            proofs.set_mode(&client.alias, None);
+            metrics::gauge!(m::CLIENT_READY, "client" => client.alias.clone()).set(1.0);
+        }
+        Arc::new(proofs)
     }
 
-    /// Proves every client once, then makes the replica ready unless its default client was
-    /// proven misconfigured (an unproven one does not hold readiness back).
-    pub(crate) async fn first(&self) {
-        for (index, proven) in prove_all(&self.clients).await.into_iter().enumerate() {
-            self.apply(index, &proven).await;
+    /// Proves every client once (within [`FIRST_PROOF_TIME`]), then makes the replica ready
+    /// unless its default client was proven misconfigured (an unproven one does not hold
+    /// readiness back). The verdicts, for [`Proofs::spawn`].
+    pub(crate) async fn first(&self) -> Vec<Verdict> {
+        let mut verdicts = Vec::with_capacity(self.clients.len());
+        let proven = prove_all(&self.clients, FIRST_PROOF_TIME).await;
+        for (index, proven) in proven.into_iter().enumerate() {
+            self.apply(index, &proven, None).await;
+            verdicts.push(proven.verdict);
         }
         let default = &self.clients[self.default];
         if default.misconfigured() {
@@ -148,53 +110,69 @@ impl Proofs {
         } else {
             self.become_ready().await;
         }
+        verdicts
     }
 
-    /// Proves each client again after each change of its secret and every interval, until the
-    /// tasks are aborted.
-    pub(crate) fn spawn(self: &Arc<Self>) -> JoinSet<()> {
+    /// Proves each client again after each change of its secret and on its schedule, until the
+    /// tasks are aborted; `first` holds the verdicts of [`Proofs::first`].
+    pub(crate) fn spawn(self: &Arc<Self>, first: Vec<Verdict>) -> JoinSet<()> {
         let mut tasks = JoinSet::new();
-        for (index, client) in self.clients.iter().cloned().enumerate() {
+        for (index, last) in first.into_iter().enumerate() {
             let proofs = self.clone();
             tasks.spawn(async move {
+                let client = proofs.clients[index].clone();
+                let (mut last, mut unproven) = (last, 0);
                 loop {
-                    let pause = proofs.pause(&client);
                     tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep(proofs.pause(&last, unproven)) => {}
                         () = client.secret_changed() => {}
                     }
-                    let proven = prove(&client).await;
-                    proofs.apply(index, &proven).await;
+                    let proven = client.prove(Duration::MAX).await;
+                    proofs.apply(index, &proven, Some(&last)).await;
                     if index == proofs.default && !client.misconfigured() {
                         proofs.become_ready().await;
                     }
+                    unproven = match proven.verdict {
+                        Verdict::Unproven(_) => unproven + 1,
+                        _ => 0,
+                    };
+                    last = proven.verdict;
                 }
             });
         }
         tasks
     }
 
-    /// How long until `client` is proven again: the interval, spread by ±10 % so that a
-    /// fleet's proofs do not come together, or sooner while it is not proven to work.
-    fn pause(&self, client: &AppClient) -> Duration {
-        let spread = self.interval.mul_f64(rand::rng().random_range(0.9..=1.1));
-        match client.misconfigured() {
-            true => spread.min(RETRY_INTERVAL),
-            false => spread,
+    /// Every client's health NOT_SERVING, as the replica stops (once the tasks are stopped).
+    pub(crate) async fn stopping(&self) {
+        for client in &self.clients {
+            self.health
+                .set_service_status(health_name(&client.alias), ServingStatus::NotServing)
+                .await;
         }
     }
 
-    /// Applies `proven` to the client at `index`; logs it when its verdict changed.
-    async fn apply(&self, index: usize, proven: &Proven) {
+    /// How long until a client whose `last` verdict was that (after `unproven` verdictless
+    /// proofs in a row) is proven again: the interval when it works, 30 s when it is
+    /// misconfigured, 30 s doubling back to the interval while Cognito gives no verdict; spread
+    /// by ±10 % so that a fleet's proofs do not come together.
+    fn pause(&self, last: &Verdict, unproven: u32) -> Duration {
+        let pause = match last {
+            Verdict::Works(_) => self.interval,
+            Verdict::Misconfigured(_) => RETRY_INTERVAL,
+            Verdict::Unproven(_) => RETRY_INTERVAL.saturating_mul(1 << unproven.min(16)),
+        };
+        pause
+            .min(self.interval)
+            .mul_f64(rand::rng().random_range(0.9..=1.1))
+    }
+
+    /// Applies `proven` to the client at `index`; logs it unless it is the `last` verdict.
+    async fn apply(&self, index: usize, proven: &Proven, last: Option<&Verdict>) {
         let client = &self.clients[index];
         let alias = client.alias.clone();
         metrics::counter!(m::CLIENT_CHECKS, "client" => alias.clone(), "result" => proven.verdict.name()).increment(1);
-        let changed = {
-            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            let changed = last[index].as_ref() != Some(&proven.verdict);
-            last[index] = Some(proven.verdict.clone());
-            changed
-        };
+        let changed = last != Some(&proven.verdict);
         let latency_ms = u64::try_from(proven.latency.as_millis()).unwrap_or(u64::MAX);
         match &proven.verdict {
             Verdict::Works(mode) => {

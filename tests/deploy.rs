@@ -580,6 +580,7 @@ fn the_check_job_validates_and_runs_check_as_the_deployment_runs_the_server() {
         let output = Command::new(&validate)
             .args(["--strict", "-k", version])
             .arg(dir.join("job.yaml"))
+            .arg(dir.join("networkpolicy.yaml"))
             .output()
             .unwrap();
         assert!(
@@ -626,5 +627,22 @@ fn the_check_job_validates_and_runs_check_as_the_deployment_runs_the_server() {
     assert_eq!(
         kustomization["images"],
         load("kustomization.yaml")["images"]
+    );
+    let listed = kustomization["resources"].as_sequence().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    // It reaches what the server reaches, and nothing reaches it.
+    let policy: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("networkpolicy.yaml")).unwrap())
+            .unwrap();
+    let selected = &policy["spec"]["podSelector"]["matchLabels"];
+    assert_eq!(selected, &job["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(
+        policy["spec"]["egress"],
+        load("networkpolicy.yaml")["spec"]["egress"]
+    );
+    assert!(policy["spec"]["ingress"].is_null());
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        load("networkpolicy.yaml")["spec"]["policyTypes"]
     );
 }

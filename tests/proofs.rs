@@ -371,11 +371,12 @@ async fn a_rotated_secret_is_proven_at_once_and_only_the_client_is_refused() {
         Some(ServingStatus::NotServing)
     );
 
-    // Fixed: proven at once (no CLIENT_CHECK_INTERVAL to wait for), and ready.
+    // Fixed: proven at once (not after the 30 s a misconfigured client waits), and ready.
     std::fs::write(&secret, CLIENT_SECRET).unwrap();
-    service
-        .wait_for_line(|e| e["message"] == "app client proven: it works")
-        .await;
+    let proven = service.wait_for_line(|e| e["message"] == "app client proven: it works");
+    tokio::time::timeout(std::time::Duration::from_secs(5), proven)
+        .await
+        .expect("proven as soon as the secret changed");
     assert_eq!(
         health_status(&service.target, SERVICE).await,
         Some(ServingStatus::Serving)
@@ -505,5 +506,56 @@ async fn check_prints_a_line_per_client_and_exits_0_only_when_all_work() {
     let stderr = String::from_utf8_lossy(&broken.stderr);
     assert_eq!(broken.status.code(), Some(2));
     assert!(stderr.contains("CLIENT_CHECK_INTERVAL"), "{stderr}");
-    assert!(cognito.recorded().is_empty(), "a proof is no user's call");
+    // One proof per check that loaded; the throttled one tried three times, as any call is.
+    assert_eq!(cognito.probes().len(), 1 + 1 + 3);
+
+    // Several clients: a line each, by alias, and exit 2 when one fails.
+    cognito.probe_with(|probe| match probe.body["ClientId"].as_str() {
+        Some("zzzclient999") => Reply::error("ResourceNotFoundException"),
+        _ => Reply::error("UserNotFoundException"),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clients.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+default = "web"
+
+[clients.web]
+client_id = "webclient123"
+user_pool_id = "us-east-1_PoolOne"
+region = "us-east-1"
+endpoint_url = "{url}"
+
+[clients.archive]
+client_id = "zzzclient999"
+user_pool_id = "us-east-1_PoolTwo"
+region = "us-east-1"
+endpoint_url = "{url}"
+"#,
+            url = cognito.url
+        ),
+    )
+    .unwrap();
+    let output = command(&[
+        ("COGNITO_CLIENTS_FILE", file.to_str().unwrap()),
+        ("AWS_REGION", "us-east-1"),
+    ])
+    .arg("check")
+    .output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("client=archive verdict=misconfigured"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("client=web verdict=ready prevent_user_existence_errors=LEGACY"),
+        "{stdout}"
+    );
 }

@@ -641,6 +641,10 @@ impl Call {
                 "call refused: this replica is at capacity or stopping"
             ),
             Blame::Server => failed!(Level::ERROR, "call failed: server-side fault"),
+            Blame::Refused => failed!(
+                Level::WARN,
+                "call refused: its app client is proven misconfigured"
+            ),
         }
     }
 

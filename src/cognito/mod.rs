@@ -8,7 +8,7 @@
 
 pub(crate) mod clients;
 mod code;
-pub(crate) mod proof;
+pub mod proof;
 mod response;
 
 use std::borrow::Cow;

@@ -51,6 +51,11 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// True when the client works.
+    pub fn works(&self) -> bool {
+        matches!(self, Self::Works(_))
+    }
+
     /// Its name in log lines, metrics and the `check` command's output.
     pub fn name(&self) -> &'static str {
         match self {
@@ -71,8 +76,8 @@ impl Verdict {
             UpstreamError::Timeout { .. } => {
                 return Self::Unproven("no answer within the client's timeout".into());
             }
-            UpstreamError::Unreachable { .. } => {
-                return Self::Unproven("Cognito could not be reached".into());
+            UpstreamError::Unreachable { detail, .. } => {
+                return Self::Unproven(format!("Cognito could not be reached: {detail}"));
             }
             UpstreamError::Http { status, .. } => {
                 return Self::Unproven(format!("HTTP {status} without an error code"));
@@ -80,8 +85,8 @@ impl Verdict {
             UpstreamError::InvalidResponse(_) => {
                 return Self::Unproven("an answer that is not Cognito's".into());
             }
-            UpstreamError::Construction { .. } => {
-                return Self::Unproven("the SDK could not build the request".into());
+            UpstreamError::Construction { detail } => {
+                return Self::Unproven(format!("the SDK could not build the request: {detail}"));
             }
         };
         let said = |what: &str| format!("{what} ({}: {})", code.name(), message.unwrap_or("-"));
@@ -121,9 +126,40 @@ pub(crate) fn probe_username() -> Username {
     Username::parse("username", name).expect("a probe username is a valid username")
 }
 
+/// What a proof found, and how long it took.
+#[derive(Debug, Clone)]
+pub struct Proven {
+    /// The client's alias.
+    pub alias: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// How long Cognito took (retries included).
+    pub latency: Duration,
+}
+
+impl Proven {
+    /// One line: alias, verdict, mode, latency, and the cause unless it works.
+    pub fn line(&self) -> String {
+        let mode = match &self.verdict {
+            Verdict::Works(mode) => mode.name(),
+            _ => "-",
+        };
+        let mut line = format!(
+            "client={} verdict={} prevent_user_existence_errors={mode} latency={}ms",
+            self.alias,
+            self.verdict.name(),
+            self.latency.as_millis()
+        );
+        if let Verdict::Misconfigured(cause) | Verdict::Unproven(cause) = &self.verdict {
+            line.push_str(&format!(" cause={cause:?}"));
+        }
+        line
+    }
+}
+
 impl AppClient {
-    /// Proves this client once: its verdict, and how long Cognito took.
-    pub(crate) async fn prove(&self) -> (Verdict, Duration) {
+    /// Proves this client once, within its timeout and `within`.
+    pub(crate) async fn prove(&self, within: Duration) -> Proven {
         let request = ForgotPassword {
             account: Account {
                 username: probe_username(),
@@ -133,11 +169,15 @@ impl AppClient {
             pass_through: PassThrough::default(),
         };
         let started = Instant::now();
-        let budget = Budget::new(started, self.timeout, None);
+        let budget = Budget::new(started, self.timeout.min(within), None);
         let answer = self
             .send_forgot_password(PROBE_OPERATION, &request, budget)
             .await;
-        (Verdict::of(&answer), started.elapsed())
+        Proven {
+            alias: self.alias.clone(),
+            verdict: Verdict::of(&answer),
+            latency: started.elapsed(),
+        }
     }
 }
 

@@ -61,7 +61,7 @@ struct Stored {
     #[prost(bytes = "vec", tag = "7")]
     status: Vec<u8>,
     /// A failure's blame (what its log line's level follows): 1 caller, 2 slow caller,
-    /// 3 upstream, 4 capacity, 5 server.
+    /// 3 upstream, 4 capacity, 5 server, 6 refused.
     #[prost(uint32, tag = "8")]
     blame: u32,
 }
@@ -94,6 +94,7 @@ fn blame_number(blame: Blame) -> u32 {
         Blame::Upstream => 3,
         Blame::Capacity => 4,
         Blame::Server => 5,
+        Blame::Refused => 6,
     }
 }
 
@@ -104,6 +105,7 @@ fn blame_of(number: u32) -> Option<Blame> {
         3 => Some(Blame::Upstream),
         4 => Some(Blame::Capacity),
         5 => Some(Blame::Server),
+        6 => Some(Blame::Refused),
         _ => None,
     }
 }
