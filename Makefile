@@ -8,7 +8,7 @@ export AWS_EC2_METADATA_DISABLED := true
 VENV := .venv
 BINARY := target/debug/password-recovery
 
-.PHONY: help run test build lint tools bench
+.PHONY: help run test build lint tools bench redis-cli
 
 help:
 	@echo "make run    start the service on localhost:50051 in front of a local Cognito emulator"
@@ -29,7 +29,13 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
-tools: $(VENV)/.installed node_modules/.installed
+# redis-cli (Debian's redis-tools) joins the tests' Redis Cluster; apt as root, else sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-cli:
+	@command -v redis-cli >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-tools; }
+
+tools: $(VENV)/.installed node_modules/.installed redis-cli
 
 bench: $(VENV)/.installed
 	cargo bench --locked --bench load

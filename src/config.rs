@@ -18,7 +18,7 @@ use secrecy::{SecretSlice, SecretString};
 use crate::callers::{CallersSettings, IdentityHeader};
 use crate::cognito::clients::{self, ClientSettings, CognitoSettings, Fallbacks, SHORTHAND_ALIAS};
 use crate::domain::ClientId;
-use crate::fleet::{RedisSettings, RedisUrl};
+use crate::fleet::{RedisMode, RedisSettings, RedisUrl};
 use crate::limits::{LimitSettings, UsernameRateLimit};
 use crate::places::PeerKey;
 pub use crate::settings::parse_duration;
@@ -287,6 +287,16 @@ struct Cli {
     /// password in it). Unset: each replica's own limits.
     #[arg(long, env = "RATE_LIMIT_REDIS_URL")]
     rate_limit_redis_url: Option<String>,
+
+    /// standalone: RATE_LIMIT_REDIS_URL is one server (or a primary); cluster: it is one seed
+    /// or configuration endpoint of a Redis Cluster, whose other nodes are discovered.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_REDIS_MODE",
+        default_value = "standalone",
+        value_enum
+    )]
+    rate_limit_redis_mode: RedisMode,
 
     /// File holding the Redis password (one trailing newline is dropped).
     #[arg(long, env = "RATE_LIMIT_REDIS_PASSWORD_FILE")]
@@ -597,7 +607,8 @@ fn redis_settings(
     url: &str,
     username_hash_key: Option<&SecretSlice<u8>>,
 ) -> Result<RedisSettings, ConfigError> {
-    let url = RedisUrl::parse(url).map_err(|p| ConfigError::setting("RATE_LIMIT_REDIS_URL", p))?;
+    let url = RedisUrl::parse(url, cli.rate_limit_redis_mode)
+        .map_err(|p| ConfigError::setting("RATE_LIMIT_REDIS_URL", p))?;
     let username_hash_key = username_hash_key.cloned().ok_or_else(|| {
         ConfigError::setting(
             "USERNAME_HASH_KEY_FILE",
@@ -614,6 +625,7 @@ fn redis_settings(
         .map(SecretString::from);
     Ok(RedisSettings {
         url,
+        mode: cli.rate_limit_redis_mode,
         password,
         prefix: cli.rate_limit_redis_prefix.clone(),
         timeout: cli.rate_limit_redis_timeout,
@@ -970,5 +982,35 @@ mod tests {
             "{err}"
         );
         assert!(!err.to_string().contains("pw@"), "{err}");
+        // A cluster has database 0 only; a mode that is not one is named too.
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "a-username-hash-key-of-some-length").unwrap();
+        let keyed = [("USERNAME_HASH_KEY_FILE", key.to_str().unwrap())];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut env: Vec<(&str, &str)> = keyed.to_vec();
+            env.extend_from_slice(extra);
+            run(&base, &env)
+        };
+        let cluster = ("RATE_LIMIT_REDIS_MODE", "cluster");
+        let err = with(&[
+            cluster,
+            ("RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:7000/3"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("RATE_LIMIT_REDIS_URL:"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("database 0"), "{err}");
+        let config = with(&[
+            cluster,
+            ("RATE_LIMIT_REDIS_URL", "rediss://cfg.example:6379"),
+        ])
+        .unwrap();
+        let redis = config.limits.redis.expect("redis settings");
+        assert_eq!(redis.mode, crate::fleet::RedisMode::Cluster);
+        let err = with(&[("RATE_LIMIT_REDIS_MODE", "sentinel")]).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_REDIS_MODE"), "{err}");
     }
 }

@@ -1,6 +1,9 @@
 //! The fleet's shared state on Redis (`RATE_LIMIT_REDIS_URL`): one multiplexed connection and
 //! one account of its health, used by the shared limits (`limits`) and the remembered outcomes
-//! of retried calls (`idempotency`). Every key starts with `RATE_LIMIT_REDIS_PREFIX`.
+//! of retried calls (`idempotency`). Every key starts with `RATE_LIMIT_REDIS_PREFIX`: on one
+//! server or primary (`RATE_LIMIT_REDIS_MODE=standalone`) as it is, on a Redis Cluster
+//! (`cluster`) in braces, one hash tag, so that every script's keys share a slot; the cluster
+//! client follows redirections, slot migrations and failovers.
 //!
 //! Redis never fails a call: on an error or a timeout the caller falls back to this replica's
 //! own state, Redis is skipped for a backoff period, then probed again; a warn line marks each
@@ -11,7 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use redis::RedisFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, ScriptInvocation};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
@@ -38,15 +44,31 @@ pub(crate) enum Unanswered {
     MaybeRan,
 }
 
+/// How long making a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The first backoff after a failure; each further failure doubles it, up to the maximum.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What `RATE_LIMIT_REDIS_URL` names (`RATE_LIMIT_REDIS_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One server, or a primary.
+    Standalone,
+    /// One seed or configuration endpoint of a Redis Cluster (ElastiCache Serverless, or a
+    /// node-based cluster with cluster mode on): the other nodes are discovered, redirections
+    /// and failovers followed.
+    Cluster,
+}
 
 /// `RATE_LIMIT_REDIS_*`.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     /// `redis://host:port/db` or `rediss://…`, without credentials (a username may be there).
     pub(crate) url: RedisUrl,
+    /// Standalone or cluster.
+    pub(crate) mode: RedisMode,
     /// `RATE_LIMIT_REDIS_PASSWORD_FILE`'s secret.
     pub(crate) password: Option<SecretString>,
     /// Prefix of every key.
@@ -63,8 +85,9 @@ pub struct RedisSettings {
 pub struct RedisUrl(ConnectionInfo);
 
 impl RedisUrl {
-    /// Parses and checks `url`; the problem, never quoting the URL, when it is unusable.
-    pub(crate) fn parse(url: &str) -> Result<Self, &'static str> {
+    /// Parses and checks `url` for `mode`; the problem, never quoting the URL, when it is
+    /// unusable.
+    pub(crate) fn parse(url: &str, mode: RedisMode) -> Result<Self, &'static str> {
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
             return Err("must start with redis:// or rediss://");
         }
@@ -74,13 +97,19 @@ impl RedisUrl {
         if info.redis_settings().password().is_some() {
             return Err("must not hold a password: put it in RATE_LIMIT_REDIS_PASSWORD_FILE");
         }
+        if mode == RedisMode::Cluster && info.redis_settings().db() != 0 {
+            return Err(
+                "must name database 0 (or none) with RATE_LIMIT_REDIS_MODE=cluster: a \
+                        cluster has no other",
+            );
+        }
         Ok(Self(info))
     }
 }
 
 /// The connection to Redis and its health, shared by everything kept there.
 pub(crate) struct Backend {
-    connection: Arc<OnceLock<ConnectionManager>>,
+    connection: Arc<OnceLock<Connection>>,
     /// Prefix of every key.
     pub(crate) prefix: String,
     /// How long one round trip may take.
@@ -111,14 +140,34 @@ impl Backend {
                 .set_password(password.expose_secret());
             info = info.set_redis_settings(redis);
         }
-        let client = redis::Client::open(info)
-            .map_err(|e| SettingError::new("RATE_LIMIT_REDIS_URL", e.to_string()))?;
+        let unusable =
+            |e: redis::RedisError| SettingError::new("RATE_LIMIT_REDIS_URL", e.to_string());
+        let client = match settings.mode {
+            RedisMode::Standalone => {
+                Client::Standalone(Box::new(redis::Client::open(info).map_err(unusable)?))
+            }
+            // The cluster's client reads the password from the seed's settings, and follows
+            // MOVED and ASK, slot migrations and failovers itself.
+            RedisMode::Cluster => Client::Cluster(Box::new(
+                ClusterClientBuilder::new([info])
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(settings.timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(unusable)?,
+            )),
+        };
         let connection = Arc::new(OnceLock::new());
         tokio::spawn(connect(client, connection.clone()));
         metrics::gauge!(BACKEND_UP).set(0.0);
+        // In a cluster, every key carries one hash tag: each script's keys share a slot.
+        let prefix = match settings.mode {
+            RedisMode::Standalone => settings.prefix.clone(),
+            RedisMode::Cluster => format!("{{{}}}", settings.prefix),
+        };
         Ok(Arc::new(Self {
             connection,
-            prefix: settings.prefix.clone(),
+            prefix,
             timeout: settings.timeout,
             epoch: Instant::now(),
             skip_until: AtomicU64::new(0),
@@ -207,7 +256,7 @@ impl Backend {
         self.failed("error", "an answer the script cannot give");
     }
 
-    fn connection(&self) -> Option<ConnectionManager> {
+    fn connection(&self) -> Option<Connection> {
         self.connection.get().cloned()
     }
 
@@ -249,15 +298,70 @@ impl Backend {
     }
 }
 
+/// How Redis is reached: one server, or a cluster.
+enum Client {
+    Standalone(Box<redis::Client>),
+    Cluster(Box<ClusterClient>),
+}
+
+/// The one multiplexed connection: to one server (reconnecting by itself), or to a cluster
+/// (one connection per node, redirections followed, reconnecting by itself).
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Standalone(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Standalone(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Standalone(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+impl Client {
+    async fn connect(&self) -> redis::RedisResult<Connection> {
+        match self {
+            Self::Standalone(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(2);
+                ConnectionManager::new_with_config(client.as_ref().clone(), config)
+                    .await
+                    .map(Connection::Standalone)
+            }
+            Self::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
+        }
+    }
+}
+
 /// Makes the one multiplexed connection, retrying until it succeeds; it then reconnects by
 /// itself.
-async fn connect(client: redis::Client, slot: Arc<OnceLock<ConnectionManager>>) {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2);
+async fn connect(client: Client, slot: Arc<OnceLock<Connection>>) {
     let mut pause = FIRST_BACKOFF;
     loop {
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        match client.connect().await {
             Ok(connection) => {
                 let _ = slot.set(connection);
                 tracing::info!("rate-limit backend connected");

@@ -33,11 +33,21 @@ impl Fleet {
         cognito: &FakeCognito,
         extra: &[(&str, &str)],
     ) -> ServiceProcess {
+        self.replica_on(&redis.url, cognito, extra).await
+    }
+
+    /// A replica on the Redis at `url`, once it has connected.
+    pub async fn replica_on(
+        &self,
+        url: &str,
+        cognito: &FakeCognito,
+        extra: &[(&str, &str)],
+    ) -> ServiceProcess {
         let mut vars = vec![
             ("COGNITO_CLIENT_ID", CLIENT_ID),
             ("AWS_REGION", "us-east-1"),
             ("AWS_ENDPOINT_URL", cognito.url.as_str()),
-            ("RATE_LIMIT_REDIS_URL", redis.url.as_str()),
+            ("RATE_LIMIT_REDIS_URL", url),
             ("USERNAME_HASH_KEY_FILE", self.key_file.as_str()),
         ];
         vars.extend_from_slice(extra);

@@ -10,7 +10,9 @@ pub mod fleet;
 pub mod moto;
 pub mod process;
 pub mod raw;
+pub mod redis_cluster;
 pub mod redis_server;
+
 pub mod tools;
 
 use std::collections::HashMap;
