@@ -29,11 +29,12 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
-# redis-cli (Debian's redis-tools) joins the tests' Redis Cluster; apt as root, else sudo.
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# redis-cli (Debian's redis-tools) joins the tests' Redis Cluster; apt as root, else sudo -n.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 redis-cli:
 	@command -v redis-cli >/dev/null || { $(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-tools; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-tools; } || \
+		{ echo "redis-cli is needed: install Debian's redis-tools (or your system's redis-cli)"; exit 1; }
 
 tools: $(VENV)/.installed node_modules/.installed redis-cli
 

@@ -623,6 +623,16 @@ fn redis_settings(
         .transpose()
         .map_err(|e| ConfigError::setting("RATE_LIMIT_REDIS_PASSWORD_FILE", e.to_string()))?
         .map(SecretString::from);
+    let prefix = &cli.rate_limit_redis_prefix;
+    if cli.rate_limit_redis_mode == RedisMode::Cluster
+        && (prefix.is_empty() || prefix.contains(['{', '}']))
+    {
+        return Err(ConfigError::setting(
+            "RATE_LIMIT_REDIS_PREFIX",
+            "must be non-empty and hold no { or } with RATE_LIMIT_REDIS_MODE=cluster: it is \
+             every key's hash tag",
+        ));
+    }
     Ok(RedisSettings {
         url,
         mode: cli.rate_limit_redis_mode,
@@ -1010,6 +1020,14 @@ mod tests {
         .unwrap();
         let redis = config.limits.redis.expect("redis settings");
         assert_eq!(redis.mode, crate::fleet::RedisMode::Cluster);
+        for prefix in ["", "a{b}:"] {
+            let url = ("RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:7000");
+            let err = with(&[cluster, url, ("RATE_LIMIT_REDIS_PREFIX", prefix)]).unwrap_err();
+            assert!(
+                err.to_string().starts_with("RATE_LIMIT_REDIS_PREFIX:"),
+                "{err}"
+            );
+        }
         let err = with(&[("RATE_LIMIT_REDIS_MODE", "sentinel")]).unwrap_err();
         assert!(err.to_string().contains("RATE_LIMIT_REDIS_MODE"), "{err}");
     }

@@ -18,6 +18,7 @@ use redis::RedisFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::{TcpSettings, socket2};
 use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, ScriptInvocation};
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
@@ -46,6 +47,8 @@ pub(crate) enum Unanswered {
 
 /// How long making a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long sent data may stay unacknowledged before a connection is given up (Linux).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The first backoff after a failure; each further failure doubles it, up to the maximum.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -99,8 +102,8 @@ impl RedisUrl {
         }
         if mode == RedisMode::Cluster && info.redis_settings().db() != 0 {
             return Err(
-                "must name database 0 (or none) with RATE_LIMIT_REDIS_MODE=cluster: a \
-                        cluster has no other",
+                "must name database 0 (or none) with RATE_LIMIT_REDIS_MODE=cluster: \
+                        Redis Cluster and ElastiCache serve only that one",
             );
         }
         Ok(Self(info))
@@ -140,6 +143,17 @@ impl Backend {
                 .set_password(password.expose_secret());
             info = info.set_redis_settings(redis);
         }
+        // A node that goes silent without a reset (a lost host, a partition) is given up on
+        // within seconds, not the kernel's quarter of an hour, in both modes.
+        let tcp = TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(
+                socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(5))
+                    .with_interval(Duration::from_secs(1)),
+            )
+            .set_user_timeout(TCP_USER_TIMEOUT);
+        let info = info.set_tcp_settings(tcp.clone());
         let unusable =
             |e: redis::RedisError| SettingError::new("RATE_LIMIT_REDIS_URL", e.to_string());
         let client = match settings.mode {
@@ -149,10 +163,15 @@ impl Backend {
             // The cluster's client reads the password from the seed's settings, and follows
             // MOVED and ASK, slot migrations and failovers itself.
             RedisMode::Cluster => Client::Cluster(Box::new(
+                // Each node's own commands (its PING, CLUSTER SLOTS, SCRIPT LOAD) get at least
+                // a second; one call at most RATE_LIMIT_REDIS_TIMEOUT in all. The retries
+                // follow MOVED and ASK (and resend after a broken connection).
                 ClusterClientBuilder::new([info])
                     .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(settings.timeout)
+                    .response_timeout(settings.timeout.max(Duration::from_secs(1)))
+                    .overall_response_timeout(Some(settings.timeout))
                     .retries(2)
+                    .tcp_settings(tcp)
                     .build()
                     .map_err(unusable)?,
             )),

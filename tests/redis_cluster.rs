@@ -18,6 +18,9 @@ use password_recovery::proto::v1::ForgotPasswordRequest;
 use tonic::Code;
 
 const CLUSTER: (&str, &str) = ("RATE_LIMIT_REDIS_MODE", "cluster");
+/// A global limit too, so that one script touches two keys: a CROSSSLOT error unless they share
+/// the tag's slot.
+const GLOBAL: (&str, &str) = ("GLOBAL_RATE_LIMIT_RPS", "1000");
 const TAG: &str = "{password-recovery:}";
 
 #[tokio::test]
@@ -26,10 +29,10 @@ async fn two_replicas_share_one_users_limit_and_a_retrys_outcome_through_a_clust
     let cognito = FakeCognito::start().await;
     let fleet = Fleet::keyed();
     let a = fleet
-        .replica_on(&cluster.seed_url(), &cognito, &[CLUSTER])
+        .replica_on(&cluster.seed_url(), &cognito, &[CLUSTER, GLOBAL])
         .await;
     let b = fleet
-        .replica_on(&cluster.seed_url(), &cognito, &[CLUSTER])
+        .replica_on(&cluster.seed_url(), &cognito, &[CLUSTER, GLOBAL])
         .await;
     let (mut a_client, mut b_client) = (a.client().await, b.client().await);
 
@@ -53,6 +56,13 @@ async fn two_replicas_share_one_users_limit_and_a_retrys_outcome_through_a_clust
         assert_eq!(info.metadata["limiter"], "username");
     }
     assert_eq!(cognito.recorded().len(), 5, "the fleet's five, not ten");
+    // Each call's script charged the global and the username bucket together: no CROSSSLOT,
+    // nor any other Redis error.
+    for replica in [&a, &b] {
+        let metrics = replica.scrape().await;
+        let errors = metric(&metrics, "rate_limit_backend_errors_total", &[]);
+        assert_eq!(errors, None, "{metrics}");
+    }
 
     // A retry on B is answered A's outcome, from the cluster.
     let id = "6a0f3c2e-1b4d-4e8f-9a7c-5d2e1f0b3c4a";
@@ -68,6 +78,7 @@ async fn two_replicas_share_one_users_limit_and_a_retrys_outcome_through_a_clust
     // One tag, so one slot on one primary; every key expires; no username in any.
     let keys = cluster.keys().await;
     assert!(keys.len() >= 3, "{keys:?}");
+
     let holder = keys[0].2;
     for (key, ttl, port) in &keys {
         assert!(key.starts_with(TAG), "{key}");
@@ -88,12 +99,14 @@ fn calls_until(
     failed: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // Bounded: at most 2 000 calls, 20 ms apart (about 40 s).
-        for i in 0..2000 {
+        // Bounded: at most 6 000 calls, 20 ms apart, each within 1 s.
+        for i in 0..6000 {
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            match client.forgot_password(forgot(&format!("during-{i}"))).await {
+            let mut call = tonic::Request::new(forgot(&format!("during-{i}")));
+            call.set_timeout(Duration::from_secs(1));
+            match client.forgot_password(call).await {
                 Ok(_) => answered.fetch_add(1, Ordering::SeqCst),
                 Err(status) => {
                     eprintln!("call {i} failed: {status:?}");
@@ -111,7 +124,7 @@ async fn a_failover_and_a_slot_migration_while_calls_go_on_fail_no_call() {
     let cognito = FakeCognito::start().await;
     let fleet = Fleet::keyed();
     let replica = fleet
-        .replica_on(&cluster.seed_url(), &cognito, &[CLUSTER])
+        .replica_on(&cluster.seed_url(), &cognito, &[CLUSTER, GLOBAL])
         .await;
     let client = replica.client().await;
     let slot = cluster.slot(TAG).await;
@@ -171,7 +184,10 @@ async fn a_failover_and_a_slot_migration_while_calls_go_on_fail_no_call() {
     }
 
     stop.store(true, Ordering::SeqCst);
-    calls.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), calls)
+        .await
+        .expect("the calls end")
+        .unwrap();
     assert_eq!(failed.load(Ordering::SeqCst), 0, "every call answered");
     assert!(answered.load(Ordering::SeqCst) > 10);
     // The cluster answers again, and the replica says so.

@@ -242,6 +242,11 @@ impl SharedOutcomes {
         if stored.fingerprint != ticket.fingerprint {
             return FleetClaim::Reused;
         }
+        // Its own claim: a cluster client resent the script after a broken connection, and
+        // the first run had landed.
+        if stored.claim == token {
+            return FleetClaim::First(run());
+        }
         if !stored.claim.is_empty() {
             return FleetClaim::Running(left);
         }

@@ -53,18 +53,23 @@ impl RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for index in 0..6 {
-            let port = free_port();
+            // The bus port is named too: by default it is the port + 10000, which leaves
+            // ports over 55535 (a third of the ephemeral range) unusable.
+            let (port, bus) = (free_port(), free_port());
             let config = dir.path().join(format!("nodes-{index}.conf"));
+            let log = std::fs::File::create(dir.path().join(format!("node-{index}.log"))).unwrap();
             let child = Command::new(valkey_server())
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--cluster-port", &bus.to_string()])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", config.to_str().unwrap()])
-                // A dead primary is failed over within about two seconds.
-                .args(["--cluster-node-timeout", "1000"])
+                // A dead primary is failed over within a few seconds; a busy 2-core machine
+                // does not look dead.
+                .args(["--cluster-node-timeout", "2000"])
                 .args(["--dir", dir.path().to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
                 .spawn()
                 .expect("valkey-server starts");
             nodes.push(Node {
@@ -310,15 +315,30 @@ impl RedisCluster {
         .await;
     }
 
-    /// Every key on the primaries, with its time to live (ms) and the port holding it.
+    /// Every key on the primaries, with its time to live (ms) and the port holding it: one
+    /// connection per primary, the times to live in one pipeline.
     pub async fn keys(&self) -> Vec<(String, i64, u16)> {
         let mut found = Vec::new();
         for port in self.primaries().await {
-            let keys: Vec<String> = query(port, redis::cmd("KEYS").arg("*")).await;
-            for key in keys {
-                let ttl: i64 = query(port, redis::cmd("PTTL").arg(&key)).await;
-                found.push((key, ttl, port));
+            let mut connection = node(port).await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let mut ttls = redis::pipe();
+            for key in &keys {
+                ttls.cmd("PTTL").arg(key);
             }
+            let ttls: Vec<i64> = match keys.is_empty() {
+                true => Vec::new(),
+                false => ttls.query_async(&mut connection).await.unwrap(),
+            };
+            found.extend(
+                keys.into_iter()
+                    .zip(ttls)
+                    .map(|(key, ttl)| (key, ttl, port)),
+            );
         }
         found
     }
