@@ -9,16 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::free_port;
 use common::process::BINARY;
 use common::tools::venv_python;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn dev_stack(grpc_port: u16, moto_port: u16) -> Child {
     let metrics_port = free_port();

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 use common::process::{ServiceProcess, command};
 use common::{
     CLIENT_ID, CLIENT_SECRET, FakeCognito, Recorded, Reply, assert_error, forgot, health_status,
@@ -269,19 +271,13 @@ async fn check_shape(shape: &Shape, line: &Value, service: &ServiceProcess, cogn
     }
 }
 
-#[tokio::test]
-async fn a_misconfigured_client_is_refused_while_the_others_serve() {
-    let cognito = FakeCognito::start().await;
-    cognito.probe_with(|probe| match probe.body["ClientId"].as_str() {
-        Some("brokenclient456") => Reply::error("ResourceNotFoundException"),
-        _ => Reply::error("UserNotFoundException"),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("clients.toml");
-    std::fs::write(
-        &file,
-        format!(
-            r#"
+/// A clients file in `dir`: `web` (the default, `webclient123`) and `other` (alias, client id),
+/// in two pools on `cognito`.
+fn two_clients(dir: &std::path::Path, cognito: &FakeCognito, other: (&str, &str)) -> PathBuf {
+    let (alias, id) = other;
+    let file = dir.join("clients.toml");
+    let text = format!(
+        r#"
 default = "web"
 
 [clients.web]
@@ -290,16 +286,27 @@ user_pool_id = "us-east-1_PoolOne"
 region = "us-east-1"
 endpoint_url = "{url}"
 
-[clients.partner]
-client_id = "brokenclient456"
+[clients.{alias}]
+client_id = "{id}"
 user_pool_id = "us-east-1_PoolTwo"
 region = "us-east-1"
 endpoint_url = "{url}"
 "#,
-            url = cognito.url
-        ),
-    )
-    .unwrap();
+        url = cognito.url
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[tokio::test]
+async fn a_misconfigured_client_is_refused_while_the_others_serve() {
+    let cognito = FakeCognito::start().await;
+    cognito.probe_with(|probe| match probe.body["ClientId"].as_str() {
+        Some("brokenclient456") => Reply::error("ResourceNotFoundException"),
+        _ => Reply::error("UserNotFoundException"),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = two_clients(dir.path(), &cognito, ("partner", "brokenclient456"));
     let service = ServiceProcess::start(&[
         ("COGNITO_CLIENTS_FILE", file.to_str().unwrap()),
         ("AWS_REGION", "us-east-1"),
@@ -515,29 +522,7 @@ async fn check_prints_a_line_per_client_and_exits_0_only_when_all_work() {
         _ => Reply::error("UserNotFoundException"),
     });
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("clients.toml");
-    std::fs::write(
-        &file,
-        format!(
-            r#"
-default = "web"
-
-[clients.web]
-client_id = "webclient123"
-user_pool_id = "us-east-1_PoolOne"
-region = "us-east-1"
-endpoint_url = "{url}"
-
-[clients.archive]
-client_id = "zzzclient999"
-user_pool_id = "us-east-1_PoolTwo"
-region = "us-east-1"
-endpoint_url = "{url}"
-"#,
-            url = cognito.url
-        ),
-    )
-    .unwrap();
+    let file = two_clients(dir.path(), &cognito, ("archive", "zzzclient999"));
     let output = command(&[
         ("COGNITO_CLIENTS_FILE", file.to_str().unwrap()),
         ("AWS_REGION", "us-east-1"),

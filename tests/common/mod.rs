@@ -275,3 +275,12 @@ pub async fn health_status(
         Err(status) => panic!("health check failed: {status:?}"),
     }
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

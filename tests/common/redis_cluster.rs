@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
+use super::free_port;
 use super::redis_server::valkey_server;
 use super::tools::tool;
 
@@ -25,19 +26,23 @@ pub struct RedisCluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A connection to the server on `port` alone (no redirections followed).
 pub async fn node(port: u16) -> redis::RedisResult<MultiplexedConnection> {
     redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
         .get_multiplexed_async_connection()
         .await
+}
+
+/// True when the node on `port` answers and says `cluster_state:ok`.
+async fn cluster_ok(port: u16) -> bool {
+    let Ok(mut connection) = node(port).await else {
+        return false;
+    };
+    let info: redis::RedisResult<String> = redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query_async(&mut connection)
+        .await;
+    info.is_ok_and(|info| info.contains("cluster_state:ok"))
 }
 
 async fn query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> T {
@@ -148,17 +153,7 @@ impl RedisCluster {
     /// Waits until every live node says `cluster_state:ok` and knows who serves every slot.
     pub async fn wait_until_ok(&self) {
         for port in self.live() {
-            self.wait("the cluster is ok", || async move {
-                let Ok(mut connection) = node(port).await else {
-                    return false;
-                };
-                let info: redis::RedisResult<String> = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut connection)
-                    .await;
-                info.is_ok_and(|info| info.contains("cluster_state:ok"))
-            })
-            .await;
+            self.wait("the cluster is ok", || cluster_ok(port)).await;
         }
     }
 
@@ -235,16 +230,7 @@ impl RedisCluster {
             let _ = child.wait();
         }
         self.wait("a replica is promoted", || async {
-            let survivor = self.live()[0];
-            let Ok(mut connection) = self::node(survivor).await else {
-                return false;
-            };
-            let info: redis::RedisResult<String> = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut connection)
-                .await;
-            info.is_ok_and(|info| info.contains("cluster_state:ok"))
-                && self.primary_of(slot).await != port
+            cluster_ok(self.live()[0]).await && self.primary_of(slot).await != port
         })
         .await;
         self.wait_until_ok().await;
