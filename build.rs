@@ -5,7 +5,10 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/passwordrecovery/v1/password_recovery.proto"];
+    let protos = [
+        "proto/passwordrecovery/v1/password_recovery.proto",
+        "proto/passwordrecovery/v1/error_reason.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
 
     let fds = protox::compile(protos, ["proto"])?;

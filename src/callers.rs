@@ -489,17 +489,21 @@ impl Watched for Callers {
     fn report(&self, outcome: Result<(), &str>) {
         match outcome {
             Ok(()) => {
-                metrics::counter!(m::CALLERS_RELOADS, "result" => "reloaded").increment(1);
+                self.reloads("reloaded").increment(1);
                 tracing::info!("callers policy reloaded");
             }
             Err(problem) => {
-                metrics::counter!(m::CALLERS_RELOADS, "result" => "failed").increment(1);
+                self.reloads("failed").increment(1);
                 tracing::error!(
                     error = problem,
                     "CALLERS_FILE changed but does not load; the previous policy stays in force"
                 );
             }
         }
+    }
+
+    fn reloads(&self, result: &'static str) -> metrics::Counter {
+        metrics::counter!(m::CALLERS_RELOADS, "result" => result)
     }
 }
 

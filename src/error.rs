@@ -12,6 +12,7 @@ use crate::callers::Lacks;
 use crate::cognito::{ErrorCode, NotAuthorized, UpstreamError};
 use crate::domain::FieldViolation;
 use crate::limits::{OVERLOAD_RETRY_DELAY, RateLimited};
+pub use crate::proto::v1::ErrorReason;
 
 /// The `domain` of every ErrorInfo this service sends.
 pub(crate) const ERROR_DOMAIN: &str = "password-recovery";
@@ -44,7 +45,7 @@ pub struct Row {
     /// The gRPC status code.
     pub code: Code,
     /// The ErrorInfo reason.
-    pub reason: &'static str,
+    pub reason: ErrorReason,
     /// The status message (unless `extra` says Cognito's message replaces it).
     pub message: &'static str,
     /// Further details.
@@ -54,7 +55,7 @@ pub struct Row {
 const fn row(
     cognito_code: ErrorCode,
     code: Code,
-    reason: &'static str,
+    reason: ErrorReason,
     message: &'static str,
     extra: Extra,
 ) -> Row {
@@ -78,28 +79,28 @@ const MISCONFIGURED: &str = "the password-recovery service is misconfigured; its
 /// per line like the README's table.
 #[rustfmt::skip]
 pub const COGNITO_ERRORS: &[Row] = &[
-    row(ErrorCode::CodeMismatch, Code::InvalidArgument, "CODE_MISMATCH", "the confirmation code is not correct", Extra::BadField("confirmation_code")),
-    row(ErrorCode::ExpiredCode, Code::FailedPrecondition, "EXPIRED_CODE", "the confirmation code has expired; request a new one with ForgotPassword", Extra::None),
-    row(ErrorCode::InvalidPassword, Code::InvalidArgument, "INVALID_PASSWORD", "the password does not satisfy the user pool's password policy", Extra::BadFieldCognitoMessage("password")),
-    row(ErrorCode::PasswordHistoryPolicyViolation, Code::InvalidArgument, "PASSWORD_HISTORY_POLICY_VIOLATION", "the password was used recently by this user; choose another", Extra::BadField("password")),
-    row(ErrorCode::UserNotFound, Code::NotFound, "USER_NOT_FOUND", "no such user", Extra::None),
-    row(ErrorCode::UserNotConfirmed, Code::FailedPrecondition, "USER_NOT_CONFIRMED", "the user has not confirmed their account", Extra::None),
-    row(ErrorCode::InvalidParameter, Code::FailedPrecondition, "INVALID_PARAMETER", "the account cannot be recovered in its current state (for example, it has no verified email or phone number)", Extra::None),
-    row(ErrorCode::NotAuthorized, Code::PermissionDenied, "NOT_AUTHORIZED", "Cognito refused the reset in this account's state (disabled, or a password that must be changed first)", Extra::None),
-    row(ErrorCode::Forbidden, Code::PermissionDenied, "FORBIDDEN", "the user pool's web ACL blocked the request", Extra::None),
-    row(ErrorCode::LimitExceeded, Code::ResourceExhausted, "LIMIT_EXCEEDED", "the attempt limit for this user was exceeded; try again later", Extra::None),
-    row(ErrorCode::TooManyFailedAttempts, Code::ResourceExhausted, "TOO_MANY_FAILED_ATTEMPTS", "too many failed attempts for this user; try again later", Extra::None),
-    row(ErrorCode::TooManyRequests, Code::ResourceExhausted, "TOO_MANY_REQUESTS", "Cognito is throttling requests; retry shortly", Extra::RetryAfterThrottle),
-    row(ErrorCode::CodeDeliveryFailure, Code::Unavailable, "CODE_DELIVERY_FAILURE", "Cognito could not deliver the confirmation code", Extra::None),
-    row(ErrorCode::UserLambdaValidation, Code::FailedPrecondition, "USER_LAMBDA_VALIDATION", "a user pool Lambda trigger refused the request", Extra::CognitoMessage),
-    row(ErrorCode::OperationNotEnabled, Code::FailedPrecondition, "OPERATION_NOT_ENABLED", "this operation is not enabled for the user pool", Extra::None),
-    row(ErrorCode::ResourceNotFound, Code::Internal, "RESOURCE_NOT_FOUND", MISCONFIGURED, Extra::Misconfiguration),
-    row(ErrorCode::InvalidEmailRoleAccessPolicy, Code::Internal, "INVALID_EMAIL_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
-    row(ErrorCode::InvalidSmsRoleAccessPolicy, Code::Internal, "INVALID_SMS_ROLE_ACCESS_POLICY", MISCONFIGURED, Extra::Misconfiguration),
-    row(ErrorCode::InvalidSmsRoleTrustRelationship, Code::Internal, "INVALID_SMS_ROLE_TRUST_RELATIONSHIP", MISCONFIGURED, Extra::Misconfiguration),
-    row(ErrorCode::InvalidLambdaResponse, Code::Internal, "INVALID_LAMBDA_RESPONSE", MISCONFIGURED, Extra::Misconfiguration),
-    row(ErrorCode::UnexpectedLambda, Code::Internal, "UNEXPECTED_LAMBDA", MISCONFIGURED, Extra::Misconfiguration),
-    row(ErrorCode::InternalError, Code::Unavailable, "INTERNAL_ERROR", "Cognito had an internal error; retry later", Extra::None),
+    row(ErrorCode::CodeMismatch, Code::InvalidArgument, ErrorReason::CodeMismatch, "the confirmation code is not correct", Extra::BadField("confirmation_code")),
+    row(ErrorCode::ExpiredCode, Code::FailedPrecondition, ErrorReason::ExpiredCode, "the confirmation code has expired; request a new one with ForgotPassword", Extra::None),
+    row(ErrorCode::InvalidPassword, Code::InvalidArgument, ErrorReason::InvalidPassword, "the password does not satisfy the user pool's password policy", Extra::BadFieldCognitoMessage("password")),
+    row(ErrorCode::PasswordHistoryPolicyViolation, Code::InvalidArgument, ErrorReason::PasswordHistoryPolicyViolation, "the password was used recently by this user; choose another", Extra::BadField("password")),
+    row(ErrorCode::UserNotFound, Code::NotFound, ErrorReason::UserNotFound, "no such user", Extra::None),
+    row(ErrorCode::UserNotConfirmed, Code::FailedPrecondition, ErrorReason::UserNotConfirmed, "the user has not confirmed their account", Extra::None),
+    row(ErrorCode::InvalidParameter, Code::FailedPrecondition, ErrorReason::InvalidParameter, "the account cannot be recovered in its current state (for example, it has no verified email or phone number)", Extra::None),
+    row(ErrorCode::NotAuthorized, Code::PermissionDenied, ErrorReason::NotAuthorized, "Cognito refused the reset in this account's state (disabled, or a password that must be changed first)", Extra::None),
+    row(ErrorCode::Forbidden, Code::PermissionDenied, ErrorReason::Forbidden, "the user pool's web ACL blocked the request", Extra::None),
+    row(ErrorCode::LimitExceeded, Code::ResourceExhausted, ErrorReason::LimitExceeded, "the attempt limit for this user was exceeded; try again later", Extra::None),
+    row(ErrorCode::TooManyFailedAttempts, Code::ResourceExhausted, ErrorReason::TooManyFailedAttempts, "too many failed attempts for this user; try again later", Extra::None),
+    row(ErrorCode::TooManyRequests, Code::ResourceExhausted, ErrorReason::TooManyRequests, "Cognito is throttling requests; retry shortly", Extra::RetryAfterThrottle),
+    row(ErrorCode::CodeDeliveryFailure, Code::Unavailable, ErrorReason::CodeDeliveryFailure, "Cognito could not deliver the confirmation code", Extra::None),
+    row(ErrorCode::UserLambdaValidation, Code::FailedPrecondition, ErrorReason::UserLambdaValidation, "a user pool Lambda trigger refused the request", Extra::CognitoMessage),
+    row(ErrorCode::OperationNotEnabled, Code::FailedPrecondition, ErrorReason::OperationNotEnabled, "this operation is not enabled for the user pool", Extra::None),
+    row(ErrorCode::ResourceNotFound, Code::Internal, ErrorReason::ResourceNotFound, MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidEmailRoleAccessPolicy, Code::Internal, ErrorReason::InvalidEmailRoleAccessPolicy, MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidSmsRoleAccessPolicy, Code::Internal, ErrorReason::InvalidSmsRoleAccessPolicy, MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidSmsRoleTrustRelationship, Code::Internal, ErrorReason::InvalidSmsRoleTrustRelationship, MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InvalidLambdaResponse, Code::Internal, ErrorReason::InvalidLambdaResponse, MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::UnexpectedLambda, Code::Internal, ErrorReason::UnexpectedLambda, MISCONFIGURED, Extra::Misconfiguration),
+    row(ErrorCode::InternalError, Code::Unavailable, ErrorReason::InternalError, "Cognito had an internal error; retry later", Extra::None),
 ];
 
 /// Looks up a Cognito error code in [`COGNITO_ERRORS`].
@@ -200,7 +201,7 @@ pub(crate) struct Classified {
     /// The gRPC code.
     pub(crate) code: Code,
     /// The ErrorInfo reason.
-    pub(crate) reason: &'static str,
+    pub(crate) reason: ErrorReason,
     /// The status message.
     pub(crate) message: String,
     /// Who is to blame.
@@ -212,7 +213,7 @@ pub(crate) struct Classified {
 }
 
 impl Classified {
-    fn new(code: Code, reason: &'static str, message: impl Into<String>, blame: Blame) -> Self {
+    fn new(code: Code, reason: ErrorReason, message: impl Into<String>, blame: Blame) -> Self {
         Self {
             code,
             reason,
@@ -235,7 +236,7 @@ impl Classified {
         let reason = COGNITO_ERRORS
             .iter()
             .map(|row| row.reason)
-            .find(|known| *known == reason)?;
+            .find(|known| known.as_str_name() == reason)?;
         Some(Self {
             code,
             reason,
@@ -276,7 +277,7 @@ impl Classified {
     fn done(mut self) -> Self {
         let metadata = std::mem::take(&mut self.metadata);
         self.details
-            .set_error_info(self.reason, ERROR_DOMAIN, metadata);
+            .set_error_info(self.reason.as_str_name(), ERROR_DOMAIN, metadata);
         self
     }
 }
@@ -289,14 +290,14 @@ impl Error {
             Self::InvalidRequest(violations) => invalid_request(violations),
             Self::ClientNotAllowed => Classified::new(
                 Code::PermissionDenied,
-                "CLIENT_NOT_ALLOWED",
+                ErrorReason::ClientNotAllowed,
                 "client_id is not an app client this server serves; leave it empty for the \
                  configured one",
                 Caller,
             ),
             Self::ClientMisconfigured { client } => Classified::new(
                 Code::FailedPrecondition,
-                "CLIENT_MISCONFIGURED",
+                ErrorReason::ClientMisconfigured,
                 format!(
                     "the app client {client} is misconfigured, so its calls are refused until it \
                                           is proven again; its operators have been told in the service's logs"
@@ -307,7 +308,7 @@ impl Error {
             Self::CallerNotAllowed { caller, lacks } => caller_not_allowed(caller, lacks),
             Self::Upstream(upstream) => classify_upstream(upstream),
             Self::CodeRefused { request_id } => {
-                Classified::new(Code::InvalidArgument, "CODE_MISMATCH", CODE_REFUSED, Caller)
+                Classified::new(Code::InvalidArgument, ErrorReason::CodeMismatch, CODE_REFUSED, Caller)
                     .with("cognitoCode", ErrorCode::CodeMismatch.name())
                     .with_request_id(request_id.as_ref())
                     .bad_field("confirmation_code", CODE_REFUSED)
@@ -315,7 +316,7 @@ impl Error {
             Self::RateLimited(refused) => rate_limited(refused),
             Self::Overloaded { limit } => Classified::new(
                 Code::Unavailable,
-                "OVERLOADED",
+                ErrorReason::Overloaded,
                 format!(
                     "too many calls are in progress or waiting on Cognito ({limit}); retry shortly"
                 ),
@@ -325,7 +326,7 @@ impl Error {
             .retry_after(OVERLOAD_RETRY_DELAY),
             Self::TakenBack { limit } => Classified::new(
                 Code::Unavailable,
-                "OVERLOADED",
+                ErrorReason::Overloaded,
                 format!(
                     "the request message was still arriving when its place among the calls in \
                      progress ({limit}) was needed by a new call; retry shortly"
@@ -338,7 +339,7 @@ impl Error {
                 let limit = humantime::format_duration(*limit).to_string();
                 Classified::new(
                     Code::DeadlineExceeded,
-                    "REQUEST_TIMEOUT",
+                    ErrorReason::RequestTimeout,
                     format!("the request message did not arrive within {limit} of its headers"),
                     SlowCaller,
                 )
@@ -346,7 +347,7 @@ impl Error {
             }
             Self::DeadlineTooShort => Classified::new(
                 Code::DeadlineExceeded,
-                "DEADLINE_TOO_SHORT",
+                ErrorReason::DeadlineTooShort,
                 format!(
                     "the call's deadline left less than {} ms to reach Cognito; it was not sent",
                     crate::cognito::MIN_UPSTREAM_TIME.as_millis()
@@ -355,7 +356,7 @@ impl Error {
             ),
             Self::RequestIdReused => Classified::new(
                 Code::InvalidArgument,
-                "REQUEST_ID_REUSED",
+                ErrorReason::RequestIdReused,
                 "request_id was already used for another request; use a new one per request",
                 Caller,
             )
@@ -365,32 +366,32 @@ impl Error {
             ),
             Self::MalformedRequest => Classified::new(
                 Code::InvalidArgument,
-                "MALFORMED_REQUEST",
+                ErrorReason::MalformedRequest,
                 "the request message could not be decoded",
                 Caller,
             ),
             Self::RequestTooLarge { limit } => Classified::new(
                 Code::ResourceExhausted,
-                "REQUEST_TOO_LARGE",
+                ErrorReason::RequestTooLarge,
                 format!("the request message is larger than {limit} bytes"),
                 Caller,
             )
             .with("limit", limit.to_string()),
             Self::Cancelled => Classified::new(
                 Code::Cancelled,
-                "CANCELLED",
+                ErrorReason::Cancelled,
                 "the call was cancelled before it reached Cognito",
                 Caller,
             ),
             Self::Internal => Classified::new(
                 Code::Internal,
-                "INTERNAL_FAULT",
+                ErrorReason::InternalFault,
                 "the password-recovery service failed; its operators have been told in its logs",
                 Server,
             ),
             Self::ShuttingDown => Classified::new(
                 Code::Unavailable,
-                "SHUTTING_DOWN",
+                ErrorReason::ShuttingDown,
                 "this replica stopped before the call finished; its outcome is unknown",
                 Capacity,
             )
@@ -408,7 +409,7 @@ fn invalid_request(violations: &[FieldViolation]) -> Classified {
         .join("; ");
     let mut classified = Classified::new(
         Code::InvalidArgument,
-        "INVALID_REQUEST",
+        ErrorReason::InvalidRequest,
         format!("invalid request: {summary}"),
         Blame::Caller,
     );
@@ -425,7 +426,7 @@ fn caller_not_allowed(caller: &str, lacks: &Lacks) -> Classified {
     let refused = |message: String| {
         Classified::new(
             Code::PermissionDenied,
-            "CALLER_NOT_ALLOWED",
+            ErrorReason::CallerNotAllowed,
             message,
             Blame::Caller,
         )
@@ -450,7 +451,7 @@ fn rate_limited(refused: &RateLimited) -> Classified {
     let retry_in = Duration::from_secs(refused.retry_after.as_secs_f64().ceil() as u64);
     let mut classified = Classified::new(
         Code::ResourceExhausted,
-        "RATE_LIMITED",
+        ErrorReason::RateLimited,
         format!(
             "rate limited ({limiter} limit {}); retry in {}",
             refused.limit,
@@ -488,7 +489,7 @@ fn classify_upstream(error: &UpstreamError) -> Classified {
                 Some(row) => answer_row(row, None),
                 None => Classified::new(
                     Code::Unknown,
-                    "UNKNOWN_UPSTREAM_ERROR",
+                    ErrorReason::UnknownUpstreamError,
                     format!("Cognito answered HTTP {status} with no error code"),
                     Blame::Server,
                 ),
@@ -499,13 +500,13 @@ fn classify_upstream(error: &UpstreamError) -> Classified {
         }
         UpstreamError::Unreachable { .. } => Classified::new(
             Code::Unavailable,
-            "UPSTREAM_UNAVAILABLE",
+            ErrorReason::UpstreamUnavailable,
             "Cognito could not be reached",
             Blame::Upstream,
         ),
         UpstreamError::Timeout { set_by_caller } => Classified::new(
             Code::DeadlineExceeded,
-            "UPSTREAM_TIMEOUT",
+            ErrorReason::UpstreamTimeout,
             match set_by_caller {
                 true => "the call's deadline ran out while waiting for Cognito",
                 false => "Cognito did not answer within COGNITO_TIMEOUT",
@@ -514,13 +515,13 @@ fn classify_upstream(error: &UpstreamError) -> Classified {
         ),
         UpstreamError::Construction { .. } => Classified::new(
             Code::Internal,
-            "REQUEST_CONSTRUCTION_FAILED",
+            ErrorReason::RequestConstructionFailed,
             MISCONFIGURED,
             Blame::Server,
         ),
         UpstreamError::InvalidResponse(invalid) => Classified::new(
             Code::Unavailable,
-            "UPSTREAM_INVALID_RESPONSE",
+            ErrorReason::UpstreamInvalidResponse,
             "Cognito's answer was not a well-formed Cognito answer",
             Blame::Server,
         )
@@ -534,8 +535,8 @@ fn classify_upstream(error: &UpstreamError) -> Classified {
 fn classify_service_error(code: &ErrorCode, message: Option<&str>) -> Classified {
     if *code == ErrorCode::NotAuthorized {
         let reason = match NotAuthorized::of(message) {
-            NotAuthorized::SecretHash => Some("INVALID_SECRET_HASH"),
-            NotAuthorized::Unrecognised => Some("UNEXPECTED_NOT_AUTHORIZED"),
+            NotAuthorized::SecretHash => Some(ErrorReason::InvalidSecretHash),
+            NotAuthorized::Unrecognised => Some(ErrorReason::UnexpectedNotAuthorized),
             NotAuthorized::Disabled | NotAuthorized::CannotReset => None,
         };
         if let Some(reason) = reason {
@@ -546,7 +547,7 @@ fn classify_service_error(code: &ErrorCode, message: Option<&str>) -> Classified
         Some(row) => answer_row(row, message.filter(|m| !m.is_empty())),
         None => Classified::new(
             Code::Unknown,
-            "UNKNOWN_UPSTREAM_ERROR",
+            ErrorReason::UnknownUpstreamError,
             "Cognito answered with an error this service does not know",
             Blame::Server,
         ),
@@ -753,7 +754,7 @@ mod tests {
                 });
             assert_eq!(code, grpc_code_name(row.code), "{}", row.cognito_code);
             assert!(
-                reasons.iter().any(|r| r == row.reason),
+                reasons.iter().any(|r| r == row.reason.as_str_name()),
                 "{}",
                 row.cognito_code
             );
@@ -761,17 +762,13 @@ mod tests {
         let mut answered = std::collections::BTreeSet::new();
         for error in every_kind_of_error() {
             let classified = error.classify();
+            let reason = classified.reason.as_str_name();
             let (_, code, _) = rows
                 .iter()
-                .find(|(.., reasons)| reasons.iter().any(|r| r == classified.reason))
-                .unwrap_or_else(|| panic!("the README's table lacks {}", classified.reason));
-            assert_eq!(
-                code,
-                grpc_code_name(classified.code),
-                "{}",
-                classified.reason
-            );
-            answered.insert(classified.reason.to_owned());
+                .find(|(.., reasons)| reasons.iter().any(|r| r == reason))
+                .unwrap_or_else(|| panic!("the README's table lacks {reason}"));
+            assert_eq!(code, grpc_code_name(classified.code), "{reason}");
+            answered.insert(reason.to_owned());
         }
         let documented: std::collections::BTreeSet<String> = rows
             .into_iter()
@@ -782,6 +779,48 @@ mod tests {
             documented, answered,
             "reasons documented but never answered, or the reverse"
         );
+        assert_eq!(
+            typed_reasons(),
+            answered,
+            "the proto's ErrorReason and the reasons answered differ: give every reason \
+             answered its value in proto/passwordrecovery/v1/error_reason.proto, and answer \
+             every value"
+        );
+    }
+
+    /// The names of the proto's `ErrorReason` values, but the unspecified one, whose numbers
+    /// run from 1 without a gap.
+    fn typed_reasons() -> std::collections::BTreeSet<String> {
+        let values: Vec<ErrorReason> = (1..)
+            .map_while(|number| ErrorReason::try_from(number).ok())
+            .collect();
+        assert!(
+            ErrorReason::try_from(values.len() as i32 + 2).is_err(),
+            "ErrorReason's numbers have a gap"
+        );
+        assert_eq!(
+            ErrorReason::Unspecified.as_str_name(),
+            "ERROR_REASON_UNSPECIFIED"
+        );
+        values
+            .iter()
+            .map(|reason| reason.as_str_name().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_reason_is_the_name_of_its_error_reason_value() {
+        for error in every_kind_of_error() {
+            let classified = error.classify();
+            let status: Status = error.into();
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(
+                ErrorReason::from_str_name(&info.reason),
+                Some(classified.reason),
+                "{}",
+                info.reason
+            );
+        }
     }
 
     #[test]
@@ -791,7 +830,12 @@ mod tests {
             let status: Status = service_error(row.cognito_code.name(), Some(message)).into();
             assert_eq!(status.code(), row.code, "{}", row.cognito_code);
             let info = status.get_details_error_info().expect("ErrorInfo");
-            assert_eq!(info.reason, row.reason, "{}", row.cognito_code);
+            assert_eq!(
+                info.reason,
+                row.reason.as_str_name(),
+                "{}",
+                row.cognito_code
+            );
             assert_eq!(info.domain, ERROR_DOMAIN);
             assert_eq!(info.metadata["cognitoCode"], row.cognito_code.name());
             assert_eq!(info.metadata["awsRequestId"], "req-1");
@@ -809,7 +853,7 @@ mod tests {
                 }
                 snake.push(c.to_ascii_uppercase());
             }
-            assert_eq!(row.reason, snake);
+            assert_eq!(row.reason.as_str_name(), snake);
             let classified =
                 service_error(row.cognito_code.name(), Some("pool xyz is gone")).classify();
             assert_eq!(classified.blame, Blame::Server);
@@ -847,7 +891,11 @@ mod tests {
         ] {
             let classified = service_error("NotAuthorizedException", Some(message)).classify();
             assert_eq!(
-                (classified.code, classified.reason, classified.blame),
+                (
+                    classified.code,
+                    classified.reason.as_str_name(),
+                    classified.blame
+                ),
                 (code, reason, blame),
                 "{message}"
             );
@@ -857,7 +905,7 @@ mod tests {
             );
         }
         let classified = service_error("NotAuthorizedException", None).classify();
-        assert_eq!(classified.reason, "UNEXPECTED_NOT_AUTHORIZED");
+        assert_eq!(classified.reason.as_str_name(), "UNEXPECTED_NOT_AUTHORIZED");
     }
 
     #[test]
@@ -982,7 +1030,7 @@ mod tests {
         }
         .classify();
         assert_eq!(
-            (classified.code, classified.reason),
+            (classified.code, classified.reason.as_str_name()),
             (Code::Unavailable, "OVERLOADED")
         );
         assert_eq!(classified.blame, Blame::SlowCaller);
@@ -997,7 +1045,7 @@ mod tests {
         assert_eq!(info.metadata["limit"], "10s");
         let short = Error::DeadlineTooShort.classify();
         assert_eq!(
-            (short.code, short.reason),
+            (short.code, short.reason.as_str_name()),
             (Code::DeadlineExceeded, "DEADLINE_TOO_SHORT")
         );
         assert!(short.message.contains("50 ms"), "{}", short.message);

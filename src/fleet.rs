@@ -179,6 +179,9 @@ impl Backend {
         let connection = Arc::new(OnceLock::new());
         tokio::spawn(connect(client, connection.clone()));
         metrics::gauge!(BACKEND_UP).set(0.0);
+        for kind in ["unconnected", "error", "timeout"] {
+            metrics::counter!(BACKEND_ERRORS, "kind" => kind).increment(0);
+        }
         // In a cluster, every key carries one hash tag: each script's keys share a slot.
         let prefix = match settings.mode {
             RedisMode::Standalone => settings.prefix.clone(),

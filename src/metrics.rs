@@ -86,6 +86,7 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
             }
             describe();
+            count_from_zero();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -194,6 +195,28 @@ fn describe() {
         "Requests whose headers (connection closed) or message (call answered) did not arrive \
          in time"
     );
+}
+
+/// Puts every event counter whose labels are known up front at 0, so that an alert's
+/// `increase()` sees its first event (a series that appears at 1 shows no increase).
+fn count_from_zero() {
+    let zero = |counter: metrics::Counter| counter.increment(0);
+    for reason in ["max_connections", "peer_share"] {
+        zero(metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason));
+        zero(metrics::counter!(CONNECTIONS_TAKEN_BACK, "reason" => reason));
+    }
+    for reason in ["max_concurrent_calls", "peer_share"] {
+        zero(metrics::counter!(CALLS_REFUSED, "reason" => reason));
+        zero(metrics::counter!(CALLS_TAKEN_BACK, "reason" => reason));
+    }
+    for stage in ["headers", "body"] {
+        zero(metrics::counter!(REQUEST_TIMEOUTS, "stage" => stage));
+    }
+    for limiter in limits::Limiter::ALL {
+        zero(metrics::counter!(limits::RATE_LIMITED, "limiter" => limiter.name()));
+    }
+    zero(metrics::counter!(limits::UPSTREAM_REJECTED, "reason" => "overloaded"));
+    zero(metrics::counter!(IDEMPOTENCY_FULL));
 }
 
 /// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown` completes.

@@ -83,6 +83,10 @@ impl Proofs {
         for client in &proofs.clients {
             proofs.set_mode(&client.alias, None);
             metrics::gauge!(m::CLIENT_READY, "client" => client.alias.clone()).set(1.0);
+            for result in ["ready", "misconfigured", "unproven"] {
+                metrics::counter!(m::CLIENT_CHECKS, "client" => client.alias.clone(), "result" => result)
+                    .increment(0);
+            }
         }
         Arc::new(proofs)
     }

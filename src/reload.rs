@@ -18,11 +18,20 @@ pub(crate) trait Watched: Send + Sync + 'static {
 
     /// Counts and logs one outcome: reloaded, or failed with its problem.
     fn report(&self, outcome: Result<(), &str>);
+
+    /// The counter of this one's outcomes with `result` (`reloaded` or `failed`).
+    fn reloads(&self, result: &'static str) -> metrics::Counter;
 }
 
 /// Re-reads every one of `watched` each `interval` (until the task is aborted). Each change
 /// is reported; a failing one once until its problem changes or goes away.
 pub(crate) fn spawn(interval: Duration, watched: Vec<Arc<dyn Watched>>) -> JoinHandle<()> {
+    // Both outcomes are counted from 0, so that the first failure is an increase.
+    for watched in &watched {
+        for result in ["reloaded", "failed"] {
+            watched.reloads(result).increment(0);
+        }
+    }
     tokio::spawn(async move {
         let mut failing: Vec<Option<String>> = vec![None; watched.len()];
         let mut ticks = tokio::time::interval(interval);
@@ -76,6 +85,10 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(outcome.map_err(str::to_owned));
+        }
+
+        fn reloads(&self, result: &'static str) -> metrics::Counter {
+            metrics::counter!("test_reloads_total", "result" => result)
         }
     }
 

@@ -189,16 +189,20 @@ impl Watched for Files {
     fn report(&self, outcome: Result<(), &str>) {
         match outcome {
             Ok(()) => {
-                metrics::counter!(m::TLS_RELOADS, "result" => "reloaded").increment(1);
+                self.reloads("reloaded").increment(1);
                 tracing::info!("TLS certificate reloaded");
             }
             Err(problem) => {
-                metrics::counter!(m::TLS_RELOADS, "result" => "failed").increment(1);
+                self.reloads("failed").increment(1);
                 tracing::error!(
                     error = problem,
                     "TLS files changed but do not load; keeping the previous certificate"
                 );
             }
         }
+    }
+
+    fn reloads(&self, result: &'static str) -> metrics::Counter {
+        metrics::counter!(m::TLS_RELOADS, "result" => result)
     }
 }

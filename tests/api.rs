@@ -192,7 +192,7 @@ async fn every_cognito_error_maps_end_to_end_with_its_details() {
             .await
             .unwrap_err();
 
-        let info = assert_error(&status, row.code, row.reason);
+        let info = assert_error(&status, row.code, row.reason.as_str_name());
         assert_eq!(info.metadata["cognitoCode"], row.cognito_code.name());
         assert_eq!(info.metadata["awsRequestId"], REQUEST_ID);
         let error_infos = status

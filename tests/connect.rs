@@ -314,7 +314,7 @@ async fn every_cognito_error_has_its_connect_code_http_status_and_details() {
         let answer = post_json(&app, "ConfirmForgotPassword", &confirm_json("erin"), &[]).await;
 
         let (http, code) = connect_status(row.code);
-        let info = answer.assert_error(http, code, row.reason);
+        let info = answer.assert_error(http, code, row.reason.as_str_name());
         assert_eq!(info["metadata"]["cognitoCode"], row.cognito_code.name());
         assert_eq!(info["metadata"]["awsRequestId"], REQUEST_ID);
         match answer.detail("google.rpc.RetryInfo") {

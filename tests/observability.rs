@@ -202,7 +202,8 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
                 caller,
                 ("client", "-"),
                 forgot_method,
-                ("grpc_code", "INVALID_ARGUMENT")
+                ("grpc_code", "INVALID_ARGUMENT"),
+                ("reason", "INVALID_REQUEST")
             ]
         ),
         1.0
@@ -216,7 +217,8 @@ async fn metrics_count_calls_by_code_and_cognito_requests_by_outcome() {
                 caller,
                 client,
                 confirm_method,
-                ("grpc_code", "INVALID_ARGUMENT")
+                ("grpc_code", "INVALID_ARGUMENT"),
+                ("reason", "CODE_MISMATCH")
             ]
         ),
         1.0

@@ -21,7 +21,7 @@ use crate::callers::Callers;
 use crate::cognito::{Budget, ErrorCode, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::Rpc;
-use crate::error::{Blame, Classified, Error, grpc_code_name};
+use crate::error::{Blame, Classified, Error, ErrorReason, grpc_code_name};
 use crate::metrics as m;
 use crate::places::{Crowded, Holder, Place, Standing};
 use crate::telemetry::{self, Occasionally, TraceParent};
@@ -123,12 +123,20 @@ pub(crate) enum Ending {
 }
 
 impl Ending {
-    /// The gRPC code the caller got, when the outcome's own `code` is not it.
-    fn caller_code(self, code: &'static str) -> &'static str {
+    /// The gRPC code the caller got, when the outcome's own `code` is not it, and the reason
+    /// of the answer (that of the outcome, which a caller gone would have got).
+    fn caller_answer(
+        self,
+        code: &'static str,
+        reason: Option<&'static str>,
+    ) -> (&'static str, Option<&'static str>) {
         match self {
-            Self::Answered => code,
-            Self::CallerGone => "CANCELLED",
-            Self::AnsweredAtDeadline => "DEADLINE_EXCEEDED",
+            Self::Answered => (code, reason),
+            Self::CallerGone => ("CANCELLED", reason),
+            Self::AnsweredAtDeadline => (
+                "DEADLINE_EXCEEDED",
+                Some(ErrorReason::UpstreamTimeout.as_str_name()),
+            ),
         }
     }
 }
@@ -438,7 +446,10 @@ impl Call {
                     metrics::counter!(m::REQUEST_TIMEOUTS, "stage" => "body").increment(1);
                 }
                 let classified = error.classify();
-                let (code, reason) = (grpc_code_name(classified.code), classified.reason);
+                let (code, reason) = (
+                    grpc_code_name(classified.code),
+                    classified.reason.as_str_name(),
+                );
                 let failure = Failure {
                     code,
                     reason,
@@ -456,10 +467,11 @@ impl Call {
                 Rpc::ConfirmForgotPassword => "password_reset.confirmed",
             },
         };
+        let answered = reason;
         let reason = masked.map(masked_reason).or(reason);
         self.audit(event, subject, code, reason, ending == Ending::CallerGone);
-        let caller_code = ending.caller_code(code);
-        self.record(caller_code, client);
+        let (caller_code, answered) = ending.caller_answer(code, answered);
+        self.record(caller_code, answered, client);
         Reply {
             request_id: self.request_id.clone(),
             result,
@@ -483,7 +495,7 @@ impl Call {
         let client = subject.map_or("-", |s| s.client.as_str());
         let (code, reason) = match &result {
             Ok(_) => ("OK", None),
-            Err(error) => (grpc_code_name(error.code), Some(error.reason)),
+            Err(error) => (grpc_code_name(error.code), Some(error.reason.as_str_name())),
         };
         let caller_gone = ending == Ending::CallerGone;
         tracing::info!(
@@ -506,8 +518,8 @@ impl Call {
             caller_gone,
         );
         metrics::counter!(m::IDEMPOTENT_REPLAYS, "grpc_method" => method).increment(1);
-        let caller_code = ending.caller_code(code);
-        self.record(caller_code, client);
+        let (caller_code, answered) = ending.caller_answer(code, reason);
+        self.record(caller_code, answered, client);
         Reply {
             request_id: self.request_id.clone(),
             result,
@@ -530,7 +542,11 @@ impl Call {
             "call abandoned: the shutdown grace period ended before it did; outcome unknown"
         );
         self.audit("password_reset.abandoned", subject, "UNKNOWN", None, false);
-        self.record("UNAVAILABLE", client);
+        self.record(
+            "UNAVAILABLE",
+            Some(ErrorReason::ShuttingDown.as_str_name()),
+            client,
+        );
         Reply {
             request_id: self.request_id.clone(),
             result: Err(Box::new(Error::ShuttingDown.classify())),
@@ -538,13 +554,16 @@ impl Call {
         }
     }
 
-    /// Counts the call by code and its latency, labelled with the app client's alias (`-`
-    /// when the request was refused before naming one).
-    fn record(&self, code: &'static str, client: &str) {
+    /// Counts the call by code (and the reason of an error) and its latency, labelled with the
+    /// app client's alias (`-` when the request was refused before naming one).
+    fn record(&self, code: &'static str, reason: Option<&'static str>, client: &str) {
         let (method, protocol) = (self.rpc.method(), self.protocol.label());
         let (client, caller) = (client.to_owned(), self.caller.label.clone());
-        metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone(), "caller" => caller.clone())
-            .increment(1);
+        match reason {
+            None => metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone(), "caller" => caller.clone()),
+            Some(reason) => metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone(), "caller" => caller.clone(), "reason" => reason),
+        }
+        .increment(1);
         metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol, "client" => client, "caller" => caller)
             .record(self.started.elapsed().as_secs_f64());
     }
@@ -703,7 +722,7 @@ struct Failure<'a> {
 
 /// The reason the audit records for a masked answer: that of Cognito's real error.
 fn masked_reason(cognito_code: &ErrorCode) -> &'static str {
-    crate::error::cognito_row(cognito_code).map_or("MASKED", |row| row.reason)
+    crate::error::cognito_row(cognito_code).map_or("MASKED", |row| row.reason.as_str_name())
 }
 
 impl Drop for Call {

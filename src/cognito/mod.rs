@@ -447,14 +447,12 @@ impl Watched for AppClient {
         let alias = self.alias.clone();
         match outcome {
             Ok(()) => {
-                metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "reloaded")
-                    .increment(1);
+                self.reloads("reloaded").increment(1);
                 tracing::info!(client = alias, "app client secret reloaded");
                 self.secret_changed.notify_one();
             }
             Err(problem) => {
-                metrics::counter!(m::SECRET_RELOADS, "client" => alias.clone(), "result" => "failed")
-                    .increment(1);
+                self.reloads("failed").increment(1);
                 tracing::error!(
                     client = alias,
                     error = problem,
@@ -462,6 +460,10 @@ impl Watched for AppClient {
                 );
             }
         }
+    }
+
+    fn reloads(&self, result: &'static str) -> metrics::Counter {
+        metrics::counter!(m::SECRET_RELOADS, "client" => self.alias.clone(), "result" => result)
     }
 }
 

@@ -141,6 +141,14 @@ pub(crate) enum Limiter {
 }
 
 impl Limiter {
+    /// Every limiter.
+    pub(crate) const ALL: [Self; 4] = [
+        Self::Caller,
+        Self::Global,
+        Self::Username,
+        Self::UsernameCapacity,
+    ];
+
     /// The name in metrics, ErrorInfo metadata and QuotaFailure.
     pub(crate) fn name(self) -> &'static str {
         match self {

@@ -232,6 +232,16 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
 }
 
+/// The sum of every series of `name` whose line holds all of `labels` (0 when none does).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name) && labels.iter().all(|label| l.contains(label))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// `GET /metrics` over plain HTTP/1.1; returns the body.
 pub async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
