@@ -51,7 +51,10 @@ lint:
 	cargo clippy --all-targets --locked -- -D warnings
 	cargo clippy --all-targets --all-features --locked -- -D warnings
 
-# The memory tests measure the release binary, so it is built first.
+# The memory tests measure the release binary, so it is built first; the trace test runs the
+# release binary built with `--features otel`, kept beside it as password-recovery-otel.
 test: tools lint
+	cargo build --release --locked --features otel
+	cp -f target/release/password-recovery target/release/password-recovery-otel
 	cargo build --release --locked
 	AWS_REGION=us-east-1 cargo test --locked
