@@ -36,7 +36,16 @@ redis-cli:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-tools; } || \
 		{ echo "redis-cli is needed: install Debian's redis-tools (or your system's redis-cli)"; exit 1; }
 
-tools: $(VENV)/.installed node_modules/.installed redis-cli
+# promtool checks and unit-tests the shipped alerts: taken alone from Debian's prometheus
+# package into .venv/bin (nothing else of the package installed, no server started).
+$(VENV)/bin/promtool: | $(VENV)/.installed
+	@cd $(VENV) && { apt-get download -qq prometheus 2>/dev/null || \
+		{ $(SUDO) apt-get update -qq && apt-get download -qq prometheus; }; } && \
+		dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > bin/promtool && \
+		chmod +x bin/promtool && rm -f prometheus_*.deb || \
+		{ rm -f bin/promtool; echo "promtool is needed: Debian's prometheus package ships it"; exit 1; }
+
+tools: $(VENV)/.installed node_modules/.installed redis-cli $(VENV)/bin/promtool
 
 bench: $(VENV)/.installed
 	cargo bench --locked --bench load

@@ -198,7 +198,8 @@ fn describe() {
 }
 
 /// Puts every event counter whose labels are known up front at 0, so that an alert's
-/// `increase()` sees its first event (a series that appears at 1 shows no increase).
+/// `increase()` sees its first event (a series that appears at 1 shows no increase), and the
+/// username buckets' gauge at 0, so that a dashboard shows it from the start.
 fn count_from_zero() {
     let zero = |counter: metrics::Counter| counter.increment(0);
     for reason in ["max_connections", "peer_share"] {
@@ -217,6 +218,9 @@ fn count_from_zero() {
     }
     zero(metrics::counter!(limits::UPSTREAM_REJECTED, "reason" => "overloaded"));
     zero(metrics::counter!(IDEMPOTENCY_FULL));
+    // No bucket yet: the gauge is there before the first one (with limits on Redis, until a
+    // Redis outage puts the replica on its own).
+    metrics::gauge!(limits::USERNAME_BUCKETS).set(0.0);
 }
 
 /// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown` completes.

@@ -125,7 +125,8 @@ async fn secret_reload_counted(app: &TestApp, client: &str, result: &str) {
     let counted = async {
         loop {
             let text = scrape(&metrics_addr).await;
-            if metric(&text, "cognito_client_secret_reloads_total", &labels).is_some() {
+            let count = metric(&text, "cognito_client_secret_reloads_total", &labels);
+            if count.is_some_and(|n| n >= 1.0) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
