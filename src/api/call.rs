@@ -728,12 +728,19 @@ fn masked_reason(cognito_code: &ErrorCode) -> &'static str {
 impl Drop for Call {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = self.conclude::<()>(
-                None,
-                Outcome::plain(Err(Error::Cancelled)),
-                Ending::CallerGone,
-            );
+            let (error, ending) = unfinished();
+            let _ = self.conclude::<()>(None, Outcome::plain(Err(error)), ending);
         }
+    }
+}
+
+/// What a call dropped unfinished ends as. Dropped while its task unwinds from a panic (a
+/// task's panic drops the live values of its futures as it unwinds), its caller is answered
+/// INTERNAL_FAULT, and so it is recorded; otherwise its caller went away.
+fn unfinished() -> (Error, Ending) {
+    match std::thread::panicking() {
+        true => (Error::Internal, Ending::Answered),
+        false => (Error::Cancelled, Ending::CallerGone),
     }
 }
 
@@ -786,6 +793,50 @@ pub(crate) fn parse_connect_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a call dropped with it would end as.
+    struct Witness(Arc<std::sync::Mutex<Option<(&'static str, Ending)>>>);
+
+    impl Drop for Witness {
+        fn drop(&mut self) {
+            let (error, ending) = unfinished();
+            let reason = error.classify().reason.as_str_name();
+            *self.0.lock().unwrap() = Some((reason, ending));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_by_its_tasks_panic_ends_as_an_internal_fault() {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let witness = Witness(seen.clone());
+        let task = tokio::spawn(async move {
+            let _call = witness;
+            tokio::task::yield_now().await;
+            async { panic!("a bug") }.await
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let ended = seen.lock().unwrap().take();
+        assert!(
+            matches!(ended, Some(("INTERNAL_FAULT", Ending::Answered))),
+            "{ended:?}"
+        );
+
+        // Dropped unfinished without a panic: its caller went away.
+        let witness = Witness(seen.clone());
+        let (_held, hold) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _call = witness;
+            let _ = hold.await;
+        });
+        tokio::task::yield_now().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        let ended = seen.lock().unwrap().take();
+        assert!(
+            matches!(ended, Some(("CANCELLED", Ending::CallerGone))),
+            "{ended:?}"
+        );
+    }
 
     #[test]
     fn connect_timeouts_are_milliseconds_of_at_most_ten_digits() {
