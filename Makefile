@@ -8,13 +8,13 @@ export AWS_EC2_METADATA_DISABLED := true
 VENV := .venv
 BINARY := target/debug/password-recovery
 
-.PHONY: help run test build lint tools bench redis-cli
+.PHONY: help run test build lint tools bench redis-cli valgrind
 
 help:
 	@echo "make run    start the service on localhost:50051 in front of a local Cognito emulator"
 	@echo "make test   formatting, clippy, and every test"
 	@echo "make build  release build (target/release/password-recovery)"
-	@echo "make bench  memory and throughput of the release binary under a bounded loopback load"
+	@echo "make bench  memory, throughput and instructions per call of the release binary under a bounded loopback load"
 
 build:
 	cargo build --release --locked
@@ -47,7 +47,13 @@ $(VENV)/bin/promtool: | $(VENV)/.installed
 
 tools: $(VENV)/.installed node_modules/.installed redis-cli $(VENV)/bin/promtool
 
-bench: $(VENV)/.installed
+# valgrind (callgrind) counts the benchmark's instructions per call.
+valgrind:
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; } || \
+		{ echo "valgrind is needed for make bench: install Debian's valgrind"; exit 1; }
+
+bench: $(VENV)/.installed valgrind
 	cargo bench --locked --bench load
 
 run: $(VENV)/.installed

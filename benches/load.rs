@@ -18,7 +18,17 @@
 //!
 //! The same executable plays the two helper processes, chosen by `BENCH_ROLE`. To try a
 //! setting, `BENCH_SERVICE_<NAME>=<value>` passes `<NAME>=<value>` to the service, e.g.
-//! `BENCH_SERVICE_RUST_LOG=warn make bench`.
+//! `BENCH_SERVICE_RUST_LOG=warn,password_recovery::app=info make bench` (the service is found
+//! by its "serving gRPC" line).
+//!
+//! Then **instructions per call**, a figure this machine's noise does not move: the service
+//! (at the default log level and at `warn`), the direct SDK caller and the bare tonic server
+//! each run under valgrind's callgrind, whose counters are zeroed (`callgrind_control
+//! --zero`) after a warm-up and dumped (`--dump`) after a window of `INSTRUCTION_CALLS` calls
+//! at 16 in flight; the count covers every thread of the process. This machine has no
+//! hardware counters for `perf stat`. `BENCH_INSTRUCTIONS=off` leaves this part out,
+//! `BENCH_INSTRUCTIONS=only` runs it alone, and `BENCH_CALLGRIND_DIR=<dir>` keeps the dumps
+//! (`callgrind.<pid>.1`, the counted window) for `callgrind_annotate`.
 
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
@@ -51,6 +61,13 @@ const ROUNDS: usize = 3;
 /// a loopback address of its own (127.0.0.1, .2, …): 64 calls in flight are then four callers'
 /// 16, within the shipped per-peer share of the calls in progress (32).
 const CONNECTIONS: usize = 4;
+
+/// The log filter of the `service_warn` scenario: no line or audit event per call.
+const WARN: &str = "warn,password_recovery::app=info";
+
+/// The window of calls counted in instructions, and the calls in flight meanwhile.
+const INSTRUCTION_CALLS: usize = 1000;
+const INSTRUCTION_CONCURRENCY: usize = 16;
 
 const CLIENT_ID: &str = "benchclient";
 const CLIENT_SECRET: &str = "bench-client-secret";
@@ -140,6 +157,10 @@ async fn bench() {
     pinning.pin_self();
     let standin = start_standin().await;
     let binary = env!("CARGO_BIN_EXE_password-recovery");
+    if std::env::var("BENCH_INSTRUCTIONS").as_deref() == Ok("only") {
+        print_instructions(&instructions(binary, &standin).await);
+        return;
+    }
 
     let mut runs: BTreeMap<&str, BTreeMap<&str, Vec<Measured>>> = BTreeMap::new();
     let mut record = |concurrency: &'static str, scenario: &'static str, measured: Measured| {
@@ -255,6 +276,19 @@ async fn bench() {
     json.insert("binary_bytes".into(), json!(binary_bytes));
     json.insert("cores".into(), json!(cores));
     json.insert("pinned".into(), json!(pinning.is_on()));
+    if std::env::var("BENCH_INSTRUCTIONS").as_deref() != Ok("off") {
+        let counted = instructions(binary, &standin).await;
+        println!();
+        print_instructions(&counted);
+        json.insert(
+            "instructions_per_call".into(),
+            counted
+                .iter()
+                .map(|(name, count)| ((*name).to_owned(), json!(count)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        );
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("results.json");
@@ -450,8 +484,12 @@ struct Service {
 impl Service {
     /// Starts it at its defaults plus `extra`; returns once it serves gRPC.
     async fn start(binary: &str, standin: &str, extra: &[(&str, &str)], pinning: &Pinning) -> Self {
-        let mut child = pinning
-            .command(binary)
+        Self::start_as(pinning.command(binary), standin, extra).await
+    }
+
+    /// Starts `command` (the binary, or valgrind running it) like [`Service::start`].
+    async fn start_as(mut command: Command, standin: &str, extra: &[(&str, &str)]) -> Self {
+        let mut child = command
             .env_clear()
             .envs([
                 ("COGNITO_CLIENT_ID", CLIENT_ID),
@@ -505,9 +543,48 @@ struct Helper {
     child: Child,
     pid: u32,
     first_line: String,
+    /// Its further lines, when asked for.
+    lines: Option<tokio::io::Lines<BufReader<tokio::process::ChildStdout>>>,
 }
 
 impl Helper {
+    /// Starts `command` (valgrind running this executable in a role), its stdin and stdout
+    /// piped, and reads its first line.
+    async fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("valgrind runs: apt-get install valgrind");
+        let pid = child.id().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first_line = lines.next_line().await.unwrap().expect("the helper's line");
+        Self {
+            child,
+            pid,
+            first_line,
+            lines: Some(lines),
+        }
+    }
+
+    async fn say(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    async fn next_line(&mut self) -> String {
+        let lines = self.lines.as_mut().unwrap();
+        lines.next_line().await.unwrap().expect("the helper's line")
+    }
+
     async fn start(role: &str, settings: &[(&str, &str)], pinning: &Pinning) -> Self {
         let me = std::env::current_exe().unwrap();
         let mut child = pinning
@@ -527,6 +604,7 @@ impl Helper {
             child,
             pid,
             first_line,
+            lines: None,
         }
     }
 }
@@ -664,6 +742,10 @@ async fn direct_sdk_caller() {
                 .expect("OK under load");
         }
     };
+    if std::env::var("COUNTED_CALLS").is_ok() {
+        let calls: usize = setting("COUNTED_CALLS").parse().unwrap();
+        return counted_window(concurrency, calls, call).await;
+    }
     let measured = measure(concurrency, run, std::process::id(), call).await;
     let report = json!({
         "calls": measured.calls,
@@ -673,4 +755,199 @@ async fn direct_sdk_caller() {
         "cpu_us": measured.cpu.as_micros() as u64,
     });
     println!("{report}");
+}
+
+// ---- Instructions per call ---------------------------------------------------------------
+
+/// Instructions per call of each process under test, counted by callgrind.
+async fn instructions(binary: &str, standin: &str) -> Vec<(&'static str, u64)> {
+    // `BENCH_CALLGRIND_DIR` keeps the dumps there, for `callgrind_annotate`.
+    let temporary = tempfile::tempdir().unwrap();
+    let kept = std::env::var_os("BENCH_CALLGRIND_DIR").map(std::path::PathBuf::from);
+    let dir = kept.as_deref().unwrap_or(temporary.path());
+    let valgrind = |program: &str| {
+        let mut command = Command::new("valgrind");
+        command.args([
+            "-q",
+            "--tool=callgrind",
+            "--vgdb=yes",
+            "--compress-strings=no",
+            &format!("--callgrind-out-file={}/callgrind.%p", dir.display()),
+            program,
+        ]);
+        command
+    };
+    let mut counted = Vec::new();
+    for (name, extra) in [
+        ("service", &[][..]),
+        // `app` at info still says where it serves; the calls' lines and audit events go.
+        ("service_warn", &[("RUST_LOG", WARN)][..]),
+    ] {
+        let service = Service::start_as(valgrind(binary), standin, extra).await;
+        fixed_load(&service.addr, INSTRUCTION_CONCURRENCY, WARM_UP_CALLS).await;
+        callgrind(service.pid, "--zero").await;
+        fixed_load(&service.addr, INSTRUCTION_CONCURRENCY, INSTRUCTION_CALLS).await;
+        let count = dumped(dir, service.pid).await;
+        counted.push((name, count / INSTRUCTION_CALLS as u64));
+        service.stop().await;
+    }
+
+    let me = std::env::current_exe().unwrap();
+    let mut bare = valgrind(me.to_str().unwrap());
+    bare.env("BENCH_ROLE", "bare_grpc");
+    let mut bare = Helper::spawn(bare).await;
+    let addr = bare.first_line.clone();
+    fixed_load(&addr, INSTRUCTION_CONCURRENCY, WARM_UP_CALLS).await;
+    callgrind(bare.pid, "--zero").await;
+    fixed_load(&addr, INSTRUCTION_CONCURRENCY, INSTRUCTION_CALLS).await;
+    let count = dumped(dir, bare.pid).await;
+    counted.push(("bare_grpc", count / INSTRUCTION_CALLS as u64));
+    bare.child.kill().await.ok();
+
+    // The SDK caller calls by itself: it says when it is warm and when its window is done.
+    let mut sdk = valgrind(me.to_str().unwrap());
+    sdk.env("BENCH_ROLE", "direct_sdk")
+        .env("STANDIN_URL", standin)
+        .env("CONCURRENCY", INSTRUCTION_CONCURRENCY.to_string())
+        .env("RUN_MS", "0")
+        .env("COUNTED_CALLS", INSTRUCTION_CALLS.to_string());
+    let mut sdk = Helper::spawn(sdk).await;
+    assert_eq!(sdk.first_line, "warm");
+    callgrind(sdk.pid, "--zero").await;
+    sdk.say("go").await;
+    assert_eq!(sdk.next_line().await, "done");
+    let count = dumped(dir, sdk.pid).await;
+    counted.push(("direct_sdk", count / INSTRUCTION_CALLS as u64));
+    sdk.say("exit").await;
+    let _ = sdk.child.wait().await;
+    counted
+}
+
+fn print_instructions(counted: &[(&str, u64)]) {
+    let of = |name: &str| {
+        counted
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, c)| *c)
+    };
+    println!(
+        "instructions per call (callgrind, {INSTRUCTION_CALLS} calls at {INSTRUCTION_CONCURRENCY} \
+         in flight after {WARM_UP_CALLS}, every thread of the process):"
+    );
+    for (name, count) in counted {
+        println!("  {name:<14} {:>8.1}k", *count as f64 / 1e3);
+    }
+    let floor = (of("direct_sdk") + of("bare_grpc")) as f64;
+    println!(
+        "service / (direct SDK + bare hop): {:.2}× at the default log level, {:.2}× at warn",
+        of("service") as f64 / floor,
+        of("service_warn") as f64 / floor,
+    );
+}
+
+/// Exactly `calls` ForgotPassword calls on `addr`, `concurrency` in flight.
+async fn fixed_load(addr: &str, concurrency: usize, calls: usize) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run_id: u64 = rand::random::<u64>() | 1 << 63;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = PasswordRecoveryClient::new(channel.clone());
+            let next = next.clone();
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= calls {
+                        break;
+                    }
+                    let request = pb::ForgotPasswordRequest {
+                        username: format!("u{run_id:x}-{n:06}@example.com"),
+                        ..Default::default()
+                    };
+                    client
+                        .forgot_password(request)
+                        .await
+                        .expect("OK under load");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+}
+
+/// The SDK caller's counted window: `WARM_UP_CALLS`, "warm", then on "go" `calls` calls,
+/// "done", and on "exit" the end.
+async fn counted_window<F, Fut>(concurrency: usize, calls: usize, call: F)
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let run = |offset: usize, calls: usize| {
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let workers: Vec<_> = (0..concurrency)
+            .map(|worker| {
+                let (call, next) = (call.clone(), next.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if n >= calls {
+                            break;
+                        }
+                        call(worker, offset + n).await;
+                    }
+                })
+            })
+            .collect::<Vec<_>>();
+        async move {
+            for worker in workers {
+                worker.await.unwrap();
+            }
+        }
+    };
+    let told = |word: &'static str| async move {
+        let line = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        });
+        assert_eq!(line.await.unwrap().unwrap().trim(), word);
+    };
+    run(0, WARM_UP_CALLS).await;
+    println!("warm");
+    told("go").await;
+    run(WARM_UP_CALLS, calls).await;
+    println!("done");
+    told("exit").await;
+}
+
+/// `callgrind_control <action> <pid>`.
+async fn callgrind(pid: u32, action: &str) {
+    let status = Command::new("callgrind_control")
+        .args([action, &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .expect("callgrind_control (valgrind) runs: apt-get install valgrind");
+    assert!(status.success(), "callgrind_control {action} {pid}");
+}
+
+/// Dumps `pid`'s counters and returns the instructions counted since they were zeroed.
+async fn dumped(dir: &std::path::Path, pid: u32) -> u64 {
+    callgrind(pid, "--dump").await;
+    let file = dir.join(format!("callgrind.{pid}.1"));
+    for _ in 0..600 {
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && let Some(total) = text.lines().find_map(|l| l.strip_prefix("summary:"))
+        {
+            return total.trim().parse().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no callgrind dump at {}", file.display());
 }
