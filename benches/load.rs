@@ -26,7 +26,8 @@
 //! each run under valgrind's callgrind, whose counters are zeroed (`callgrind_control
 //! --zero`) after a warm-up and dumped (`--dump`) after a window of `INSTRUCTION_CALLS` calls
 //! at 16 in flight; the count covers every thread of the process. This machine has no
-//! hardware counters for `perf stat`. `BENCH_INSTRUCTIONS=off` leaves this part out,
+//! hardware counters for `perf stat`. The counts are of the CPU valgrind shows (without SHA
+//! extensions, for one), so they compare runs and processes, not the machine's own counts. `BENCH_INSTRUCTIONS=off` leaves this part out,
 //! `BENCH_INSTRUCTIONS=only` runs it alone, and `BENCH_CALLGRIND_DIR=<dir>` keeps the dumps
 //! (`callgrind.<pid>.1`, the counted window) for `callgrind_annotate`.
 
