@@ -39,7 +39,7 @@ redis-cli:
 # promtool checks and unit-tests the shipped alerts: taken alone from Debian's prometheus
 # package into .venv/bin (nothing else of the package installed, no server started).
 $(VENV)/bin/promtool: | $(VENV)/.installed
-	@cd $(VENV) && { apt-get download -qq prometheus 2>/dev/null || \
+	@cd $(VENV) && rm -f prometheus_*.deb && { apt-get download -qq prometheus 2>/dev/null || \
 		{ $(SUDO) apt-get update -qq && apt-get download -qq prometheus; }; } && \
 		dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > bin/promtool && \
 		chmod +x bin/promtool && rm -f prometheus_*.deb || \

@@ -928,14 +928,21 @@ where
 
 /// `callgrind_control <action> <pid>`.
 async fn callgrind(pid: u32, action: &str) {
-    let status = Command::new("callgrind_control")
+    let output = Command::new("callgrind_control")
         .args([action, &pid.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .await
         .expect("callgrind_control (valgrind) runs: apt-get install valgrind");
-    assert!(status.success(), "callgrind_control {action} {pid}");
+    // It exits 0 when it finds no callgrind run too: only "sending command" says it was sent.
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.contains("sending command"),
+        "callgrind_control {action} {pid}: {said}"
+    );
 }
 
 /// Dumps `pid`'s counters and returns the instructions counted since they were zeroed.

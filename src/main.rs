@@ -13,9 +13,9 @@ use password_recovery::telemetry;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read when it starts: a background thread purges pages freed and unused
-/// for a second straight back to the system, so resident memory falls back near idle after a
-/// burst without waiting for the next allocation.
+/// jemalloc's options, read when it starts: a background thread purges freed pages over
+/// about a second (`dirty_decay_ms`), straight back to the system, so resident memory falls
+/// back near idle after a burst without waiting for the next allocation.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: Option<&'static std::ffi::c_char> =
     Some(unsafe { &*c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr() });
