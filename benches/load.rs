@@ -544,22 +544,26 @@ struct Helper {
     child: Child,
     pid: u32,
     first_line: String,
-    /// Its further lines, when asked for.
-    lines: Option<tokio::io::Lines<BufReader<tokio::process::ChildStdout>>>,
+    /// Its further lines.
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 impl Helper {
-    /// Starts `command` (valgrind running this executable in a role), its stdin and stdout
-    /// piped, and reads its first line.
+    /// Starts `command` (valgrind running this executable in a role) with its stdin piped,
+    /// and reads its first line.
     async fn spawn(mut command: Command) -> Self {
+        command.stdin(Stdio::piped()).stderr(Stdio::null());
+        Self::launch(command, "valgrind runs: apt-get install valgrind").await
+    }
+
+    /// Spawns `command` with its stdout piped and reads its first line.
+    async fn launch(mut command: Command, fails: &str) -> Self {
         let mut child = command
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("valgrind runs: apt-get install valgrind");
+            .expect(fails);
         let pid = child.id().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first_line = lines.next_line().await.unwrap().expect("the helper's line");
@@ -567,7 +571,7 @@ impl Helper {
             child,
             pid,
             first_line,
-            lines: Some(lines),
+            lines,
         }
     }
 
@@ -582,31 +586,18 @@ impl Helper {
     }
 
     async fn next_line(&mut self) -> String {
-        let lines = self.lines.as_mut().unwrap();
-        lines.next_line().await.unwrap().expect("the helper's line")
+        let line = self.lines.next_line().await.unwrap();
+        line.expect("the helper's line")
     }
 
     async fn start(role: &str, settings: &[(&str, &str)], pinning: &Pinning) -> Self {
         let me = std::env::current_exe().unwrap();
-        let mut child = pinning
-            .command(me.to_str().unwrap())
+        let mut command = pinning.command(me.to_str().unwrap());
+        command
             .env("BENCH_ROLE", role)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
             .envs(settings.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the helper starts");
-        let pid = child.id().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first_line = lines.next_line().await.unwrap().expect("the helper's line");
-        Self {
-            child,
-            pid,
-            first_line,
-            lines: None,
-        }
+            .stderr(Stdio::inherit());
+        Self::launch(command, "the helper starts").await
     }
 }
 

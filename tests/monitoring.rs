@@ -17,7 +17,7 @@ use std::process::Command;
 use common::certs::{Ca, SecretMount};
 use common::process::ServiceProcess;
 use common::redis_server::RedisServer;
-use common::tools::tool;
+use common::tools::{run_to_end, tool};
 use common::{CLIENT_ID, FakeCognito, forgot};
 use password_recovery::error::ErrorReason;
 use password_recovery::proto::v1::ForgotPasswordRequest;
@@ -72,16 +72,6 @@ fn name_of(alert: &Value) -> String {
     alert["alert"].as_str().unwrap().to_owned()
 }
 
-fn run(command: &mut Command) -> (bool, String) {
-    let output = command.output().expect("the command runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
-}
-
 #[test]
 fn promtool_checks_the_rules_and_every_alert_fires_in_their_unit_tests() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,13 +80,17 @@ fn promtool_checks_the_rules_and_every_alert_fires_in_their_unit_tests() {
     let tests = root().join("tests/monitoring/alerts_test.yaml");
     std::fs::copy(&tests, dir.path().join("alerts_test.yaml")).unwrap();
 
-    let (ok, out) = run(Command::new(promtool())
-        .args(["check", "rules", "rules.yaml"])
-        .current_dir(dir.path()));
+    let (ok, out) = run_to_end(
+        Command::new(promtool())
+            .args(["check", "rules", "rules.yaml"])
+            .current_dir(dir.path()),
+    );
     assert!(ok, "promtool check rules:\n{out}");
-    let (ok, out) = run(Command::new(promtool())
-        .args(["test", "rules", "alerts_test.yaml"])
-        .current_dir(dir.path()));
+    let (ok, out) = run_to_end(
+        Command::new(promtool())
+            .args(["test", "rules", "alerts_test.yaml"])
+            .current_dir(dir.path()),
+    );
     assert!(ok, "promtool test rules:\n{out}");
 
     // Each alert is seen to fire by at least one case.

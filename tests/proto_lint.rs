@@ -9,24 +9,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::tools::buf;
+use common::tools::{buf, run_to_end};
 
 fn run_buf(args: &[&str]) -> (bool, String) {
     run_buf_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
 }
 
 fn run_buf_in(dir: &Path, args: &[&str]) -> (bool, String) {
-    let output = Command::new(buf())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("buf runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    run_to_end(Command::new(buf()).args(args).current_dir(dir))
 }
 
 #[test]

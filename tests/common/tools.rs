@@ -4,6 +4,17 @@
 use std::path::{Path, PathBuf};
 
 /// `make test` installs the Python tools into this virtualenv.
+/// Runs `command` to its end: whether it succeeded, and its stdout then stderr.
+pub fn run_to_end(command: &mut std::process::Command) -> (bool, String) {
+    let output = command.output().expect("the command runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
 pub fn venv_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin")
 }
