@@ -10,6 +10,8 @@ use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 use crate::settings::SettingError;
 
+mod lines;
+
 /// Where and how log lines are written.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
@@ -59,10 +61,8 @@ pub fn init(
     let ansi = std::io::stdout().is_terminal();
     let lines = match settings.format {
         LogFormat::Json => fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(lines::SpanFields)
+            .event_format(lines::JsonLines)
             .with_writer(std::io::stdout)
             .boxed(),
         LogFormat::Text => fmt::layer()

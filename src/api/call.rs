@@ -294,7 +294,7 @@ impl Call {
             "call",
             grpc.method = method,
             protocol = protocol.label(),
-            request_id = %request_id,
+            request_id = request_id.as_str(),
             trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
             parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
         );
