@@ -42,6 +42,7 @@ use crate::domain::{
     Rpc, Username,
 };
 use crate::metrics as m;
+use crate::privacy::HmacKey;
 use crate::reload::Watched;
 use crate::settings::{SettingError, read_secret_file};
 pub use clients::{ClientSettings, CognitoSettings};
@@ -64,6 +65,25 @@ pub fn secret_hash(client_secret: &SecretString, username: &str, client_id: &str
         client_secret.expose_secret().as_bytes(),
         &[username.as_bytes(), client_id.as_bytes()],
     ))
+}
+
+/// An app client's secret, with the HMAC key its `SECRET_HASH` is computed under.
+#[derive(Debug)]
+struct ClientSecret {
+    secret: SecretString,
+    key: HmacKey,
+}
+
+impl ClientSecret {
+    fn new(secret: SecretString) -> Self {
+        let key = HmacKey::new(secret.expose_secret().as_bytes());
+        Self { secret, key }
+    }
+
+    /// [`secret_hash`] under this secret.
+    fn hash(&self, username: &str, client_id: &str) -> String {
+        BASE64.encode(self.key.mac(&[username.as_bytes(), client_id.as_bytes()]))
+    }
 }
 
 /// When the upstream call must have finished, retries included.
@@ -323,7 +343,7 @@ pub(crate) struct AppClient {
     /// Bound on one upstream call, retries included.
     pub(crate) timeout: Duration,
     sdk: Client,
-    secret: RwLock<Option<SecretString>>,
+    secret: RwLock<Option<ClientSecret>>,
     secret_file: Option<PathBuf>,
     /// True while its last proof found it misconfigured: its calls are refused.
     misconfigured: AtomicBool,
@@ -337,7 +357,7 @@ impl AppClient {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|secret| secret_hash(secret, username.as_str(), self.id.as_str()))
+            .map(|secret| secret.hash(username.as_str(), self.id.as_str()))
     }
 
     /// The region its SDK client calls.
@@ -436,9 +456,11 @@ impl Watched for AppClient {
         };
         let read = read_secret_file(path).map_err(|err| format!("secret_file: {err}"))?;
         let mut secret = self.secret.write().unwrap_or_else(|e| e.into_inner());
-        let changed = secret.as_ref().is_none_or(|s| s.expose_secret() != read);
+        let changed = secret
+            .as_ref()
+            .is_none_or(|s| s.secret.expose_secret() != read);
         if changed {
-            *secret = Some(SecretString::from(read));
+            *secret = Some(ClientSecret::new(SecretString::from(read)));
         }
         Ok(changed)
     }
@@ -534,7 +556,7 @@ impl Cognito {
                 pool: client.user_pool_id.clone(),
                 timeout: client.timeout,
                 sdk,
-                secret: RwLock::new(client.secret.clone()),
+                secret: RwLock::new(client.secret.clone().map(ClientSecret::new)),
                 secret_file: client.secret_file.clone(),
                 misconfigured: AtomicBool::new(false),
                 secret_changed: Notify::new(),
@@ -600,7 +622,9 @@ where
         loop {
             let sent = Instant::now();
             *current.lock().expect("attempt clock") = sent;
-            let result = attempt().await.map_err(UpstreamError::from_sdk);
+            // The SDK's future is kilobytes: boxed, the futures that hold it (this one, the
+            // call's task) stay small, and are not copied whole as they move and are spawned.
+            let result = Box::pin(attempt()).await.map_err(UpstreamError::from_sdk);
             record(operation, sent, result.as_ref().err());
             let error = match result {
                 Ok(output) => return Ok(output),
@@ -741,6 +765,10 @@ mod tests {
         let secret = SecretString::from("user-pool-client-secret");
         assert_eq!(
             secret_hash(&secret, "a@b.com", "user-pool-client-id"),
+            "hJAY3VKwKQyz2H1A6+Jgy7nUxmNepNrLTL8ltH+BzX8="
+        );
+        assert_eq!(
+            ClientSecret::new(secret).hash("a@b.com", "user-pool-client-id"),
             "hJAY3VKwKQyz2H1A6+Jgy7nUxmNepNrLTL8ltH+BzX8="
         );
     }
