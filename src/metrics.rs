@@ -3,7 +3,7 @@
 //! the configured app clients' aliases: never a username, request id or secret.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::http::header::CONTENT_TYPE;
@@ -11,6 +11,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::api::SERVICE_NAME;
 use crate::fleet;
 use crate::limits;
 
@@ -87,6 +88,7 @@ pub fn install() -> PrometheusHandle {
             }
             describe();
             count_from_zero();
+            let _ = SERIES.set(CallSeries::new());
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -223,6 +225,154 @@ fn count_from_zero() {
     metrics::gauge!(limits::USERNAME_BUCKETS).set(0.0);
 }
 
+/// The labels of a call's series. Every value but the client's and the caller's is one of a
+/// fixed set; those two are bounded by the configured app clients and the callers policy.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub(crate) struct CallLabels<'a> {
+    pub(crate) method: &'static str,
+    pub(crate) protocol: &'static str,
+    /// The caller's label ([`crate::callers::Callers::label`]).
+    pub(crate) caller: &'a str,
+    /// The app client's alias, or `-`; empty for a series without it.
+    pub(crate) client: &'a str,
+    /// The gRPC code's name; empty for a series without it.
+    pub(crate) code: &'static str,
+    pub(crate) reason: Option<&'static str>,
+}
+
+/// [`CallLabels`] owned, as a key of [`Handles`]; hashed alike.
+#[derive(Hash, PartialEq, Eq)]
+struct OwnedLabels {
+    method: &'static str,
+    protocol: &'static str,
+    caller: Box<str>,
+    client: Box<str>,
+    code: &'static str,
+    reason: Option<&'static str>,
+}
+
+impl hashbrown::Equivalent<OwnedLabels> for CallLabels<'_> {
+    fn equivalent(&self, key: &OwnedLabels) -> bool {
+        (
+            self.method,
+            self.protocol,
+            self.caller,
+            self.client,
+            self.code,
+            self.reason,
+        ) == (
+            key.method,
+            key.protocol,
+            &*key.caller,
+            &*key.client,
+            key.code,
+            key.reason,
+        )
+    }
+}
+
+/// Handles of one series by labels: registered with the recorder the first time a set of
+/// labels is seen, then reused.
+struct Handles<H>(RwLock<hashbrown::HashMap<OwnedLabels, H>>);
+
+impl<H: Clone> Handles<H> {
+    fn new() -> Self {
+        Self(RwLock::new(hashbrown::HashMap::new()))
+    }
+
+    fn get(&self, labels: &CallLabels<'_>, register: impl FnOnce() -> H) -> H {
+        if let Some(handle) = self.0.read().unwrap_or_else(|e| e.into_inner()).get(labels) {
+            return handle.clone();
+        }
+        let mut handles = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let key = OwnedLabels {
+            method: labels.method,
+            protocol: labels.protocol,
+            caller: labels.caller.into(),
+            client: labels.client.into(),
+            code: labels.code,
+            reason: labels.reason,
+        };
+        handles.entry(key).or_insert_with(register).clone()
+    }
+}
+
+/// The series every call counts in, their handles kept, so that a call neither builds labels
+/// nor looks its series up in the recorder.
+pub(crate) struct CallSeries {
+    in_flight: metrics::Gauge,
+    started: Handles<metrics::Counter>,
+    handled: Handles<metrics::Counter>,
+    seconds: Handles<metrics::Histogram>,
+}
+
+static SERIES: OnceLock<CallSeries> = OnceLock::new();
+
+impl CallSeries {
+    /// The calls' series, once [`install`] has put the recorder in place (before it, there is
+    /// nowhere to count).
+    pub(crate) fn get() -> Option<&'static Self> {
+        SERIES.get()
+    }
+
+    fn new() -> Self {
+        Self {
+            in_flight: metrics::gauge!(GRPC_IN_FLIGHT),
+            started: Handles::new(),
+            handled: Handles::new(),
+            seconds: Handles::new(),
+        }
+    }
+
+    /// `grpc_server_in_flight`.
+    pub(crate) fn in_flight(&self) -> &metrics::Gauge {
+        &self.in_flight
+    }
+
+    /// `grpc_server_started_total` of a call of `method` by `protocol` from `caller`.
+    pub(crate) fn started(
+        &self,
+        method: &'static str,
+        protocol: &'static str,
+        caller: &str,
+    ) -> metrics::Counter {
+        let labels = CallLabels {
+            method,
+            protocol,
+            caller,
+            client: "",
+            code: "",
+            reason: None,
+        };
+        self.started.get(&labels, || {
+            metrics::counter!(GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => labels.method, "protocol" => labels.protocol, "caller" => labels.caller.to_owned())
+        })
+    }
+
+    /// `grpc_server_handled_total` of `labels`.
+    pub(crate) fn handled(&self, labels: &CallLabels<'_>) -> metrics::Counter {
+        self.handled.get(labels, || {
+            let (client, caller) = (labels.client.to_owned(), labels.caller.to_owned());
+            match labels.reason {
+                None => metrics::counter!(GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => labels.method, "grpc_code" => labels.code, "protocol" => labels.protocol, "client" => client, "caller" => caller),
+                Some(reason) => metrics::counter!(GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => labels.method, "grpc_code" => labels.code, "protocol" => labels.protocol, "client" => client, "caller" => caller, "reason" => reason),
+            }
+        })
+    }
+
+    /// `grpc_server_handling_seconds` of `labels` but the code and reason.
+    pub(crate) fn seconds(&self, labels: &CallLabels<'_>) -> metrics::Histogram {
+        let labels = CallLabels {
+            code: "",
+            reason: None,
+            ..*labels
+        };
+        self.seconds.get(&labels, || {
+            metrics::histogram!(GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => labels.method, "protocol" => labels.protocol, "client" => labels.client.to_owned(), "caller" => labels.caller.to_owned())
+        })
+    }
+}
+
 /// Serves `GET /metrics` in Prometheus text format on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -244,4 +394,52 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    fn labels<'a>(caller: &'a str, client: &'a str) -> CallLabels<'a> {
+        CallLabels {
+            method: "ForgotPassword",
+            protocol: "grpc",
+            caller,
+            client,
+            code: "OK",
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn borrowed_labels_find_the_handle_their_owned_twin_keys() {
+        let handles: Handles<u32> = Handles::new();
+        let registered = std::cell::Cell::new(0);
+        let register = || {
+            registered.set(registered.get() + 1);
+            registered.get()
+        };
+        let (web, app) = (String::from("web"), String::from("app"));
+        assert_eq!(handles.get(&labels(&web, "mobile"), register), 1);
+        assert_eq!(handles.get(&labels("web", "mobile"), register), 1);
+        assert_eq!(handles.get(&labels(&app, "mobile"), register), 2);
+        assert_eq!(handles.get(&labels("web", "-"), register), 3);
+        assert_eq!(handles.get(&labels(&app, "mobile"), register), 2);
+        assert_eq!(registered.get(), 3);
+
+        // Found by the read path alone: the borrowed labels hash as the owned key does.
+        let map = handles.0.read().unwrap();
+        let key = map
+            .keys()
+            .find(|key| &*key.caller == "web" && &*key.client == "mobile");
+        let key = key.expect("registered");
+        let hasher = map.hasher();
+        assert_eq!(
+            hasher.hash_one(labels("web", "mobile")),
+            hasher.hash_one(key)
+        );
+        assert!(map.get(&labels("web", "mobile")).is_some());
+    }
 }

@@ -22,11 +22,9 @@ use crate::cognito::{Budget, ErrorCode, UpstreamError};
 use crate::connections::{CallInProgress, ConnectionInfo};
 use crate::domain::Rpc;
 use crate::error::{Blame, Classified, Error, ErrorReason, grpc_code_name};
-use crate::metrics as m;
+use crate::metrics::{self as m, CallLabels, CallSeries};
 use crate::places::{Crowded, Holder, Place, Standing};
 use crate::telemetry::{self, Occasionally, TraceParent};
-
-use super::SERVICE_NAME;
 
 /// What a call came to.
 #[derive(Debug)]
@@ -262,14 +260,18 @@ struct InFlight;
 
 impl InFlight {
     fn enter() -> Self {
-        metrics::gauge!(m::GRPC_IN_FLIGHT).increment(1.0);
+        if let Some(series) = CallSeries::get() {
+            series.in_flight().increment(1.0);
+        }
         Self
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(m::GRPC_IN_FLIGHT).decrement(1.0);
+        if let Some(series) = CallSeries::get() {
+            series.in_flight().decrement(1.0);
+        }
     }
 }
 
@@ -299,8 +301,11 @@ impl Call {
             parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
         );
         telemetry::link_remote_parent(&span, trace.as_ref());
-        metrics::counter!(m::GRPC_STARTED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol.label(), "caller" => caller.label.clone())
-            .increment(1);
+        if let Some(series) = CallSeries::get() {
+            series
+                .started(method, protocol.label(), &caller.label)
+                .increment(1);
+        }
         let caller_timeout = protocol.caller_timeout(headers);
         Self {
             rpc,
@@ -557,14 +562,20 @@ impl Call {
     /// Counts the call by code (and the reason of an error) and its latency, labelled with the
     /// app client's alias (`-` when the request was refused before naming one).
     fn record(&self, code: &'static str, reason: Option<&'static str>, client: &str) {
-        let (method, protocol) = (self.rpc.method(), self.protocol.label());
-        let (client, caller) = (client.to_owned(), self.caller.label.clone());
-        match reason {
-            None => metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone(), "caller" => caller.clone()),
-            Some(reason) => metrics::counter!(m::GRPC_HANDLED, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "grpc_code" => code, "protocol" => protocol, "client" => client.clone(), "caller" => caller.clone(), "reason" => reason),
-        }
-        .increment(1);
-        metrics::histogram!(m::GRPC_SECONDS, "grpc_service" => SERVICE_NAME, "grpc_method" => method, "protocol" => protocol, "client" => client, "caller" => caller)
+        let Some(series) = CallSeries::get() else {
+            return;
+        };
+        let labels = CallLabels {
+            method: self.rpc.method(),
+            protocol: self.protocol.label(),
+            caller: &self.caller.label,
+            client,
+            code,
+            reason,
+        };
+        series.handled(&labels).increment(1);
+        series
+            .seconds(&labels)
             .record(self.started.elapsed().as_secs_f64());
     }
 
