@@ -12,7 +12,9 @@
 //! - `bare_grpc`: a tonic server of the same proto answering at once: the floor of a gRPC hop.
 //!
 //! Each at 64 calls in flight (throughput) and at 1 (latency). CPU per call is the server's
-//! (or the SDK caller's) user + system time from /proc over the calls it made. With 4 or more
+//! (or the SDK caller's) user + system time from /proc over the calls it made; switches per
+//! call are its threads' context switches over them (from /proc/<pid>/task/*/status), the
+//! count of times a thread left the CPU to wait or was put off it. With 4 or more
 //! cores the processes under test and the load generator are pinned to separate cores; with
 //! fewer they share them, and the CPU-per-call ratio is the figure to trust.
 //!
@@ -27,9 +29,10 @@
 //! --zero`) after a warm-up and dumped (`--dump`) after a window of `INSTRUCTION_CALLS` calls
 //! at 16 in flight; the count covers every thread of the process. This machine has no
 //! hardware counters for `perf stat`. The counts are of the CPU valgrind shows (without SHA
-//! extensions, for one), so they compare runs and processes, not the machine's own counts. `BENCH_INSTRUCTIONS=off` leaves this part out,
-//! `BENCH_INSTRUCTIONS=only` runs it alone, and `BENCH_CALLGRIND_DIR=<dir>` keeps the dumps
-//! (`callgrind.<pid>.1`, the counted window) for `callgrind_annotate`.
+//! extensions, for one), so they compare runs and processes, not the machine's own counts.
+//! `BENCH_INSTRUCTIONS=off` leaves this part out, `BENCH_INSTRUCTIONS=only` runs it alone, and
+//! `BENCH_CALLGRIND_DIR=<dir>` keeps the dumps (`callgrind.<pid>.1`, the counted window) for
+//! `callgrind_annotate`.
 
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
@@ -83,6 +86,9 @@ struct Measured {
     p99: Duration,
     /// CPU time of the process under test over the run.
     cpu: Duration,
+    /// Times a thread of the process under test went off the CPU over the run (its context
+    /// switches, voluntary or not).
+    switches: u64,
 }
 
 impl Measured {
@@ -94,7 +100,16 @@ impl Measured {
         self.cpu / self.calls.max(1) as u32
     }
 
-    fn from_latencies(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Duration) -> Self {
+    fn switches_per_call(&self) -> f64 {
+        self.switches as f64 / self.calls.max(1) as f64
+    }
+
+    fn from_latencies(
+        mut latencies: Vec<Duration>,
+        elapsed: Duration,
+        cpu: Duration,
+        switches: u64,
+    ) -> Self {
         latencies.sort_unstable();
         let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
         Self {
@@ -103,6 +118,7 @@ impl Measured {
             p50: at(0.5),
             p99: at(0.99),
             cpu,
+            switches,
         }
     }
 }
@@ -114,6 +130,7 @@ struct Summary {
     p50: Duration,
     p99: Duration,
     cpu_per_call: Duration,
+    switches_per_call: f64,
 }
 
 impl Summary {
@@ -123,6 +140,13 @@ impl Summary {
             p50: median(runs.iter().map(|r| r.p50).collect()),
             p99: median(runs.iter().map(|r| r.p99).collect()),
             cpu_per_call: median(runs.iter().map(Measured::cpu_per_call).collect()),
+            // In hundredths, for an ordered median.
+            switches_per_call: median(
+                runs.iter()
+                    .map(|r| (r.switches_per_call() * 100.0).round() as u64)
+                    .collect(),
+            ) as f64
+                / 100.0,
         }
     }
 
@@ -132,6 +156,7 @@ impl Summary {
             "p50_us": self.p50.as_micros() as u64,
             "p99_us": self.p99.as_micros() as u64,
             "cpu_us_per_call": self.cpu_per_call.as_micros() as u64,
+            "switches_per_call": self.switches_per_call,
         })
     }
 }
@@ -307,20 +332,21 @@ fn print_table(results: &BTreeMap<&str, BTreeMap<&str, Summary>>, cores: usize, 
         }
     );
     println!(
-        "{:<5} {:<14} {:>10} {:>9} {:>9} {:>14}",
-        "", "scenario", "calls/s", "p50 µs", "p99 µs", "CPU µs/call"
+        "{:<5} {:<14} {:>10} {:>9} {:>9} {:>14} {:>16}",
+        "", "scenario", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "switches/call"
     );
     for concurrency in ["c64", "c1"] {
         for scenario in ["service", "service_redis", "direct_sdk", "bare_grpc"] {
             let m = results[concurrency][scenario];
             println!(
-                "{:<5} {:<14} {:>10.0} {:>9} {:>9} {:>14}",
+                "{:<5} {:<14} {:>10.0} {:>9} {:>9} {:>14} {:>16.2}",
                 concurrency,
                 scenario,
                 m.rps,
                 m.p50.as_micros(),
                 m.p99.as_micros(),
-                m.cpu_per_call.as_micros()
+                m.cpu_per_call.as_micros(),
+                m.switches_per_call
             );
         }
     }
@@ -369,7 +395,7 @@ where
     for n in 0..WARM_UP_CALLS {
         call(n % concurrency, n).await;
     }
-    let cpu_before = cpu_time(pid);
+    let (cpu_before, switches_before) = (cpu_time(pid), switches(pid));
     let started = Instant::now();
     let deadline = started + run;
     let per_worker = MAX_CALLS / concurrency;
@@ -395,7 +421,12 @@ where
         latencies.extend(worker.await.unwrap());
     }
     let elapsed = started.elapsed();
-    Measured::from_latencies(latencies, elapsed, cpu_time(pid) - cpu_before)
+    Measured::from_latencies(
+        latencies,
+        elapsed,
+        cpu_time(pid) - cpu_before,
+        switches(pid).saturating_sub(switches_before),
+    )
 }
 
 /// The `direct_sdk` scenario: a caller process of its own, which reports its figures.
@@ -421,6 +452,7 @@ async fn direct_sdk(
         p50: micros("p50_us"),
         p99: micros("p99_us"),
         cpu: micros("cpu_us"),
+        switches: report["switches"].as_u64().unwrap(),
     }
 }
 
@@ -639,6 +671,30 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / per_second)
 }
 
+/// Context switches of every thread of `pid` so far, voluntary (it waited: for a socket, a
+/// timer, another thread's wake-up) or not (preempted): each is a time a thread left the CPU,
+/// the measure of the hand-offs between threads a call makes. A thread that ended meanwhile
+/// is not counted.
+fn switches(pid: u32) -> u64 {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    threads
+        .flatten()
+        .map(|thread| {
+            let status = std::fs::read_to_string(thread.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter_map(|line| {
+                    line.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|count| count.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// VmRSS of `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -745,6 +801,7 @@ async fn direct_sdk_caller() {
         "p50_us": measured.p50.as_micros() as u64,
         "p99_us": measured.p99.as_micros() as u64,
         "cpu_us": measured.cpu.as_micros() as u64,
+        "switches": measured.switches,
     });
     println!("{report}");
 }

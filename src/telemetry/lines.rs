@@ -79,7 +79,7 @@ fn timestamp(line: &mut String) -> fmt::Result {
     Ok(())
 }
 
-/// Room for a call's line (its audit event is about 550 bytes) without growing.
+/// Room for a call's line without growing (its audit event passes 512 bytes).
 const LINE_CAPACITY: usize = 1024;
 /// Room for a call's span's fields without growing.
 const SPAN_FIELDS_CAPACITY: usize = 160;
