@@ -62,7 +62,10 @@ impl UsernameHasher {
 
 /// An HMAC-SHA256 key, kept as the two hash states its padded key leaves (the inner and the
 /// outer one), so that each MAC hashes only its message: two SHA-256 compressions fewer each
-/// time. Those states stand for the key, so they are never printed.
+/// time. Those states stand for the key, so they are never printed. Like the secrets they
+/// are made from, they live as long as the process (or until the app client's secret file
+/// changes) and are not wiped from memory when dropped: the hmac crate of this version offers
+/// no zeroizing, and a copy of the padded key is no more than what the secret file holds.
 #[derive(Clone)]
 pub struct HmacKey(Hmac<Sha256>);
 
@@ -82,6 +85,17 @@ impl HmacKey {
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
         let mut mac = self.0.clone();
         for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// HMAC-SHA256 of `parts`, each prefixed by its length (eight bytes, big-endian), so that
+    /// no two lists of parts hash alike.
+    pub fn mac_framed(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = self.0.clone();
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part);
         }
         mac.finalize().into_bytes().into()
@@ -114,6 +128,22 @@ mod tests {
         assert_eq!(
             format!("{:?}", HmacKey::new(b"Jefe")),
             "HmacKey(<redacted>)"
+        );
+    }
+
+    #[test]
+    fn framed_macs_hash_each_part_after_its_length() {
+        // The idempotency keys replicas share on Redis: the bytes hashed must not change.
+        let key = HmacKey::new(b"key");
+        let mut framed = Vec::new();
+        for part in [&b"ab"[..], b"", b"c"] {
+            framed.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            framed.extend_from_slice(part);
+        }
+        assert_eq!(key.mac_framed(&[b"ab", b"", b"c"]), key.mac(&[&framed]));
+        assert_ne!(
+            key.mac_framed(&[b"ab", b"c"]),
+            key.mac_framed(&[b"a", b"bc"])
         );
     }
 

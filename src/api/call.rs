@@ -255,22 +255,25 @@ pub(crate) struct Call {
     finished: bool,
 }
 
-/// Counts one call in `grpc_server_in_flight` for as long as it lives.
-struct InFlight;
+/// Counts one call in `grpc_server_in_flight` for as long as it lives: the gauge it raised
+/// on entering is the one it lowers, so a call that began before the recorder was installed
+/// lowers nothing.
+struct InFlight(Option<&'static metrics::Gauge>);
 
 impl InFlight {
     fn enter() -> Self {
-        if let Some(series) = CallSeries::get() {
-            series.in_flight().increment(1.0);
+        let gauge = CallSeries::get().map(CallSeries::in_flight);
+        if let Some(gauge) = gauge {
+            gauge.increment(1.0);
         }
-        Self
+        Self(gauge)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(series) = CallSeries::get() {
-            series.in_flight().decrement(1.0);
+        if let Some(gauge) = self.0 {
+            gauge.decrement(1.0);
         }
     }
 }

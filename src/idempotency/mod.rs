@@ -27,7 +27,7 @@ use shared::{FleetClaim, FleetRun};
 use crate::domain::CodeDelivery;
 use crate::error::Classified;
 use crate::metrics as m;
-use crate::privacy::hmac;
+use crate::privacy::HmacKey;
 use crate::telemetry::Occasionally;
 
 /// A full table is swept of expired outcomes at most this often.
@@ -159,7 +159,7 @@ enum Claim {
 pub(crate) struct Idempotency {
     window: Duration,
     max_keys: usize,
-    key: [u8; 32],
+    key: HmacKey,
     entries: Arc<Mutex<HashMap<[u8; 32], Entry>>>,
     /// When the full table was last swept of expired outcomes.
     swept: Mutex<Option<Instant>>,
@@ -177,25 +177,13 @@ impl std::fmt::Debug for Idempotency {
     }
 }
 
-/// `parts`, each prefixed by its length, so that no two lists of parts hash alike.
-fn framed(parts: &[&[u8]]) -> Vec<Vec<u8>> {
-    parts
-        .iter()
-        .map(|part| {
-            let mut framed = (part.len() as u64).to_be_bytes().to_vec();
-            framed.extend_from_slice(part);
-            framed
-        })
-        .collect()
-}
-
 impl Idempotency {
     /// Calls remembered for `window`, at most `max_keys` of them, hashed under `key`.
     pub(crate) fn new(window: Duration, max_keys: usize, key: [u8; 32]) -> Self {
         Self {
             window,
             max_keys,
-            key,
+            key: HmacKey::new(&key),
             entries: Arc::new(Mutex::new(HashMap::new())),
             swept: Mutex::new(None),
             fleet: None,
@@ -211,14 +199,9 @@ impl Idempotency {
     /// The ticket of a call: its key from `who` (caller, user pool, RPC, request id), its
     /// fingerprint from `what` (everything it asks).
     pub(crate) fn ticket(&self, who: &[&[u8]], what: &[&[u8]]) -> Ticket {
-        let hash = |parts: &[&[u8]]| {
-            let framed = framed(parts);
-            let refs: Vec<&[u8]> = framed.iter().map(Vec::as_slice).collect();
-            hmac(&self.key, &refs)
-        };
         Ticket {
-            key: hash(who),
-            fingerprint: hash(what),
+            key: self.key.mac_framed(who),
+            fingerprint: self.key.mac_framed(what),
         }
     }
 

@@ -4,6 +4,12 @@
 //! UTF-8 a second time. The shape is tracing-subscriber's JSON format with `flatten_event` and
 //! `with_current_span`: `timestamp`, `level`, the event's fields, `target`, then `span` (its
 //! fields and `name`).
+//!
+//! Where it parts from tracing-subscriber, nothing the service writes is touched: a span's
+//! fields come in the order they were declared (tracing-subscriber sorts them by name; ours
+//! are sorted only once a field is recorded after creation, which the service never does), a
+//! span field's name keeps a raw identifier's `r#`, and bytes are written as a string of hex
+//! digits rather than an array of numbers.
 
 use std::fmt::{self, Write as _};
 
