@@ -1,6 +1,7 @@
 //! Compiles the API protos with `protox` (no system `protoc`) into tonic server and client
 //! code, the proto3 JSON mapping of the messages (`pbjson`, for the Connect protocol), and writes
-//! the descriptor set that the reflection service serves.
+//! the descriptor set that the reflection service serves. On linux-gnu it also links the
+//! binaries with their relative relocations packed.
 
 use prost::Message;
 
