@@ -3,7 +3,9 @@
 # run on distroless cc (Debian 12, the builder's release, so glibc matches) as a numeric
 # non-root user, with no shell and no compilers.
 
-ARG RUST_VERSION=1.95
+# The exact release link/symbol-order.txt was written for: rustc's symbol names change with
+# every release, and the linker lays out only the functions the file still names.
+ARG RUST_VERSION=1.95.0
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS chef
 # make builds jemalloc (tikv-jemalloc-sys runs its configure and make).

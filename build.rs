@@ -1,7 +1,8 @@
 //! Compiles the API protos with `protox` (no system `protoc`) into tonic server and client
 //! code, the proto3 JSON mapping of the messages (`pbjson`, for the Connect protocol), and writes
 //! the descriptor set that the reflection service serves. On linux-gnu it also links the
-//! binaries with their relative relocations packed.
+//! binaries with their relative relocations packed and, where rustc links with lld, their
+//! functions in the order they run (`link/symbol-order.txt`).
 
 use prost::Message;
 
@@ -12,12 +13,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("cargo:rerun-if-changed=proto");
 
-    // A position-independent binary's relative relocations packed (DT_RELR, glibc 2.36+):
-    // the loader reads a few kilobytes instead of the 0.8 MB `.rela.dyn` at every start.
-    if std::env::var("CARGO_CFG_TARGET_OS")? == "linux"
-        && std::env::var("CARGO_CFG_TARGET_ENV")? == "gnu"
-    {
+    let target = |key: &str| std::env::var(format!("CARGO_CFG_TARGET_{key}")).unwrap_or_default();
+    if target("OS") == "linux" && target("ENV") == "gnu" {
+        // A position-independent binary's relative relocations packed (DT_RELR, glibc 2.36+):
+        // the loader reads a few kilobytes instead of the 0.8 MB `.rela.dyn` at every start.
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+
+        // The functions that run from start-up through the calls laid out side by side. The
+        // kernel maps a binary's cached pages around each page faulted in, so code run from
+        // here and there keeps most of the binary resident (8.0 MiB of code at idle, 4.4 MiB
+        // laid out). rustc links x86_64 linux-gnu with its own lld, which reads the file;
+        // another linker chosen in RUSTFLAGS is left alone. Names the build no longer has
+        // (after a toolchain or dependency change) are skipped: `make symbol-order` renews it.
+        let order = "link/symbol-order.txt";
+        println!("cargo:rerun-if-changed={order}");
+        println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+        let rustflags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+        if target("ARCH") == "x86_64"
+            && !rustflags.contains("linker")
+            && !rustflags.contains("fuse-ld")
+            && std::path::Path::new(order).exists()
+        {
+            let order = std::fs::canonicalize(order)?;
+            println!(
+                "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+                order.display()
+            );
+            println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+        }
     }
 
     let fds = protox::compile(protos, ["proto"])?;

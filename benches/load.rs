@@ -1,9 +1,10 @@
 //! What the service costs next to calling Cognito directly (README "Performance"). Prints a
 //! table and writes `target/bench/results.json`; asserts nothing about speed.
 //!
-//! `make bench` (or `cargo bench --bench load`). Everything runs on 127.0.0.1, and every run is
-//! bounded in time and in calls. One fast stand-in for Cognito (canned JSON, in this process)
-//! answers every scenario:
+//! `make bench` (or `BENCH_BINARY=<the service> cargo bench --bench load`; without it, the
+//! binary cargo builds for the bench, which is not quite the shipped one). Everything runs on
+//! 127.0.0.1, and every run is bounded in time and in calls. One fast stand-in for Cognito
+//! (canned JSON, in this process) answers every scenario:
 //! - `service`: the load generator → the release binary at its default settings and log level
 //!   → the stand-in; `service_redis`: the same with its limits on Redis (Valkey from `.venv`);
 //! - `direct_sdk`: a caller process calling the stand-in through the AWS SDK itself, the same
@@ -182,7 +183,13 @@ async fn bench() {
     let pinning = Pinning::for_cores(cores);
     pinning.pin_self();
     let standin = start_standin().await;
-    let binary = env!("CARGO_BIN_EXE_password-recovery");
+    // The shipped build, which `make bench` copies aside before cargo builds this bench: the
+    // binary cargo builds for a bench has the dev-dependencies' features too, which renames
+    // its functions, so the linker's order (`link/symbol-order.txt`) finds few of them.
+    let shipped = std::env::var("BENCH_BINARY").ok();
+    let binary = shipped
+        .as_deref()
+        .unwrap_or(env!("CARGO_BIN_EXE_password-recovery"));
     if std::env::var("BENCH_INSTRUCTIONS").as_deref() == Ok("only") {
         print_instructions(&instructions(binary, &standin).await);
         return;

@@ -1,12 +1,13 @@
 //! Tests of the real `password-recovery` binary as operators run it: configuration from the
 //! environment, one-line start-up errors with exit code 2, JSON log lines free of secrets and
-//! usernames, no AWS credentials anywhere, and exit code 0 after SIGTERM.
+//! usernames, no AWS credentials anywhere, and exit code 0 after SIGTERM; and the shipped
+//! build laid out in the order its code runs.
 
 mod common;
 
 use std::time::Duration;
 
-use common::process::{ServiceProcess, command};
+use common::process::{RELEASE_BINARY, ServiceProcess, command};
 use common::{CLIENT_ID, FakeCognito, Reply, forgot};
 use password_recovery::proto::v1::ConfirmForgotPasswordRequest;
 use serde_json::Value;
@@ -274,5 +275,72 @@ async fn every_problem_of_the_callers_file_is_one_line_naming_file_caller_and_fi
     assert!(
         stderr.contains("CALLER_IDENTITY_HEADER_ANY_ADDRESS=true"),
         "{stderr}"
+    );
+}
+
+/// The shipped build places the functions that run from start-up through the calls side by side
+/// (`link/symbol-order.txt`, passed to the linker by build.rs), and the file still names them:
+/// rustc's names change with the toolchain and with the dependencies' versions and features,
+/// and every function the file misses is code run from elsewhere in the binary, which keeps
+/// more of it resident.
+#[test]
+fn the_shipped_binary_is_laid_out_in_the_order_it_runs() {
+    let order = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/link/symbol-order.txt"
+    ))
+    .unwrap();
+    let ordered: std::collections::HashSet<&str> = order
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    assert!(
+        std::path::Path::new(RELEASE_BINARY).exists(),
+        "{RELEASE_BINARY} is missing: run `cargo build --release --locked` (make test does)"
+    );
+    let nm = std::process::Command::new("nm")
+        .args(["--defined-only", "--print-size", RELEASE_BINARY])
+        .output()
+        .expect("nm runs: apt-get install binutils");
+    assert!(
+        nm.status.success(),
+        "nm: {}",
+        String::from_utf8_lossy(&nm.stderr)
+    );
+    // `address size type name`, for every symbol with a size.
+    let mut placed: Vec<(u64, u64)> = String::from_utf8(nm.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (address, size) = (fields.next()?, fields.next()?);
+            let name = fields.nth(1)?;
+            ordered.contains(name).then(|| {
+                let hex = |field| u64::from_str_radix(field, 16).unwrap();
+                (hex(address), hex(size))
+            })
+        })
+        .collect();
+    placed.sort_unstable();
+    placed.dedup_by_key(|(address, _)| *address);
+
+    assert!(ordered.len() >= 1000, "{} functions listed", ordered.len());
+    assert!(
+        placed.len() * 100 >= ordered.len() * 95,
+        "link/symbol-order.txt names functions {RELEASE_BINARY} no longer has ({} of {} found): \
+         a toolchain, dependency or feature change renamed them. Renew it: make symbol-order",
+        placed.len(),
+        ordered.len()
+    );
+    let (start, end) = (
+        placed[0].0,
+        placed.iter().map(|(a, s)| a + s).max().unwrap(),
+    );
+    let bytes: u64 = placed.iter().map(|(_, size)| size).sum();
+    assert!(
+        end - start <= bytes + bytes / 10,
+        "the ordered functions ({bytes} bytes) are spread over {} bytes of {RELEASE_BINARY}: \
+         was it linked without the ordering (see build.rs)?",
+        end - start
     );
 }

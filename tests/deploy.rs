@@ -61,6 +61,28 @@ fn hadolint_passes_on_the_dockerfile() {
     );
 }
 
+/// The image is built by the rustc release whose symbol names `link/symbol-order.txt` lists,
+/// so that its linker finds them (see build.rs).
+#[test]
+fn the_image_builds_with_the_toolchain_the_symbol_order_was_written_for() {
+    let order = std::fs::read_to_string(root().join("link/symbol-order.txt")).unwrap();
+    let written_for = order
+        .lines()
+        .take_while(|line| line.starts_with('#'))
+        .find_map(|line| line.strip_prefix("# rustc "))
+        .expect("link/symbol-order.txt names the rustc it was written for");
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let image = dockerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("ARG RUST_VERSION="))
+        .expect("ARG RUST_VERSION");
+    assert_eq!(
+        image, written_for,
+        "the Dockerfile's RUST_VERSION and the rustc link/symbol-order.txt was written for \
+         (renew it with that toolchain: make symbol-order)"
+    );
+}
+
 #[test]
 fn every_manifest_passes_strict_schema_validation() {
     let validate = tool("kubernetes-validate", "pip install kubernetes-validate");

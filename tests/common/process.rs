@@ -29,7 +29,23 @@ pub fn command(vars: &[(&str, &str)]) -> Command {
 pub fn command_for(binary: &str, vars: &[(&str, &str)]) -> Command {
     let home = std::env::temp_dir().join("password-recovery-test-home");
     std::fs::create_dir_all(&home).unwrap();
-    let mut command = Command::new(binary);
+    let mut command = match std::env::var_os("PASSWORD_RECOVERY_PROFILE_DIR") {
+        // `make symbol-order` profiles the release build under the memory tests' loads.
+        Some(dir) if binary == RELEASE_BINARY => {
+            let mut under = Command::new("valgrind");
+            under
+                .args(["--tool=callgrind", "--demangle=no", "--dump-instr=no"])
+                // Killed at a test's end, it keeps what the last dump holds.
+                .arg("--dump-every-bb=1000000")
+                .arg(format!(
+                    "--callgrind-out-file={}/callgrind.%p",
+                    dir.to_string_lossy()
+                ))
+                .arg(binary);
+            under
+        }
+        _ => Command::new(binary),
+    };
     command
         .env_clear()
         .env("HOME", home)
