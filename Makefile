@@ -52,7 +52,7 @@ tools: $(VENV)/.installed node_modules/.installed redis-cli $(VENV)/bin/promtool
 valgrind:
 	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; } || \
-		{ echo "valgrind is needed for make bench: install Debian's valgrind"; exit 1; }
+		{ echo "valgrind is needed for make bench and make symbol-order: install Debian's valgrind"; exit 1; }
 
 # The bench measures the shipped build, copied aside: cargo builds the binary anew for a bench,
 # with the dev-dependencies' features, which renames its functions (see build.rs).
@@ -61,8 +61,8 @@ bench: $(VENV)/.installed valgrind
 	cp -f target/release/password-recovery target/release/password-recovery-shipped
 	BENCH_BINARY=target/release/password-recovery-shipped cargo bench --locked --bench load
 
-# Renews link/symbol-order.txt, the order the linker lays the functions out in, from a run of
-# the shipped build under callgrind; then links the binary with it.
+# Renews link/symbol-order.txt, the functions the linker lays out side by side, from runs of the
+# shipped build under callgrind (and the Dockerfile's RUST_VERSION); then links the binary with it.
 symbol-order: $(VENV)/.installed valgrind
 	cargo build --release --locked
 	$(VENV)/bin/python scripts/symbol_order.py --binary target/release/password-recovery

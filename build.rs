@@ -1,8 +1,8 @@
 //! Compiles the API protos with `protox` (no system `protoc`) into tonic server and client
 //! code, the proto3 JSON mapping of the messages (`pbjson`, for the Connect protocol), and writes
 //! the descriptor set that the reflection service serves. On linux-gnu it also links the
-//! binaries with their relative relocations packed and, where rustc links with lld, their
-//! functions in the order they run (`link/symbol-order.txt`).
+//! binaries with their relative relocations packed and, where rustc links with its own lld,
+//! the functions that run side by side (`link/symbol-order.txt`).
 
 use prost::Message;
 
@@ -19,27 +19,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // the loader reads a few kilobytes instead of the 0.8 MB `.rela.dyn` at every start.
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
 
-        // The functions that run from start-up through the calls laid out side by side. The
+        // The functions that run, from start-up through the calls, laid out side by side. The
         // kernel maps a binary's cached pages around each page faulted in, so code run from
-        // here and there keeps most of the binary resident (8.0 MiB of code at idle, 4.4 MiB
-        // laid out). rustc links x86_64 linux-gnu with its own lld, which reads the file;
-        // another linker chosen in RUSTFLAGS is left alone. Names the build no longer has
-        // (after a toolchain or dependency change) are skipped: `make symbol-order` renews it.
+        // here and there keeps most of the binary resident (8 MiB of code at idle, 4.4 MiB
+        // laid out). Only where rustc links with its own lld, which reads the file: x86_64
+        // linux-gnu, with no other linker chosen (`target.<triple>.linker`, RUSTFLAGS). Names
+        // the build no longer has (after a toolchain or dependency change) are skipped:
+        // `make symbol-order` renews the file.
         let order = "link/symbol-order.txt";
         println!("cargo:rerun-if-changed={order}");
         println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+        println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
         let rustflags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-        if target("ARCH") == "x86_64"
+        if std::env::var("TARGET")? == "x86_64-unknown-linux-gnu"
+            && std::env::var_os("RUSTC_LINKER").is_none()
             && !rustflags.contains("linker")
             && !rustflags.contains("fuse-ld")
+            && links_with_its_own_lld()
             && std::path::Path::new(order).exists()
         {
             let order = std::fs::canonicalize(order)?;
-            println!(
-                "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-                order.display()
-            );
-            println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+            // As two arguments, so that no comma in the path splits it.
+            for arg in [
+                "-Xlinker".into(),
+                format!("--symbol-ordering-file={}", order.display()),
+                "-Xlinker".into(),
+                "--no-warn-symbol-ordering".into(),
+            ] {
+                println!("cargo:rustc-link-arg-bins={arg}");
+            }
         }
     }
 
@@ -58,4 +66,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// Whether this rustc carries the lld it links x86_64 linux-gnu with (rustup's toolchains
+/// do, and use it since 1.90; a rustc a distribution built may not).
+fn links_with_its_own_lld() -> bool {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    std::process::Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .is_some_and(|output| {
+            let sysroot = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            let host = std::env::var("HOST").unwrap_or_default();
+            std::path::Path::new(&sysroot)
+                .join(format!("lib/rustlib/{host}/bin/gcc-ld/ld.lld"))
+                .exists()
+        })
 }

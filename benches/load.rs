@@ -190,6 +190,10 @@ async fn bench() {
     let binary = shipped
         .as_deref()
         .unwrap_or(env!("CARGO_BIN_EXE_password-recovery"));
+    assert!(
+        std::path::Path::new(binary).exists(),
+        "BENCH_BINARY={binary} is missing: `make bench` copies the shipped build there"
+    );
     if std::env::var("BENCH_INSTRUCTIONS").as_deref() == Ok("only") {
         print_instructions(&instructions(binary, &standin).await);
         return;

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes link/symbol-order.txt: the functions of the shipped binary that run when it starts and
-serves, for the linker to lay out side by side (`--symbol-ordering-file`, see build.rs).
+serves, for the linker to lay out side by side (`--symbol-ordering-file`, see build.rs), and sets
+the Dockerfile's RUST_VERSION to the rustc that built the binary, whose names they are.
 
 The binary runs under valgrind's callgrind in front of moto (the stack of `make run`) from exec
 to exit: start-up and the first proofs of the app client, then every kind of call through both
@@ -13,7 +14,7 @@ small diff.
 
 The names carry the hashes rustc gives them, which change with the toolchain, the dependencies'
 versions and their features: regenerate after any of those changes (`make symbol-order`), as the
-test `the_shipped_binary_is_laid_out_in_the_order_it_runs` asks.
+test `the_shipped_binary_keeps_the_code_it_runs_side_by_side` asks.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def executed_functions(profile: Path, binary: Path) -> set[str]:
             if is_call:
                 continue
             if kind == "ob":
-                current_object = objects[number]
+                current_object = os.path.realpath(objects[number])
             elif current_object == str(binary):
                 functions.add(names[number])
     return functions
@@ -165,6 +166,7 @@ def main() -> int:
     tool = shutil.which("grpcurl", path=str(bin_dir)) or shutil.which("grpcurl")
     valgrind = shutil.which("valgrind")
     moto = service = None
+    work = None
     try:
         if moto_server is None or tool is None:
             raise StackError("moto_server and grpcurl are needed: make tools")
@@ -209,19 +211,28 @@ def main() -> int:
         # the profiles they leave are wanted.
         loads = work / "memory-tests"
         loads.mkdir()
-        subprocess.run(
-            ["cargo", "test", "--locked", "--test", "memory", "--", "--test-threads=1"],
-            cwd=ROOT,
-            env={**os.environ, "PASSWORD_RECOVERY_PROFILE_DIR": str(loads),
-                 "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"},
-            capture_output=True, timeout=1800, check=False,
-        )
-        dumps = sorted(loads.iterdir())
-        if not dumps:
-            raise StackError("the memory tests left no profiles of the release binary")
-        for dump in dumps:
-            functions |= executed_functions(dump, binary)
-        functions &= defined
+        with open(work / "memory-tests.log", "wb") as log:
+            tests = subprocess.Popen(
+                ["cargo", "test", "--locked", "--test", "memory", "--", "--test-threads=1"],
+                cwd=ROOT,
+                env={**os.environ, "PASSWORD_RECOVERY_PROFILE_DIR": str(loads),
+                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            try:
+                tests.wait(1800)
+            finally:
+                # The test binary and the valgrinds it started go with cargo.
+                if tests.poll() is None:
+                    os.killpg(tests.pid, signal.SIGKILL)
+                    tests.wait()
+        loaded = set()
+        for dump in sorted(loads.iterdir()):
+            loaded |= executed_functions(dump, binary)
+        if not (loaded & defined) - functions:
+            raise StackError("the memory tests' loads ran nothing start-up and calls did not "
+                             f"(did they reach the release binary?); see {work}")
+        functions = (functions | loaded) & defined
         if len(functions) < 1000:
             raise StackError(f"only {len(functions)} functions seen in {binary}; see {work}")
         comment = subprocess.run(
@@ -234,11 +245,19 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         listed = "".join(f"{name}\n" for name in sorted(functions))
         Path(args.out).write_text(HEADER.format(version=version.group(1)) + listed)
-        print(f"{args.out}: {len(functions)} functions")
+        # The image builds with the rustc the names are of.
+        dockerfile = ROOT / "Dockerfile"
+        dockerfile.write_text(re.sub(r"(?m)^ARG RUST_VERSION=.*$",
+                                     f"ARG RUST_VERSION={version.group(1)}",
+                                     dockerfile.read_text()))
+        print(f"{args.out}: {len(functions)} functions, for rustc {version.group(1)}")
         shutil.rmtree(work)
         return 0
     except StackError as err:
         print(f"make symbol-order: {err}", file=sys.stderr, flush=True)
+        return 1
+    except (OSError, subprocess.SubprocessError, urllib.error.URLError) as err:
+        print(f"make symbol-order: {err}; see {work}", file=sys.stderr, flush=True)
         return 1
     finally:
         stop(service, 60)

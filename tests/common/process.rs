@@ -37,10 +37,12 @@ pub fn command_for(binary: &str, vars: &[(&str, &str)]) -> Command {
                 .args(["--tool=callgrind", "--demangle=no", "--dump-instr=no"])
                 // Killed at a test's end, it keeps what the last dump holds.
                 .arg("--dump-every-bb=1000000")
-                .arg(format!(
-                    "--callgrind-out-file={}/callgrind.%p",
-                    dir.to_string_lossy()
-                ))
+                .arg({
+                    let mut out = std::ffi::OsString::from("--callgrind-out-file=");
+                    out.push(dir);
+                    out.push("/callgrind.%p");
+                    out
+                })
                 .arg(binary);
             under
         }
