@@ -49,6 +49,11 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def find_tool(name: str) -> str | None:
+    """`name` from this Python's virtualenv (`.venv/bin`), else from PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
 def check_port_free(port: int, setting: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -198,9 +203,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    bin_dir = Path(sys.executable).parent
-    moto_server = shutil.which("moto_server", path=str(bin_dir)) or shutil.which("moto_server")
-    grpcurl = shutil.which("grpcurl", path=str(bin_dir)) or shutil.which("grpcurl") or "grpcurl"
+    moto_server = find_tool("moto_server")
+    grpcurl = find_tool("grpcurl") or "grpcurl"
     logs = ROOT / "target" / "dev-stack"
     moto = service = None
     try:

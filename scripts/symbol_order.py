@@ -40,6 +40,7 @@ from dev_stack import (
     ROOT,
     StackError,
     create_demo_pool,
+    find_tool,
     service_env,
     start,
     stop,
@@ -161,10 +162,9 @@ def main() -> int:
     args = parser.parse_args()
     binary = Path(args.binary).resolve()
 
-    bin_dir = Path(sys.executable).parent
-    moto_server = shutil.which("moto_server", path=str(bin_dir)) or shutil.which("moto_server")
-    tool = shutil.which("grpcurl", path=str(bin_dir)) or shutil.which("grpcurl")
-    valgrind = shutil.which("valgrind")
+    moto_server = find_tool("moto_server")
+    tool = find_tool("grpcurl")
+    valgrind = find_tool("valgrind")
     moto = service = None
     work = None
     try:

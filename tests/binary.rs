@@ -288,29 +288,21 @@ async fn every_problem_of_the_callers_file_is_one_line_naming_file_caller_and_fi
 fn the_shipped_binary_keeps_the_code_it_runs_side_by_side() {
     use common::process::RELEASE_BINARY;
 
-    let order = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/link/symbol-order.txt"
-    ))
-    .unwrap();
-    let ordered: std::collections::HashSet<&str> = order
-        .lines()
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .collect();
-    let written_for = order
-        .lines()
-        .find_map(|line| line.strip_prefix("# rustc "))
-        .expect("link/symbol-order.txt names the rustc it was written for");
+    let common::symbol_order::SymbolOrder {
+        rustc: written_for,
+        names: ordered,
+    } = common::symbol_order::read();
     assert!(
         std::path::Path::new(RELEASE_BINARY).exists(),
         "{RELEASE_BINARY} is missing: run `cargo build --release --locked` (make test does)"
     );
     let tool = |name: &str, args: &[&str]| {
-        let output = std::process::Command::new(name)
-            .args(args)
-            .arg(RELEASE_BINARY)
-            .output()
-            .unwrap_or_else(|_| panic!("{name} runs: apt-get install binutils"));
+        let output =
+            std::process::Command::new(common::tools::tool(name, "apt-get install binutils"))
+                .args(args)
+                .arg(RELEASE_BINARY)
+                .output()
+                .unwrap();
         assert!(output.status.success(), "{name}: {output:?}");
         String::from_utf8(output.stdout).unwrap()
     };

@@ -65,12 +65,7 @@ fn hadolint_passes_on_the_dockerfile() {
 /// so that its linker finds them (see build.rs).
 #[test]
 fn the_image_builds_with_the_toolchain_the_symbol_order_was_written_for() {
-    let order = std::fs::read_to_string(root().join("link/symbol-order.txt")).unwrap();
-    let written_for = order
-        .lines()
-        .take_while(|line| line.starts_with('#'))
-        .find_map(|line| line.strip_prefix("# rustc "))
-        .expect("link/symbol-order.txt names the rustc it was written for");
+    let written_for = common::symbol_order::read().rustc;
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
     let image = dockerfile
         .lines()

@@ -12,6 +12,7 @@ pub mod process;
 pub mod raw;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod symbol_order;
 
 pub mod tools;
 
