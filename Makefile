@@ -8,13 +8,13 @@ export AWS_EC2_METADATA_DISABLED := true
 VENV := .venv
 BINARY := target/debug/password-recovery
 
-.PHONY: help run test build lint tools bench symbol-order redis-cli valgrind
+.PHONY: help run test build lint tools bench symbol-order redis-cli valgrind perf
 
 help:
 	@echo "make run    start the service on localhost:50051 in front of a local Cognito emulator"
 	@echo "make test   formatting, clippy, and every test"
 	@echo "make build  release build (target/release/password-recovery)"
-	@echo "make bench  memory, throughput and instructions per call of the release binary under a bounded loopback load"
+	@echo "make bench  memory, throughput, instructions and system calls per call of the release binary under a bounded loopback load"
 	@echo "make symbol-order  renew link/symbol-order.txt (after a toolchain or dependency change)"
 
 build:
@@ -54,9 +54,15 @@ valgrind:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; } || \
 		{ echo "valgrind is needed for make bench and make symbol-order: install Debian's valgrind"; exit 1; }
 
+# perf (Debian's linux-perf) counts the benchmark's system calls per call.
+perf:
+	@command -v perf >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf; } || \
+		{ echo "perf is needed for make bench: install Debian's linux-perf"; exit 1; }
+
 # The bench measures the shipped build, copied aside: cargo builds the binary anew for a bench,
 # with the dev-dependencies' features, which renames its functions (see build.rs).
-bench: $(VENV)/.installed valgrind
+bench: $(VENV)/.installed valgrind perf
 	cargo build --release --locked
 	cp -f target/release/password-recovery target/release/password-recovery-shipped
 	BENCH_BINARY=target/release/password-recovery-shipped cargo bench --locked --bench load

@@ -31,9 +31,16 @@
 //! at 16 in flight; the count covers every thread of the process. This machine has no
 //! hardware counters for `perf stat`. The counts are of the CPU valgrind shows (without SHA
 //! extensions, for one), so they compare runs and processes, not the machine's own counts.
-//! `BENCH_INSTRUCTIONS=off` leaves this part out, `BENCH_INSTRUCTIONS=only` runs it alone, and
+//! Then **system calls per call**, which instructions do not see (callgrind counts none of
+//! the kernel's work): the same four processes run natively over the same windows, while
+//! `perf stat` counts the system calls their threads enter (tracepoints
+//! `raw_syscalls:sys_enter` and `syscalls:sys_enter_<name>`, enabled and disabled through its
+//! control FIFO, which acknowledges each). An exact count, like instructions.
+//! `BENCH_INSTRUCTIONS=off` leaves both parts out, `BENCH_INSTRUCTIONS=only` runs them alone, and
 //! `BENCH_CALLGRIND_DIR=<dir>` keeps the dumps (`callgrind.<pid>.1`, the counted window) for
-//! `callgrind_annotate`.
+//! `callgrind_annotate`. `BENCH_SCENARIOS=service,direct_sdk` times only the scenarios it
+//! names (of `service`, `service_redis`, `direct_sdk`, `bare_grpc`), to compare two builds'
+//! CPU per call in alternating runs.
 
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
@@ -196,9 +203,12 @@ async fn bench() {
     );
     if std::env::var("BENCH_INSTRUCTIONS").as_deref() == Ok("only") {
         print_instructions(&instructions(binary, &standin).await);
+        println!();
+        print_syscalls(&syscalls(binary, &standin).await);
         return;
     }
 
+    let timed = timed_scenarios();
     let mut runs: BTreeMap<&str, BTreeMap<&str, Vec<Measured>>> = BTreeMap::new();
     let mut record = |concurrency: &'static str, scenario: &'static str, measured: Measured| {
         runs.entry(concurrency)
@@ -220,46 +230,67 @@ async fn bench() {
     // machine one run of a few seconds can be off by half.
     for _ in 0..ROUNDS {
         // The service at its defaults: start-up, memory, then both loads.
-        let started = Instant::now();
-        let service = Service::start(binary, &standin, &[], &pinning).await;
-        startups.push(started.elapsed());
-        idle_rss.push(rss_kib(service.pid));
-        let c64 = grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await;
-        loaded_rss.push(rss_kib(service.pid));
-        let c1 = grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await;
-        record("c64", "service", c64);
-        record("c1", "service", c1);
-        service.stop().await;
+        if timed.contains(&"service") {
+            let started = Instant::now();
+            let service = Service::start(binary, &standin, &[], &pinning).await;
+            startups.push(started.elapsed());
+            idle_rss.push(rss_kib(service.pid));
+            let c64 = grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await;
+            loaded_rss.push(rss_kib(service.pid));
+            let c1 = grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await;
+            record("c64", "service", c64);
+            record("c1", "service", c1);
+            service.stop().await;
+        }
 
         // The same with its limits on Redis.
-        let service = Service::start(binary, &standin, &redis_settings, &pinning).await;
-        let c64 = grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await;
-        let c1 = grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await;
-        record("c64", "service_redis", c64);
-        record("c1", "service_redis", c1);
-        service.stop().await;
+        if timed.contains(&"service_redis") {
+            let service = Service::start(binary, &standin, &redis_settings, &pinning).await;
+            let c64 = grpc_load(&service.addr, 64, THROUGHPUT_RUN, service.pid).await;
+            let c1 = grpc_load(&service.addr, 1, LATENCY_RUN, service.pid).await;
+            record("c64", "service_redis", c64);
+            record("c1", "service_redis", c1);
+            service.stop().await;
+        }
 
         // The AWS SDK called directly, in a process of its own.
-        for (concurrency, label, run) in [(64, "c64", THROUGHPUT_RUN), (1, "c1", LATENCY_RUN)] {
-            let measured = direct_sdk(&standin, concurrency, run, &pinning).await;
-            record(label, "direct_sdk", measured);
+        if timed.contains(&"direct_sdk") {
+            for (concurrency, label, run) in [(64, "c64", THROUGHPUT_RUN), (1, "c1", LATENCY_RUN)] {
+                let measured = direct_sdk(&standin, concurrency, run, &pinning).await;
+                record(label, "direct_sdk", measured);
+            }
         }
 
         // The floor: a gRPC hop to a server that answers at once.
-        let mut bare = Helper::start("bare_grpc", &[], &pinning).await;
-        let addr = bare.first_line.clone();
-        record(
-            "c64",
-            "bare_grpc",
-            grpc_load(&addr, 64, THROUGHPUT_RUN, bare.pid).await,
-        );
-        record(
-            "c1",
-            "bare_grpc",
-            grpc_load(&addr, 1, LATENCY_RUN, bare.pid).await,
-        );
-        bare.child.kill().await.ok();
+        if timed.contains(&"bare_grpc") {
+            let mut bare = Helper::start("bare_grpc", &[], &pinning).await;
+            let addr = bare.first_line.clone();
+            record(
+                "c64",
+                "bare_grpc",
+                grpc_load(&addr, 64, THROUGHPUT_RUN, bare.pid).await,
+            );
+            record(
+                "c1",
+                "bare_grpc",
+                grpc_load(&addr, 1, LATENCY_RUN, bare.pid).await,
+            );
+            bare.child.kill().await.ok();
+        }
     }
+    // Each round's own ratio: the two ran within seconds of each other, so a slow spell of the
+    // machine moves both.
+    let round_ratios: Vec<f64> = match runs
+        .get("c64")
+        .map(|c| (c.get("service"), c.get("direct_sdk")))
+    {
+        Some((Some(service), Some(sdk))) => service
+            .iter()
+            .zip(sdk)
+            .map(|(s, d)| s.cpu_per_call().as_secs_f64() / d.cpu_per_call().as_secs_f64())
+            .collect(),
+        _ => Vec::new(),
+    };
     let results: BTreeMap<&str, BTreeMap<&str, Summary>> = runs
         .into_iter()
         .map(|(c, scenarios)| {
@@ -270,6 +301,12 @@ async fn bench() {
             (c, scenarios)
         })
         .collect();
+    if timed.len() < SCENARIOS.len() {
+        // A partial run: its table and ratio, but no results.json, which holds every figure.
+        print_table(&results, cores, &pinning);
+        print_cpu_ratio(&results, &round_ratios);
+        return;
+    }
     let startup = median(startups);
     let idle_rss_kib = median(idle_rss);
     let loaded_rss_kib = median(loaded_rss);
@@ -286,18 +323,7 @@ async fn bench() {
         Some(bytes) => println!("stripped binary: {:.1} MiB", bytes as f64 / 1048576.0),
         None => println!("stripped binary: `strip` (binutils) is not installed"),
     }
-    let ratios = |c: &str| {
-        let of = |s: &str| results[c][s];
-        (of("service"), of("direct_sdk"))
-    };
-    let (service64, sdk64) = ratios("c64");
-    let (service1, sdk1) = ratios("c1");
-    println!(
-        "service / direct SDK: throughput {:.2}×, CPU per call {:.2}× (c=64); p50 {:+} µs (c=1)",
-        service64.rps / sdk64.rps,
-        service64.cpu_per_call.as_secs_f64() / sdk64.cpu_per_call.as_secs_f64(),
-        service1.p50.as_micros() as i64 - sdk1.p50.as_micros() as i64,
-    );
+    print_cpu_ratio(&results, &round_ratios);
 
     let mut json = serde_json::Map::new();
     for (concurrency, scenarios) in &results {
@@ -307,6 +333,7 @@ async fn bench() {
             .collect();
         json.insert((*concurrency).to_owned(), Value::Object(scenarios));
     }
+    json.insert("cpu_ratio_by_round".into(), json!(round_ratios));
     json.insert("startup_ms".into(), json!(startup.as_secs_f64() * 1e3));
     json.insert("idle_rss_kib".into(), json!(idle_rss_kib));
     json.insert("loaded_rss_kib".into(), json!(loaded_rss_kib));
@@ -325,12 +352,71 @@ async fn bench() {
                 .collect::<serde_json::Map<_, _>>()
                 .into(),
         );
+        let counted = syscalls(binary, &standin).await;
+        println!();
+        print_syscalls(&counted);
+        json.insert(
+            "syscalls_per_call".into(),
+            counted
+                .iter()
+                .map(|(name, counts)| {
+                    let counts: serde_json::Map<_, _> = counts
+                        .iter()
+                        .map(|(syscall, n)| (syscall.clone(), json!(n)))
+                        .collect();
+                    ((*name).to_owned(), Value::Object(counts))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("written: {}", path.display());
+}
+
+/// The scenarios a run times, in their order in a round.
+const SCENARIOS: [&str; 4] = ["service", "service_redis", "direct_sdk", "bare_grpc"];
+
+/// The scenarios `BENCH_SCENARIOS` names (comma-separated), or all of them.
+fn timed_scenarios() -> Vec<&'static str> {
+    let Ok(named) = std::env::var("BENCH_SCENARIOS") else {
+        return SCENARIOS.to_vec();
+    };
+    let named: Vec<&str> = named.split(',').map(str::trim).collect();
+    if let Some(unknown) = named.iter().find(|n| !SCENARIOS.contains(n)) {
+        panic!("BENCH_SCENARIOS names {unknown:?}: the scenarios are {SCENARIOS:?}");
+    }
+    SCENARIOS
+        .into_iter()
+        .filter(|s| named.contains(s))
+        .collect()
+}
+
+/// The service against the SDK called directly, where the run timed both.
+fn print_cpu_ratio(results: &BTreeMap<&str, BTreeMap<&str, Summary>>, round_ratios: &[f64]) {
+    let of = |c: &str, s: &str| results.get(c).and_then(|r| r.get(s)).copied();
+    let (Some(service64), Some(sdk64), Some(service1), Some(sdk1)) = (
+        of("c64", "service"),
+        of("c64", "direct_sdk"),
+        of("c1", "service"),
+        of("c1", "direct_sdk"),
+    ) else {
+        return;
+    };
+    println!(
+        "service / direct SDK: throughput {:.2}×, CPU per call {:.2}× (c=64); p50 {:+} µs (c=1)",
+        service64.rps / sdk64.rps,
+        service64.cpu_per_call.as_secs_f64() / sdk64.cpu_per_call.as_secs_f64(),
+        service1.p50.as_micros() as i64 - sdk1.p50.as_micros() as i64,
+    );
+    let ratios: Vec<String> = round_ratios.iter().map(|r| format!("{r:.2}×")).collect();
+    println!(
+        "CPU per call, service / direct SDK, round by round (c=64): {}",
+        ratios.join(", ")
+    );
 }
 
 fn print_table(results: &BTreeMap<&str, BTreeMap<&str, Summary>>, cores: usize, pinning: &Pinning) {
@@ -347,8 +433,10 @@ fn print_table(results: &BTreeMap<&str, BTreeMap<&str, Summary>>, cores: usize, 
         "", "scenario", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "switches/call"
     );
     for concurrency in ["c64", "c1"] {
-        for scenario in ["service", "service_redis", "direct_sdk", "bare_grpc"] {
-            let m = results[concurrency][scenario];
+        for scenario in SCENARIOS {
+            let Some(&m) = results.get(concurrency).and_then(|r| r.get(scenario)) else {
+                continue;
+            };
             println!(
                 "{:<5} {:<14} {:>10.0} {:>9} {:>9} {:>14} {:>16.2}",
                 concurrency,
@@ -817,55 +905,114 @@ async fn direct_sdk_caller() {
     println!("{report}");
 }
 
-// ---- Instructions per call ---------------------------------------------------------------
+// ---- Instructions and system calls per call ----------------------------------------------
 
-/// Instructions per call of each process under test, counted by callgrind.
-async fn instructions(binary: &str, standin: &str) -> Vec<(&'static str, u64)> {
-    // `BENCH_CALLGRIND_DIR` keeps the dumps there, for `callgrind_annotate`.
-    let temporary = tempfile::tempdir().unwrap();
-    let kept = std::env::var_os("BENCH_CALLGRIND_DIR").map(std::path::PathBuf::from);
-    let dir = kept.as_deref().unwrap_or(temporary.path());
-    let valgrind = |program: &str| {
-        let mut command = Command::new("valgrind");
-        command.args([
-            "-q",
-            "--tool=callgrind",
-            "--vgdb=yes",
-            "--compress-strings=no",
-            &format!("--callgrind-out-file={}/callgrind.%p", dir.display()),
-            program,
-        ]);
-        command
-    };
+/// What is counted over a window of calls: instructions (callgrind, the process run under
+/// valgrind) or system calls (perf's tracepoints, the process run natively).
+enum Counter {
+    Instructions { dir: std::path::PathBuf },
+    Syscalls,
+}
+
+/// The system calls broken out by name; the total counts every one.
+const SYSCALLS: [&str; 8] = [
+    "write",
+    "writev",
+    "sendto",
+    "recvfrom",
+    "read",
+    "epoll_wait",
+    "futex",
+    "getrandom",
+];
+
+/// A count in progress: nothing for callgrind (its counters were zeroed), perf for syscalls.
+enum Counting {
+    Instructions,
+    Syscalls(Box<Perf>),
+}
+
+impl Counter {
+    fn command(&self, program: &str) -> Command {
+        match self {
+            Counter::Instructions { dir } => {
+                let mut command = Command::new("valgrind");
+                command.args([
+                    "-q",
+                    "--tool=callgrind",
+                    "--vgdb=yes",
+                    "--compress-strings=no",
+                    &format!("--callgrind-out-file={}/callgrind.%p", dir.display()),
+                    program,
+                ]);
+                command
+            }
+            Counter::Syscalls => Command::new(program),
+        }
+    }
+
+    async fn start(&self, pid: u32) -> Counting {
+        match self {
+            Counter::Instructions { .. } => {
+                callgrind(pid, "--zero").await;
+                Counting::Instructions
+            }
+            Counter::Syscalls => Counting::Syscalls(Box::new(Perf::enabled(pid).await)),
+        }
+    }
+
+    /// The counts since `start`, per call: the total first, then any breakdown.
+    async fn stop(&self, counting: Counting, pid: u32) -> Vec<(String, f64)> {
+        let per_call = |count: u64| count as f64 / INSTRUCTION_CALLS as f64;
+        match (self, counting) {
+            (Counter::Instructions { dir }, Counting::Instructions) => {
+                vec![("instructions".into(), per_call(dumped(dir, pid).await))]
+            }
+            (Counter::Syscalls, Counting::Syscalls(perf)) => perf
+                .finish()
+                .await
+                .into_iter()
+                .map(|(name, count)| (name, per_call(count)))
+                .collect(),
+            _ => unreachable!("a count stops as it started"),
+        }
+    }
+}
+
+/// The counts per call of each process under test over `INSTRUCTION_CALLS` calls at
+/// `INSTRUCTION_CONCURRENCY` in flight, after `WARM_UP_CALLS`.
+async fn counted(
+    counter: &Counter,
+    binary: &str,
+    standin: &str,
+) -> Vec<(&'static str, Vec<(String, f64)>)> {
     let mut counted = Vec::new();
     for (name, extra) in [
         ("service", &[][..]),
         // `app` at info still says where it serves; the calls' lines and audit events go.
         ("service_warn", &[("RUST_LOG", WARN)][..]),
     ] {
-        let service = Service::start_as(valgrind(binary), standin, extra).await;
+        let service = Service::start_as(counter.command(binary), standin, extra).await;
         fixed_load(&service.addr, INSTRUCTION_CONCURRENCY, WARM_UP_CALLS).await;
-        callgrind(service.pid, "--zero").await;
+        let counting = counter.start(service.pid).await;
         fixed_load(&service.addr, INSTRUCTION_CONCURRENCY, INSTRUCTION_CALLS).await;
-        let count = dumped(dir, service.pid).await;
-        counted.push((name, count / INSTRUCTION_CALLS as u64));
+        counted.push((name, counter.stop(counting, service.pid).await));
         service.stop().await;
     }
 
     let me = std::env::current_exe().unwrap();
-    let mut bare = valgrind(me.to_str().unwrap());
+    let mut bare = counter.command(me.to_str().unwrap());
     bare.env("BENCH_ROLE", "bare_grpc");
     let mut bare = Helper::spawn(bare).await;
     let addr = bare.first_line.clone();
     fixed_load(&addr, INSTRUCTION_CONCURRENCY, WARM_UP_CALLS).await;
-    callgrind(bare.pid, "--zero").await;
+    let counting = counter.start(bare.pid).await;
     fixed_load(&addr, INSTRUCTION_CONCURRENCY, INSTRUCTION_CALLS).await;
-    let count = dumped(dir, bare.pid).await;
-    counted.push(("bare_grpc", count / INSTRUCTION_CALLS as u64));
+    counted.push(("bare_grpc", counter.stop(counting, bare.pid).await));
     bare.child.kill().await.ok();
 
     // The SDK caller calls by itself: it says when it is warm and when its window is done.
-    let mut sdk = valgrind(me.to_str().unwrap());
+    let mut sdk = counter.command(me.to_str().unwrap());
     sdk.env("BENCH_ROLE", "direct_sdk")
         .env("STANDIN_URL", standin)
         .env("CONCURRENCY", INSTRUCTION_CONCURRENCY.to_string())
@@ -873,14 +1020,179 @@ async fn instructions(binary: &str, standin: &str) -> Vec<(&'static str, u64)> {
         .env("COUNTED_CALLS", INSTRUCTION_CALLS.to_string());
     let mut sdk = Helper::spawn(sdk).await;
     assert_eq!(sdk.first_line, "warm");
-    callgrind(sdk.pid, "--zero").await;
+    let counting = counter.start(sdk.pid).await;
     sdk.say("go").await;
     assert_eq!(sdk.next_line().await, "done");
-    let count = dumped(dir, sdk.pid).await;
-    counted.push(("direct_sdk", count / INSTRUCTION_CALLS as u64));
+    counted.push(("direct_sdk", counter.stop(counting, sdk.pid).await));
     sdk.say("exit").await;
     let _ = sdk.child.wait().await;
     counted
+}
+
+/// Instructions per call of each process under test, counted by callgrind.
+async fn instructions(binary: &str, standin: &str) -> Vec<(&'static str, u64)> {
+    // `BENCH_CALLGRIND_DIR` keeps the dumps there, for `callgrind_annotate`.
+    let temporary = tempfile::tempdir().unwrap();
+    let kept = std::env::var_os("BENCH_CALLGRIND_DIR").map(std::path::PathBuf::from);
+    let dir = kept.unwrap_or_else(|| temporary.path().to_owned());
+    counted(&Counter::Instructions { dir }, binary, standin)
+        .await
+        .into_iter()
+        .map(|(name, counts)| (name, counts[0].1 as u64))
+        .collect()
+}
+
+/// System calls per call of each process under test, counted by perf.
+async fn syscalls(binary: &str, standin: &str) -> Vec<(&'static str, Vec<(String, f64)>)> {
+    counted(&Counter::Syscalls, binary, standin).await
+}
+
+/// `perf stat` attached to a process's threads, counting the system calls they enter while
+/// enabled (through its control FIFO, which acknowledges each command).
+struct Perf {
+    child: Child,
+    ctl: std::fs::File,
+    ack: std::io::BufReader<std::fs::File>,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Perf {
+    /// Attaches to `pid` (the threads it has now) and starts counting.
+    async fn enabled(pid: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, ack, out) = (
+            dir.path().join("ctl"),
+            dir.path().join("ack"),
+            dir.path().join("counts.csv"),
+        );
+        for fifo in [&ctl, &ack] {
+            let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo(3) on a NUL-terminated path in our own temporary directory.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        }
+        let events = std::iter::once("raw_syscalls:sys_enter".to_owned())
+            .chain(
+                SYSCALLS
+                    .iter()
+                    .map(|name| format!("syscalls:sys_enter_{name}")),
+            )
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = Command::new("perf")
+            .args(["stat", "--delay=-1", "-x,", "--no-big-num"])
+            .arg(format!(
+                "--control=fifo:{},{}",
+                ctl.display(),
+                ack.display()
+            ))
+            .arg("-o")
+            .arg(&out)
+            .args(["-e", &events, "-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("perf runs: apt-get install linux-perf");
+        // Opening a FIFO waits for its other end: perf's, once it has attached.
+        let (ctl, ack) = tokio::task::spawn_blocking(move || {
+            let ctl = std::fs::OpenOptions::new().write(true).open(ctl).unwrap();
+            let ack = std::fs::File::open(ack).unwrap();
+            (ctl, std::io::BufReader::new(ack))
+        })
+        .await
+        .unwrap();
+        let mut perf = Self {
+            child,
+            ctl,
+            ack,
+            out,
+            _dir: dir,
+        };
+        perf.command("enable").await;
+        perf
+    }
+
+    /// Sends `command` and waits for perf's acknowledgement.
+    async fn command(&mut self, command: &str) {
+        use std::io::{BufRead, Write};
+        writeln!(self.ctl, "{command}").unwrap();
+        let mut acked = String::new();
+        // The acknowledgement comes within milliseconds; a blocking read is short.
+        tokio::task::block_in_place(|| self.ack.read_line(&mut acked)).unwrap();
+        // perf writes its C string's NUL too: "ack\n\0".
+        let acked = acked.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+        assert_eq!(acked, "ack", "perf acknowledges {command}");
+    }
+
+    /// Stops counting and returns the total, then each of `SYSCALLS`.
+    async fn finish(mut self) -> Vec<(String, u64)> {
+        self.command("disable").await;
+        // SAFETY: kill(2) on our own child's pid; perf prints its counts on SIGINT.
+        unsafe { libc::kill(self.child.id().unwrap() as i32, libc::SIGINT) };
+        // It exits non-zero after SIGINT: its counts say whether it ran.
+        let said = self.child.wait_with_output().await.unwrap().stderr;
+        let csv = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let csv = format!("{csv}{}", String::from_utf8_lossy(&said));
+        let count = |event: &str| {
+            csv.lines()
+                .map(|line| line.split(',').collect::<Vec<_>>())
+                .find(|fields| fields.get(2) == Some(&event))
+                .map(|fields| fields[0].parse().unwrap_or(0))
+                .unwrap_or_else(|| panic!("perf counted {event}: {csv}"))
+        };
+        std::iter::once(("all".to_owned(), count("raw_syscalls:sys_enter")))
+            .chain(SYSCALLS.iter().map(|name| {
+                (
+                    (*name).to_owned(),
+                    count(&format!("syscalls:sys_enter_{name}")),
+                )
+            }))
+            .collect()
+    }
+}
+
+/// The system calls a thread makes to wait (for its sockets, for another thread): how many
+/// depends on how the threads happened to meet, where the others follow from the calls.
+const WAITS: [&str; 2] = ["epoll_wait", "futex"];
+
+fn print_syscalls(counted: &[(&str, Vec<(String, f64)>)]) {
+    println!(
+        "system calls per call (perf, {INSTRUCTION_CALLS} calls at {INSTRUCTION_CONCURRENCY} in \
+         flight after {WARM_UP_CALLS}, every thread of the process):"
+    );
+    for (name, counts) in counted {
+        let named: Vec<String> = counts[1..]
+            .iter()
+            .filter(|(_, n)| *n >= 0.005)
+            .map(|(syscall, n)| format!("{syscall} {n:.2}"))
+            .collect();
+        println!("  {name:<14} {:>6.2}   {}", counts[0].1, named.join(", "));
+    }
+    // Every one but the waits, which the direct SDK caller's own load generator adds to.
+    let of = |name: &str| {
+        counted
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, counts)| {
+                let waits: f64 = counts[1..]
+                    .iter()
+                    .filter(|(syscall, _)| WAITS.contains(&syscall.as_str()))
+                    .map(|(_, n)| n)
+                    .sum();
+                counts[0].1 - waits
+            })
+    };
+    let floor = of("direct_sdk") + of("bare_grpc");
+    println!(
+        "but the waits ({}): service {:.2}, at warn {:.2}, direct SDK + bare hop {floor:.2}: \
+         {:.2}× and {:.2}×",
+        WAITS.join(", "),
+        of("service"),
+        of("service_warn"),
+        of("service") / floor,
+        of("service_warn") / floor,
+    );
 }
 
 fn print_instructions(counted: &[(&str, u64)]) {

@@ -304,6 +304,17 @@ pub(crate) struct CallSeries {
     started: Handles<metrics::Counter>,
     handled: Handles<metrics::Counter>,
     seconds: Handles<metrics::Histogram>,
+    /// By operation: a handful, so a list.
+    upstream: RwLock<Vec<(&'static str, UpstreamSeries)>>,
+}
+
+/// The series a request to Cognito for one operation counts in when it succeeds:
+/// `cognito_requests_total{outcome="ok"}` and `cognito_request_seconds` (which every attempt
+/// records). A failed request's outcome can be any code Cognito sends: it is looked up.
+#[derive(Clone)]
+pub(crate) struct UpstreamSeries {
+    pub(crate) ok: metrics::Counter,
+    pub(crate) seconds: metrics::Histogram,
 }
 
 static SERIES: OnceLock<CallSeries> = OnceLock::new();
@@ -321,7 +332,30 @@ impl CallSeries {
             started: Handles::new(),
             handled: Handles::new(),
             seconds: Handles::new(),
+            upstream: RwLock::new(Vec::new()),
         }
+    }
+
+    /// The series of requests to Cognito for `operation`.
+    pub(crate) fn upstream(&self, operation: &'static str) -> UpstreamSeries {
+        let find = |kept: &[(&str, UpstreamSeries)]| {
+            kept.iter()
+                .find(|(kept, _)| *kept == operation)
+                .map(|(_, series)| series.clone())
+        };
+        if let Some(series) = find(&self.upstream.read().unwrap_or_else(|e| e.into_inner())) {
+            return series;
+        }
+        let mut kept = self.upstream.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(series) = find(&kept) {
+            return series;
+        }
+        let series = UpstreamSeries {
+            ok: metrics::counter!(COGNITO_REQUESTS, "operation" => operation, "outcome" => "ok"),
+            seconds: metrics::histogram!(COGNITO_SECONDS, "operation" => operation),
+        };
+        kept.push((operation, series.clone()));
+        series
     }
 
     /// `grpc_server_in_flight`.

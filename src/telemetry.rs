@@ -11,6 +11,9 @@ use tracing_subscriber::{EnvFilter, Layer, fmt};
 use crate::settings::SettingError;
 
 mod lines;
+mod stdout;
+
+pub(crate) use stdout::together;
 
 /// Where and how log lines are written.
 #[derive(Debug, Clone)]
@@ -63,11 +66,11 @@ pub fn init(
         LogFormat::Json => fmt::layer()
             .fmt_fields(lines::SpanFields)
             .event_format(lines::JsonLines)
-            .with_writer(std::io::stdout)
+            .with_writer(stdout::Stdout)
             .boxed(),
         LogFormat::Text => fmt::layer()
             .with_ansi(ansi)
-            .with_writer(std::io::stdout)
+            .with_writer(stdout::Stdout)
             .boxed(),
     };
     let subscriber = tracing_subscriber::registry().with(filter).with(lines);
@@ -181,14 +184,21 @@ pub(crate) const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// The longest caller-supplied request id kept; a longer or non-printable one is replaced.
 const REQUEST_ID_MAX_LEN: usize = 128;
 
-/// The caller's `x-request-id` if it is 1–128 printable ASCII characters, else a new UUID.
+/// The caller's `x-request-id` if it is 1–128 printable ASCII characters, else a new UUID
+/// (version 4). Its random bits come from the thread's CSPRNG (`rand::rng()`, ChaCha12 seeded
+/// and reseeded from the OS): `Uuid::new_v4` asks the kernel for each one, a system call per
+/// call.
 pub(crate) fn request_id(supplied: Option<&str>) -> String {
     supplied
         .filter(|id| {
             (1..=REQUEST_ID_MAX_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| {
+            uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string()
+        })
 }
 
 /// A W3C `traceparent` (version 00): the trace this call belongs to.
@@ -291,7 +301,9 @@ mod tests {
         ] {
             let generated = request_id(bad);
             assert_eq!(generated.len(), 36, "{bad:?} → {generated}");
-            assert!(uuid::Uuid::parse_str(&generated).is_ok());
+            let parsed = uuid::Uuid::parse_str(&generated).unwrap();
+            assert_eq!(parsed.get_version(), Some(uuid::Version::Random));
+            assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122);
         }
         assert_ne!(request_id(None), request_id(None));
     }

@@ -440,6 +440,8 @@ impl Call {
         ending: Ending,
     ) -> Reply<T> {
         self.finished = true;
+        // The call's log line and its audit event go out in one write.
+        let _lines = telemetry::together();
         let _entered = self.span.clone().entered();
         let user = subject.map_or("-", |s| s.user.as_str());
         let client = subject.map_or("-", |s| s.client.as_str());
@@ -497,6 +499,8 @@ impl Call {
         ending: Ending,
     ) -> Reply<T> {
         self.finished = true;
+        // The call's log line and its audit event go out in one write.
+        let _lines = telemetry::together();
         let _entered = self.span.clone().entered();
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let user = subject.map_or("-", |s| s.user.as_str());
@@ -539,6 +543,8 @@ impl Call {
     /// and it is answered `SHUTTING_DOWN` if its caller still waits.
     pub fn abandon(mut self, subject: Option<&Subject>) -> Refusal {
         self.finished = true;
+        // The call's log line and its audit event go out in one write.
+        let _lines = telemetry::together();
         let _entered = self.span.clone().entered();
         let (method, latency_ms) = (self.rpc.method(), self.latency_ms());
         let client = subject.map_or("-", |s| s.client.as_str());

@@ -661,13 +661,20 @@ where
     }
 }
 
-/// Counts one request to Cognito and its latency.
+/// Counts one request to Cognito and its latency (nowhere before the recorder is installed).
 fn record(operation: &'static str, sent: Instant, error: Option<&UpstreamError>) {
-    let outcome = error.map_or(Cow::Borrowed("ok"), UpstreamError::outcome);
-    metrics::counter!(m::COGNITO_REQUESTS, "operation" => operation, "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!(m::COGNITO_SECONDS, "operation" => operation)
-        .record(sent.elapsed().as_secs_f64());
+    let Some(series) = m::CallSeries::get().map(|calls| calls.upstream(operation)) else {
+        return;
+    };
+    series.seconds.record(sent.elapsed().as_secs_f64());
+    match error {
+        None => series.ok.increment(1),
+        Some(error) => {
+            let outcome = error.outcome();
+            metrics::counter!(m::COGNITO_REQUESTS, "operation" => operation, "outcome" => outcome)
+                .increment(1);
+        }
+    }
 }
 
 /// The pass-through fields in the SDK's types, built once per call and cloned per attempt.
