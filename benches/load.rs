@@ -684,7 +684,11 @@ impl Helper {
     /// and reads its first line.
     async fn spawn(mut command: Command) -> Self {
         command.stdin(Stdio::piped()).stderr(Stdio::null());
-        Self::launch(command, "valgrind runs: apt-get install valgrind").await
+        Self::launch(
+            command,
+            "the helper starts (under valgrind for instructions: apt-get install valgrind)",
+        )
+        .await
     }
 
     /// Spawns `command` with its stdout piped and reads its first line.
@@ -1051,8 +1055,8 @@ async fn syscalls(binary: &str, standin: &str) -> Vec<(&'static str, Vec<(String
 /// enabled (through its control FIFO, which acknowledges each command).
 struct Perf {
     child: Child,
-    ctl: std::fs::File,
-    ack: std::io::BufReader<std::fs::File>,
+    ctl: tokio::net::unix::pipe::Sender,
+    ack: BufReader<tokio::net::unix::pipe::Receiver>,
     out: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -1071,6 +1075,12 @@ impl Perf {
             // SAFETY: mkfifo(3) on a NUL-terminated path in our own temporary directory.
             assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
         }
+        // Opened read-write, a FIFO's end never waits for the other's: perf failing to start
+        // cannot hang the bench (its acknowledgements are awaited with a timeout).
+        let mut fifo = tokio::net::unix::pipe::OpenOptions::new();
+        fifo.read_write(true);
+        let ack_end = BufReader::new(fifo.open_receiver(&ack).unwrap());
+        let ctl_end = fifo.open_sender(&ctl).unwrap();
         let events = std::iter::once("raw_syscalls:sys_enter".to_owned())
             .chain(
                 SYSCALLS
@@ -1094,32 +1104,39 @@ impl Perf {
             .kill_on_drop(true)
             .spawn()
             .expect("perf runs: apt-get install linux-perf");
-        // Opening a FIFO waits for its other end: perf's, once it has attached.
-        let (ctl, ack) = tokio::task::spawn_blocking(move || {
-            let ctl = std::fs::OpenOptions::new().write(true).open(ctl).unwrap();
-            let ack = std::fs::File::open(ack).unwrap();
-            (ctl, std::io::BufReader::new(ack))
-        })
-        .await
-        .unwrap();
         let mut perf = Self {
             child,
-            ctl,
-            ack,
+            ctl: ctl_end,
+            ack: ack_end,
             out,
             _dir: dir,
         };
+        // Acknowledged once perf has attached to every thread and switched the counters on.
         perf.command("enable").await;
         perf
     }
 
     /// Sends `command` and waits for perf's acknowledgement.
     async fn command(&mut self, command: &str) {
-        use std::io::{BufRead, Write};
-        writeln!(self.ctl, "{command}").unwrap();
+        use tokio::io::AsyncWriteExt;
+        self.ctl
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .unwrap();
         let mut acked = String::new();
-        // The acknowledgement comes within milliseconds; a blocking read is short.
-        tokio::task::block_in_place(|| self.ack.read_line(&mut acked)).unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(30), self.ack.read_line(&mut acked));
+        if !matches!(read.await, Ok(Ok(_))) {
+            use tokio::io::AsyncReadExt;
+            self.child.start_kill().ok();
+            let mut said = String::new();
+            if let Some(mut stderr) = self.child.stderr.take() {
+                stderr.read_to_string(&mut said).await.ok();
+            }
+            panic!(
+                "perf did not acknowledge {command}: {said} (its tracepoints need root, or \
+                 tracefs readable and kernel.perf_event_paranoid at -1)"
+            );
+        }
         // perf writes its C string's NUL too: "ack\n\0".
         let acked = acked.trim_matches(|c: char| c == '\0' || c.is_whitespace());
         assert_eq!(acked, "ack", "perf acknowledges {command}");
@@ -1138,7 +1155,10 @@ impl Perf {
             csv.lines()
                 .map(|line| line.split(',').collect::<Vec<_>>())
                 .find(|fields| fields.get(2) == Some(&event))
-                .map(|fields| fields[0].parse().unwrap_or(0))
+                .map(|fields| {
+                    let count = fields[0].parse();
+                    count.unwrap_or_else(|_| panic!("perf did not count {event}: {csv}"))
+                })
                 .unwrap_or_else(|| panic!("perf counted {event}: {csv}"))
         };
         std::iter::once(("all".to_owned(), count("raw_syscalls:sys_enter")))

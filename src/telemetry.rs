@@ -195,7 +195,7 @@ pub(crate) fn request_id(supplied: Option<&str>) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(|| {
-            uuid::Builder::from_random_bytes(rand::random())
+            uuid::Builder::from_random_bytes(rand::random::<u128>().to_le_bytes())
                 .into_uuid()
                 .to_string()
         })

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
+use std::marker::PhantomData;
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -33,6 +34,9 @@ struct Held {
 pub(crate) struct Together {
     /// Whether this one opened the hold (it is the outermost).
     opened: bool,
+    /// Not `Send`: held across an `.await`, it could be dropped on another thread, leaving
+    /// this one holding its lines for good.
+    _this_thread: PhantomData<*const ()>,
 }
 
 /// Holds this thread's log lines until the guard is dropped: a call's lines are written at
@@ -41,7 +45,10 @@ pub(crate) fn together() -> Together {
     let opened = HELD
         .try_with(|held| !std::mem::replace(&mut held.borrow_mut().open, true))
         .unwrap_or(false);
-    Together { opened }
+    Together {
+        opened,
+        _this_thread: PhantomData,
+    }
 }
 
 impl Drop for Together {
@@ -55,8 +62,12 @@ impl Drop for Together {
             if !held.bytes.is_empty()
                 && let Err(err) = emit(&held.bytes)
             {
-                // What tracing-subscriber prints when it cannot write a line.
-                eprintln!("[password-recovery] unable to write log lines: {err}");
+                // As tracing-subscriber reports a line it cannot write; never a panic here,
+                // which may run while unwinding.
+                let _ = writeln!(
+                    io::stderr().lock(),
+                    "[password-recovery] unable to write log lines: {err}"
+                );
             }
             held.bytes.clear();
             if held.bytes.capacity() > KEPT_CAPACITY {

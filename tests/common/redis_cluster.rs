@@ -52,18 +52,21 @@ async fn query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> T {
         .unwrap_or_else(|e| panic!("on {port}: {e}"))
 }
 
-impl RedisCluster {
-    /// Three primaries and a replica each, once every node says the cluster is ok.
-    pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut nodes = Vec::new();
-        for index in 0..6 {
+impl Node {
+    /// Starts node `index` with its files in `dir`, once it answers. Its ports are free when
+    /// chosen, but another test's connection can take one before the server binds it: the
+    /// server then exits, and starts again on other ports.
+    async fn start(dir: &std::path::Path, index: usize) -> Self {
+        let config = dir.join(format!("nodes-{index}.conf"));
+        let log_path = dir.join(format!("node-{index}.log"));
+        for _ in 0..5 {
             // The bus port is named too: by default it is the port + 10000, which leaves
             // ports over 55535 (a third of the ephemeral range) unusable.
             let (port, bus) = (free_port(), free_port());
-            let config = dir.path().join(format!("nodes-{index}.conf"));
-            let log = std::fs::File::create(dir.path().join(format!("node-{index}.log"))).unwrap();
-            let child = Command::new(valkey_server())
+            // A start that failed may have written its cluster config: each starts afresh.
+            let _ = std::fs::remove_file(&config);
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new(valkey_server())
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--save", "", "--appendonly", "no"])
@@ -72,24 +75,43 @@ impl RedisCluster {
                 // A dead primary is failed over within a few seconds; a busy 2-core machine
                 // does not look dead.
                 .args(["--cluster-node-timeout", "2000"])
-                .args(["--dir", dir.path().to_str().unwrap()])
+                .args(["--dir", dir.to_str().unwrap()])
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .expect("valkey-server starts");
-            nodes.push(Node {
-                port,
-                child: Some(child),
-            });
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while tokio::time::Instant::now() < deadline {
+                if node(port).await.is_ok() {
+                    return Self {
+                        port,
+                        child: Some(child),
+                    };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "cluster node {index} never answered: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+}
+
+impl RedisCluster {
+    /// Three primaries and a replica each, once every node says the cluster is ok.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for index in 0..6 {
+            nodes.push(Node::start(dir.path(), index).await);
         }
         let cluster = Self { nodes, _dir: dir };
-        for node in &cluster.nodes {
-            cluster
-                .wait(&format!("{} answers", node.port), || async {
-                    self::node(node.port).await.is_ok()
-                })
-                .await;
-        }
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
@@ -330,13 +352,11 @@ impl RedisCluster {
     }
 }
 
-impl Drop for RedisCluster {
+impl Drop for Node {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
