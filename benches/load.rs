@@ -930,9 +930,9 @@ const SYSCALLS: [&str; 8] = [
     "getrandom",
 ];
 
-/// A count in progress: nothing for callgrind (its counters were zeroed), perf for syscalls.
-enum Counting {
-    Instructions,
+/// A count in progress: callgrind's (its counters were zeroed; it dumps to `dir`), or perf's.
+enum Counting<'a> {
+    Instructions { dir: &'a std::path::Path },
     Syscalls(Box<Perf>),
 }
 
@@ -955,30 +955,31 @@ impl Counter {
         }
     }
 
-    async fn start(&self, pid: u32) -> Counting {
+    async fn start(&self, pid: u32) -> Counting<'_> {
         match self {
-            Counter::Instructions { .. } => {
+            Counter::Instructions { dir } => {
                 callgrind(pid, "--zero").await;
-                Counting::Instructions
+                Counting::Instructions { dir }
             }
             Counter::Syscalls => Counting::Syscalls(Box::new(Perf::enabled(pid).await)),
         }
     }
+}
 
-    /// The counts since `start`, per call: the total first, then any breakdown.
-    async fn stop(&self, counting: Counting, pid: u32) -> Vec<(String, f64)> {
+impl Counting<'_> {
+    /// The counts since the start, per call: the total first, then any breakdown.
+    async fn stop(self, pid: u32) -> Vec<(String, f64)> {
         let per_call = |count: u64| count as f64 / INSTRUCTION_CALLS as f64;
-        match (self, counting) {
-            (Counter::Instructions { dir }, Counting::Instructions) => {
+        match self {
+            Counting::Instructions { dir } => {
                 vec![("instructions".into(), per_call(dumped(dir, pid).await))]
             }
-            (Counter::Syscalls, Counting::Syscalls(perf)) => perf
+            Counting::Syscalls(perf) => perf
                 .finish()
                 .await
                 .into_iter()
                 .map(|(name, count)| (name, per_call(count)))
                 .collect(),
-            _ => unreachable!("a count stops as it started"),
         }
     }
 }
@@ -1000,7 +1001,7 @@ async fn counted(
         fixed_load(&service.addr, INSTRUCTION_CONCURRENCY, WARM_UP_CALLS).await;
         let counting = counter.start(service.pid).await;
         fixed_load(&service.addr, INSTRUCTION_CONCURRENCY, INSTRUCTION_CALLS).await;
-        counted.push((name, counter.stop(counting, service.pid).await));
+        counted.push((name, counting.stop(service.pid).await));
         service.stop().await;
     }
 
@@ -1012,7 +1013,7 @@ async fn counted(
     fixed_load(&addr, INSTRUCTION_CONCURRENCY, WARM_UP_CALLS).await;
     let counting = counter.start(bare.pid).await;
     fixed_load(&addr, INSTRUCTION_CONCURRENCY, INSTRUCTION_CALLS).await;
-    counted.push(("bare_grpc", counter.stop(counting, bare.pid).await));
+    counted.push(("bare_grpc", counting.stop(bare.pid).await));
     bare.child.kill().await.ok();
 
     // The SDK caller calls by itself: it says when it is warm and when its window is done.
@@ -1027,7 +1028,7 @@ async fn counted(
     let counting = counter.start(sdk.pid).await;
     sdk.say("go").await;
     assert_eq!(sdk.next_line().await, "done");
-    counted.push(("direct_sdk", counter.stop(counting, sdk.pid).await));
+    counted.push(("direct_sdk", counting.stop(sdk.pid).await));
     sdk.say("exit").await;
     let _ = sdk.child.wait().await;
     counted

@@ -304,8 +304,8 @@ pub(crate) struct CallSeries {
     started: Handles<metrics::Counter>,
     handled: Handles<metrics::Counter>,
     seconds: Handles<metrics::Histogram>,
-    /// By operation: a handful, so a list.
-    upstream: RwLock<Vec<(&'static str, UpstreamSeries)>>,
+    /// By operation (in `method`; the other labels empty).
+    upstream: Handles<UpstreamSeries>,
 }
 
 /// The series a request to Cognito for one operation counts in when it succeeds:
@@ -332,30 +332,24 @@ impl CallSeries {
             started: Handles::new(),
             handled: Handles::new(),
             seconds: Handles::new(),
-            upstream: RwLock::new(Vec::new()),
+            upstream: Handles::new(),
         }
     }
 
     /// The series of requests to Cognito for `operation`.
     pub(crate) fn upstream(&self, operation: &'static str) -> UpstreamSeries {
-        let find = |kept: &[(&str, UpstreamSeries)]| {
-            kept.iter()
-                .find(|(kept, _)| *kept == operation)
-                .map(|(_, series)| series.clone())
+        let labels = CallLabels {
+            method: operation,
+            protocol: "",
+            caller: "",
+            client: "",
+            code: "",
+            reason: None,
         };
-        if let Some(series) = find(&self.upstream.read().unwrap_or_else(|e| e.into_inner())) {
-            return series;
-        }
-        let mut kept = self.upstream.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(series) = find(&kept) {
-            return series;
-        }
-        let series = UpstreamSeries {
+        self.upstream.get(&labels, || UpstreamSeries {
             ok: metrics::counter!(COGNITO_REQUESTS, "operation" => operation, "outcome" => "ok"),
             seconds: metrics::histogram!(COGNITO_SECONDS, "operation" => operation),
-        };
-        kept.push((operation, series.clone()));
-        series
+        })
     }
 
     /// `grpc_server_in_flight`.
